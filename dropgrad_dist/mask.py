@@ -1,0 +1,312 @@
+"""The mask engine: the single source of truth for which gradient coordinates are dropped.
+
+Coordinate ``i`` (row-major index into the flattened parameter) of the parameter with
+canonical name ``key`` is kept at step ``t`` under seed ``s`` and drop rate ``p`` iff
+
+    hash32(salt(s, t, key, stream, i // 2**31) + i % 2**31)  <  round((1 - p) * 2**32) - 2**31
+
+where ``hash32`` is a bijective 32-bit integer mixer (Wellons' lowbias32) evaluated in
+signed int32 arithmetic with wrap-around, and ``salt`` is a 64-bit SplitMix-style mix of
+the arguments computed in Python. Kept values are multiplied by ``1 / (1 - p)``.
+
+The decision is a pure function of ``(s, t, key, i, p)``: it does not depend on the rank,
+the world size, bucket or shard layout, the chunking used to compute it, the device, or
+whether the compiled or eager path computed it. Because the hash is a bijection, the kept
+count over any 2**32 consecutive coordinates is exactly ``round((1 - p) * 2**32)``, and
+for a fixed coordinate the kept sets are nested in ``p``. No global RNG is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from enum import IntEnum
+from typing import Callable, Literal
+
+import torch
+
+__all__ = [
+    "MaskStream",
+    "drop_",
+    "keep_mask",
+    "keep_probability",
+    "keep_threshold",
+    "key_hash",
+    "mask_backend",
+    "set_mask_backend",
+    "uniform_u32",
+]
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+_BLOCK = 1 << 31  # coordinates per salt block: keeps every int32 index non-negative
+_LANE = 1024  # row length of the 2-D view; a precomputed lane vector avoids a slow vector arange
+_EAGER_ROWS = 256  # rows per eager chunk: bounds the temporaries to a few MiB
+
+
+class MaskStream(IntEnum):
+    """Independent random streams drawn from the same (seed, step, key)."""
+
+    GRAD = 1  # which gradient coordinates are dropped
+    UPDATE = 2  # which update coordinates are dropped (full_update_drop)
+    SKIP = 3  # whether the whole step is skipped (step_skip_rate)
+
+
+def _signed32(value: int) -> int:
+    value &= _MASK32
+    return value - (1 << 32) if value >= (1 << 31) else value
+
+
+_C1 = _signed32(0x7FEB352D)
+_C2 = _signed32(0x846CA68B)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def key_hash(key: str) -> int:
+    """Stable 64-bit hash of a parameter key (BLAKE2b; never Python's salted ``hash()``)."""
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str (a canonical parameter name), got {type(key).__name__}")
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _salt(seed: int, step: int, key: int, stream: MaskStream, block: int) -> int:
+    h = 0
+    for word in (seed, step, key, int(stream), block):
+        h = _splitmix64(h ^ (word & _MASK64))
+    return h
+
+
+def uniform_u32(seed: int, step: int, stream: MaskStream, key: int = 0) -> int:
+    """A uniform 32-bit integer decided by ``(seed, step, stream, key)`` alone (for per-step draws)."""
+    return _salt(seed, step, key, stream, block=-1) & _MASK32
+
+
+def keep_threshold(rate: float) -> int:
+    """``T = round((1 - p) * 2**32)``: a coordinate is kept with probability exactly ``T / 2**32``."""
+    return int(round((1.0 - float(rate)) * 4294967296.0))
+
+
+def _check_args(seed: int, step: int, rate: float, start: int) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be a non-negative int, got {start!r}")
+    if not (isinstance(rate, (int, float)) and 0.0 <= float(rate) <= 1.0):
+        raise ValueError(f"rate must be a number in [0, 1], got {rate!r}")
+
+
+# --------------------------------------------------------------------------------------
+# The integer kernel, shared verbatim by the compiled and the eager path.
+
+
+def _srl(x: torch.Tensor, shift: int) -> torch.Tensor:
+    # int32 ">>" is arithmetic; masking off the sign copies makes it a logical shift.
+    return (x >> shift) & ((1 << (32 - shift)) - 1)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ _srl(x, 16)
+    x = x * _C1
+    x = x ^ _srl(x, 15)
+    x = x * _C2
+    return x ^ _srl(x, 16)
+
+
+def _apply(values: torch.Tensor, x: torch.Tensor, ctx: torch.Tensor, scale: torch.Tensor,
+           mask_out: torch.Tensor | None) -> None:
+    keep = _hash32(x) < ctx[1]
+    # Multiplying (rather than selecting zeros) keeps inf/NaN visible on dropped coordinates.
+    values.mul_(torch.where(keep, scale, 0.0))
+    if mask_out is not None:
+        mask_out.copy_(keep)
+
+
+def _drop_rows(rows: torch.Tensor, lane: torch.Tensor, ctx: torch.Tensor, scale: torch.Tensor,
+               row0: int, mask_out: torch.Tensor | None) -> None:
+    # rows: [R, _LANE] view of consecutive coordinates; ctx = [salt + first index, threshold].
+    row_ids = torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32)[:, None] + row0
+    _apply(rows, row_ids * _LANE + ctx[0] + lane[None, :], ctx, scale, mask_out)
+
+
+def _drop_flat(flat: torch.Tensor, lane: torch.Tensor, ctx: torch.Tensor, scale: torch.Tensor,
+               mask_out: torch.Tensor | None) -> None:
+    # flat: fewer than _LANE consecutive coordinates; lane is lane[:flat.numel()].
+    _apply(flat, lane + ctx[0], ctx, scale, mask_out)
+
+
+def _eager_rows(rows, lane, ctx, scale, row0, mask_out) -> None:
+    for r in range(0, rows.shape[0], _EAGER_ROWS):
+        chunk_mask = None if mask_out is None else mask_out[r:r + _EAGER_ROWS]
+        _drop_rows(rows[r:r + _EAGER_ROWS], lane, ctx, scale, row0 + r, chunk_mask)
+
+
+# --------------------------------------------------------------------------------------
+# Backend selection: compiled (fused, one pass) where torch.compile works, eager otherwise.
+
+Backend = Literal["auto", "compiled", "eager"]
+_backend: Backend = os.environ.get("DROPGRAD_MASK_BACKEND", "auto")  # type: ignore[assignment]
+_compiled: dict[str, Callable] = {}
+_compile_failed: set[str] = set()
+_lanes: dict[torch.device, torch.Tensor] = {}
+_lock = threading.Lock()
+
+
+def set_mask_backend(backend: Backend) -> None:
+    """Choose how masks are computed: ``"compiled"`` (torch.compile), ``"eager"``, or ``"auto"``.
+
+    ``"auto"`` (the default, or ``$DROPGRAD_MASK_BACKEND``) compiles and falls back to eager,
+    with one warning, on a device type where compilation fails. Both give bitwise-identical masks.
+    """
+    global _backend
+    if backend not in ("auto", "compiled", "eager"):
+        raise ValueError(f"backend must be one of 'auto', 'compiled', 'eager', got {backend!r}")
+    _backend = backend
+
+
+def mask_backend() -> Backend:
+    """The current mask backend (see :func:`set_mask_backend`)."""
+    return _backend
+
+
+def _lane(device: torch.device) -> torch.Tensor:
+    lane = _lanes.get(device)
+    if lane is None:
+        lane = torch.arange(_LANE, dtype=torch.int32, device=device)
+        _lanes[device] = lane
+    return lane
+
+
+def _compiled_fn(name: str) -> Callable:
+    with _lock:
+        fn = _compiled.get(name)
+        if fn is None:
+            target = {"rows": _drop_rows, "flat": _drop_flat}[name]
+            fn = torch.compile(target, dynamic=True, fullgraph=True)
+            _compiled[name] = fn
+        return fn
+
+
+def _run(name: str, eager: Callable, *args) -> None:
+    device_type = args[0].device.type
+    use_compiled = _backend == "compiled" or (_backend == "auto" and device_type not in _compile_failed)
+    if use_compiled:
+        try:
+            _compiled_fn(name)(*args)
+            return
+        except Exception as err:  # compilation unavailable on this platform or device
+            if _backend == "compiled":
+                raise
+            _compile_failed.add(device_type)
+            warnings.warn(
+                f"dropgrad_dist: torch.compile of the mask kernel failed on {device_type} "
+                f"({type(err).__name__}: {err}); using the eager path (same masks, slower).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    eager(*args)
+
+
+def _mask_piece(flat: torch.Tensor, base: int, threshold: int, scale: torch.Tensor,
+                mask_out: torch.Tensor | None) -> None:
+    n = flat.numel()
+    lane = _lane(flat.device)
+    ctx = torch.tensor([_signed32(base), threshold - (1 << 31)], dtype=torch.int32).to(flat.device)
+    full = n - n % _LANE
+    if full:
+        rows_mask = None if mask_out is None else mask_out[:full].view(-1, _LANE)
+        _run("rows", _eager_rows, flat[:full].view(-1, _LANE), lane, ctx, scale, 0, rows_mask)
+    if full < n:
+        tail_ctx = ctx + torch.tensor([full, 0], dtype=torch.int32, device=flat.device)
+        tail_mask = None if mask_out is None else mask_out[full:]
+        _run("flat", _drop_flat, flat[full:], lane[: n - full], tail_ctx, scale, tail_mask)
+
+
+def _pieces(start: int, numel: int):
+    """Split global coordinates ``[start, start + numel)`` at salt-block boundaries."""
+    offset = 0
+    while offset < numel:
+        block, within = divmod(start + offset, _BLOCK)
+        length = min(numel - offset, _BLOCK - within)
+        yield offset, length, block, within
+        offset += length
+
+
+def drop_(
+    tensor: torch.Tensor,
+    *,
+    seed: int,
+    step: int,
+    key: str,
+    rate: float,
+    start: int = 0,
+    stream: MaskStream = MaskStream.GRAD,
+    extra_scale: float = 1.0,
+    mask_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """In place: ``tensor[j] *= keep(start + j) * extra_scale / (1 - rate)``.
+
+    ``tensor`` holds the global coordinates ``[start, start + numel)`` of parameter ``key``
+    (a contiguous slice of the flattened parameter, e.g. a DDP bucket view or an FSDP shard).
+    ``rate == 0`` scales by ``extra_scale`` only; ``rate == 1`` multiplies by zero (zeros, never
+    NaN, for finite input). Non-finite values stay non-finite. If ``mask_out`` (bool, same
+    numel) is given it receives the keep mask. Returns ``tensor``.
+    """
+    _check_args(seed, step, rate, start)
+    if not tensor.is_contiguous():
+        raise ValueError("tensor must be contiguous (mask a contiguous view of the gradient)")
+    if mask_out is not None and (mask_out.dtype != torch.bool or mask_out.numel() != tensor.numel()):
+        raise ValueError("mask_out must be a bool tensor with as many elements as tensor")
+    flat = tensor.view(-1)
+    flat_mask = None if mask_out is None else mask_out.view(-1)
+    threshold = keep_threshold(rate)
+    with torch.no_grad():
+        if threshold >= (1 << 32) or threshold == 0:
+            factor = extra_scale / (1.0 - rate) if threshold else 0.0
+            if factor != 1.0:
+                flat.mul_(factor)
+            if flat_mask is not None:
+                flat_mask.fill_(threshold != 0)
+            return tensor
+        scale = torch.tensor(extra_scale / (1.0 - rate), dtype=torch.float32).to(flat.device)
+        key_word = key_hash(key)
+        for offset, length, block, within in _pieces(start, flat.numel()):
+            base = _salt(seed, step, key_word, stream, block) + within
+            piece_mask = None if flat_mask is None else flat_mask[offset:offset + length]
+            _mask_piece(flat[offset:offset + length], base, threshold, scale, piece_mask)
+    return tensor
+
+
+def keep_mask(
+    numel: int,
+    *,
+    seed: int,
+    step: int,
+    key: str,
+    rate: float,
+    start: int = 0,
+    stream: MaskStream = MaskStream.GRAD,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Bool mask of global coordinates ``[start, start + numel)``: True where the coordinate is kept."""
+    if not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    out = torch.empty(numel, dtype=torch.bool, device=device)
+    scratch = torch.ones(numel, dtype=torch.float32, device=device)
+    drop_(scratch, seed=seed, step=step, key=key, rate=rate, start=start, stream=stream, mask_out=out)
+    return out
+
+
+def keep_probability(rate: float) -> float:
+    """The exact probability that a coordinate is kept at drop rate ``rate``."""
+    return keep_threshold(rate) / 4294967296.0
+

@@ -1,0 +1,137 @@
+"""Drop-rate schedules: the drop rate ``p(t)`` as a function of the optimizer step count ``t``.
+
+A schedule reports the rate for the current step with :meth:`get_drop_rate` and advances
+with :meth:`step`; ``DropGrad`` and the DDP hook call :meth:`step` once per optimizer step
+that actually ran. ``state_dict``/``load_state_dict`` make resume exact.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, Mapping
+
+__all__ = [
+    "CosineAnnealingDropRateScheduler",
+    "DropRateScheduler",
+    "LinearDropRateScheduler",
+    "StepDropRateScheduler",
+    "check_rate",
+]
+
+
+def check_rate(value: object, argument: str) -> float:
+    """Return ``value`` as a float if it is a number in [0, 1], else raise ``ValueError`` naming ``argument``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{argument} must be a number in [0, 1], got {value!r} ({type(value).__name__})")
+    rate = float(value)
+    if not (0.0 <= rate <= 1.0):  # also rejects NaN
+        raise ValueError(f"{argument} must be a number in [0, 1], got {value!r}")
+    return rate
+
+
+def _check_steps(value: object, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{argument} must be a positive int, got {value!r}")
+    return value
+
+
+class DropRateScheduler(abc.ABC):
+    """Base class: subclasses implement :meth:`rate_at` (the rate at step count ``t``)."""
+
+    def __init__(self) -> None:
+        self.step_count = 0
+
+    @abc.abstractmethod
+    def rate_at(self, t: int) -> float:
+        """The drop rate at step count ``t``."""
+
+    def get_drop_rate(self) -> float:
+        """The drop rate for the current step count."""
+        return self.rate_at(self.step_count)
+
+    def step(self) -> None:
+        """Advance the step count by one."""
+        self.step_count += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.step_count = int(state_dict["step_count"])
+
+    def config(self) -> tuple:
+        """What defines the schedule (compared across ranks by the DDP hook)."""
+        return (type(self).__name__,)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}{self.config()[1:]}(step_count={self.step_count})"
+
+
+class LinearDropRateScheduler(DropRateScheduler):
+    """``p(t) = initial + (final - initial) * t / num_steps`` for ``t < num_steps``, then ``final``."""
+
+    def __init__(self, initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> None:
+        super().__init__()
+        self.initial_drop_rate = check_rate(initial_drop_rate, "initial_drop_rate")
+        self.final_drop_rate = check_rate(final_drop_rate, "final_drop_rate")
+        self.num_steps = _check_steps(num_steps, "num_steps")
+
+    def rate_at(self, t: int) -> float:
+        if t >= self.num_steps:
+            return self.final_drop_rate
+        return self.initial_drop_rate + (self.final_drop_rate - self.initial_drop_rate) * t / self.num_steps
+
+    def config(self) -> tuple:
+        return (type(self).__name__, self.initial_drop_rate, self.final_drop_rate, self.num_steps)
+
+
+class CosineAnnealingDropRateScheduler(DropRateScheduler):
+    """``p(t) = final + (initial - final) * (1 + cos(pi * t / num_steps)) / 2`` for ``t < num_steps``, then ``final``."""
+
+    def __init__(self, initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> None:
+        super().__init__()
+        self.initial_drop_rate = check_rate(initial_drop_rate, "initial_drop_rate")
+        self.final_drop_rate = check_rate(final_drop_rate, "final_drop_rate")
+        self.num_steps = _check_steps(num_steps, "num_steps")
+
+    def rate_at(self, t: int) -> float:
+        if t >= self.num_steps:
+            return self.final_drop_rate
+        cosine = 1.0 + math.cos(math.pi * t / self.num_steps)
+        return self.final_drop_rate + 0.5 * (self.initial_drop_rate - self.final_drop_rate) * cosine
+
+    def config(self) -> tuple:
+        return (type(self).__name__, self.initial_drop_rate, self.final_drop_rate, self.num_steps)
+
+
+class StepDropRateScheduler(DropRateScheduler):
+    """``p(t)`` is the rate of the largest key ``<= t`` in ``drop_rate_schedule``, else ``initial``.
+
+    ``drop_rate_schedule`` maps step counts to rates, e.g. ``{1000: 0.05, 5000: 0.0}``.
+    """
+
+    def __init__(self, initial_drop_rate: float, drop_rate_schedule: Mapping[int, float]) -> None:
+        super().__init__()
+        self.initial_drop_rate = check_rate(initial_drop_rate, "initial_drop_rate")
+        if not isinstance(drop_rate_schedule, Mapping):
+            raise ValueError(
+                f"drop_rate_schedule must be a mapping {{step: rate}}, got {type(drop_rate_schedule).__name__}"
+            )
+        schedule = {}
+        for t, rate in drop_rate_schedule.items():
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"drop_rate_schedule keys must be non-negative ints, got {t!r}")
+            schedule[t] = check_rate(rate, f"drop_rate_schedule[{t}]")
+        self.drop_rate_schedule = dict(sorted(schedule.items()))
+
+    def rate_at(self, t: int) -> float:
+        rate = self.initial_drop_rate
+        for boundary, boundary_rate in self.drop_rate_schedule.items():
+            if boundary > t:
+                break
+            rate = boundary_rate
+        return rate
+
+    def config(self) -> tuple:
+        return (type(self).__name__, self.initial_drop_rate, tuple(self.drop_rate_schedule.items()))

@@ -1,0 +1,195 @@
+"""The mask engine: layout invariance, compiled == eager, exact bits, statistics, no global RNG."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dropgrad_dist import mask
+from dropgrad_dist.mask import MaskStream, drop_, keep_mask, keep_threshold
+
+CFG = dict(seed=7, step=3, key="blocks.0.attn.weight", rate=0.3)
+
+
+@pytest.fixture
+def backend():
+    """Run a test under a given backend and restore the previous one."""
+    previous = mask.mask_backend()
+    yield mask.set_mask_backend
+    mask.set_mask_backend(previous)
+
+
+def _reference_keep(index: int, *, seed: int, step: int, key: str, rate: float,
+                    stream: MaskStream = MaskStream.GRAD) -> bool:
+    """Pure-Python definition of the mask (unsigned 32-bit arithmetic), independent of torch."""
+    block, within = divmod(index, 1 << 31)
+    x = (mask._salt(seed, step, mask.key_hash(key), stream, block) + within) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    x ^= x >> 16
+    signed = x - (1 << 32) if x >= (1 << 31) else x
+    return signed < keep_threshold(rate) - (1 << 31)
+
+
+def _devices():
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("backend_name", ["compiled", "eager"])
+def test_engine_matches_pure_python_definition(device, backend_name, backend):
+    backend(backend_name)
+    starts = [0, 1000, (1 << 31) - 700]  # the last one crosses a salt block boundary
+    for start in starts:
+        got = keep_mask(3000, start=start, device=device, **CFG).cpu().tolist()
+        want = [_reference_keep(start + i, **CFG) for i in range(3000)]
+        assert got == want, f"start={start}"
+
+
+@pytest.mark.parametrize("backend_name", ["compiled", "eager"])
+def test_whole_equals_chunks_equals_subranges(backend_name, backend):
+    backend(backend_name)
+    n = 50_000
+    whole = keep_mask(n, **CFG)
+    gen = torch.Generator().manual_seed(0)
+    cuts = sorted(set(torch.randint(1, n, (12,), generator=gen).tolist() + [1023, 1024, 1025, 2048]))
+    bounds = [0, *cuts, n]
+    chunks = torch.cat([keep_mask(b - a, start=a, **CFG) for a, b in zip(bounds, bounds[1:])])
+    assert torch.equal(whole, chunks)
+    for a, b in [(0, 1), (5, 17), (1023, 4097), (31_337, 49_999)]:
+        assert torch.equal(keep_mask(b - a, start=a, **CFG), whole[a:b])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_compiled_and_eager_are_bitwise_identical(dtype, backend):
+    values = torch.randn(10_000 + 77, generator=torch.Generator().manual_seed(1)).to(dtype)
+    results = {}
+    for name in ("compiled", "eager"):
+        backend(name)
+        out = values.clone()
+        got_mask = torch.empty(out.numel(), dtype=torch.bool)
+        drop_(out, start=12_345, extra_scale=0.5, mask_out=got_mask, **CFG)
+        results[name] = (out, got_mask)
+    assert torch.equal(results["compiled"][1], results["eager"][1])
+    as_bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    assert torch.equal(results["compiled"][0].view(as_bits), results["eager"][0].view(as_bits))
+
+
+def test_drop_scales_kept_values_and_zeroes_dropped_ones():
+    values = torch.randn(5000, generator=torch.Generator().manual_seed(2))
+    out = drop_(values.clone(), **CFG)
+    kept = keep_mask(5000, **CFG)
+    assert torch.equal(out[kept], values[kept] * torch.tensor(1 / (1 - CFG["rate"])))
+    assert torch.all(out[~kept] == 0)
+
+
+def test_rate_zero_is_exact_noop_and_rate_one_gives_zeros_not_nan():
+    values = torch.randn(3000, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(drop_(values.clone(), seed=0, step=0, key="w", rate=0.0), values)
+    dropped = drop_(values.clone(), seed=0, step=0, key="w", rate=1.0)
+    assert torch.equal(dropped, torch.zeros_like(values))
+    assert keep_mask(100, seed=0, step=0, key="w", rate=1.0).sum() == 0
+    assert keep_mask(100, seed=0, step=0, key="w", rate=0.0).all()
+
+
+def test_non_finite_values_stay_non_finite_even_when_dropped():
+    values = torch.full((4096,), float("inf"))
+    out = drop_(values.clone(), **CFG)
+    assert not torch.isfinite(out).any()  # dropped inf becomes NaN, kept stays inf
+
+
+def test_kept_sets_are_nested_in_the_rate():
+    low = keep_mask(20_000, seed=1, step=0, key="w", rate=0.2)
+    high = keep_mask(20_000, seed=1, step=0, key="w", rate=0.7)
+    assert torch.all(low | ~high)  # kept at p=0.7 implies kept at p=0.2
+
+
+def test_threshold_is_exact_to_2_pow_minus_32():
+    assert keep_threshold(0.5) == 1 << 31
+    assert keep_threshold(0.0) == 1 << 32
+    assert keep_threshold(1.0) == 0
+    assert abs(mask.keep_probability(0.1) - 0.9) <= 2.0 ** -33
+
+
+def test_global_rng_is_untouched():
+    torch.manual_seed(1234)
+    expected = torch.rand(5)
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    drop_(torch.randn(10_000, generator=torch.Generator()), **CFG)
+    keep_mask(10_000, **CFG)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_key_hash_is_not_salted_per_process():
+    code = "from dropgrad_dist.mask import key_hash; print(key_hash('encoder.layers.0.weight'))"
+    outs = set()
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                text=True, check=True).stdout.strip())
+    assert outs == {str(mask.key_hash("encoder.layers.0.weight"))}
+
+
+# ---- statistics ---------------------------------------------------------------------------
+N = 1 << 20  # under independence a Pearson correlation is ~N(0, 1/N): 4 sigma is 4 / 1024
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.1, 0.5, 0.9])
+def test_kept_fraction_within_four_sigma(rate):
+    kept = keep_mask(N, seed=11, step=5, key="w", rate=rate).sum().item()
+    sigma = math.sqrt(N * rate * (1 - rate))
+    assert abs(kept - N * (1 - rate)) < 4 * sigma
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_masks_are_uncorrelated(rate):
+    bound = 4 / math.sqrt(N)
+    base = keep_mask(N + 1, seed=1, step=10, key="a.weight", rate=rate)
+    pairs = {
+        "consecutive steps": keep_mask(N, seed=1, step=11, key="a.weight", rate=rate),
+        "two parameters": keep_mask(N, seed=1, step=10, key="b.weight", rate=rate),
+        "two seeds": keep_mask(N, seed=2, step=10, key="a.weight", rate=rate),
+        "two streams": keep_mask(N, seed=1, step=10, key="a.weight", rate=rate, stream=MaskStream.UPDATE),
+        "neighbouring coordinates": base[1:],
+    }
+    for what, other in pairs.items():
+        r = _corr(base[:N], other)
+        assert abs(r) < bound, f"{what}: correlation {r:.2e} exceeds {bound:.2e}"
+
+
+def test_pairs_of_neighbours_pass_chi_square():
+    # Chi-square on (keep[i], keep[i+1]) for non-overlapping pairs, 3 dof; 99.9% quantile 16.27.
+    m = keep_mask(N, seed=3, step=0, key="w", rate=0.5).view(-1, 2).long()
+    counts = torch.bincount(m[:, 0] * 2 + m[:, 1], minlength=4).double()
+    expected = m.shape[0] / 4
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 16.27
+
+
+def test_bad_engine_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="rate must be a number in \\[0, 1\\]"):
+        keep_mask(10, seed=0, step=0, key="w", rate=1.5)
+    with pytest.raises(ValueError, match="step must be a non-negative int"):
+        keep_mask(10, seed=0, step=-1, key="w", rate=0.5)
+    with pytest.raises(TypeError, match="key must be a str"):
+        keep_mask(10, seed=0, step=0, key=3, rate=0.5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mask.set_mask_backend("fast")

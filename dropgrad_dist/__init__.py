@@ -5,6 +5,7 @@ coordinate index, rate), never on rank, world size, bucket layout, shard boundar
 """
 
 from .mask import MaskStream, drop_, keep_mask, keep_probability, keep_threshold, mask_backend, set_mask_backend
+from .integration import DropGradHandle, prepare_dropgrad
 from .optim import DropGrad
 from .params import canonical_name
 from .schedules import (
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CosineAnnealingDropRateScheduler",
     "DropGrad",
+    "DropGradHandle",
     "DropRateScheduler",
     "LinearDropRateScheduler",
     "MaskStream",
@@ -29,5 +31,6 @@ __all__ = [
     "keep_probability",
     "keep_threshold",
     "mask_backend",
+    "prepare_dropgrad",
     "set_mask_backend",
 ]

@@ -1,0 +1,141 @@
+"""Accelerate integration: one call that applies DropGrad where it belongs for the setup.
+
+``prepare_dropgrad(accelerator, model, optimizer, drop_rate=0.1)`` after ``accelerator.prepare``:
+
+- DDP (``MULTI_GPU``, ``MULTI_CPU``): registers the DropGrad DDP communication hook, so the
+  all-reduced buckets are masked identically on every rank;
+- FSDP (versions 1 and 2) and one process (CPU, one CUDA device, MPS): wraps the prepared
+  optimizer's inner optimizer in :class:`~dropgrad_dist.DropGrad` (sharded gradients are masked
+  in global coordinates).
+
+Either way the mask of coordinate ``i`` of parameter ``name`` at optimizer step ``t`` is the
+same, and DropGrad's state is registered with ``accelerator.register_for_checkpointing`` so
+``save_state``/``load_state`` resume the masks exactly. Works with ``accelerator.accumulate()``,
+``accelerator.clip_grad_norm_`` and mixed precision (fp16 GradScaler, bf16).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, Mapping
+
+import torch
+from torch import nn
+
+from .mask import keep_probability
+from .optim import DropGrad
+from .params import RateSpec
+from .schedules import DropRateScheduler
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = ["DropGradHandle", "prepare_dropgrad"]
+
+Mode = Literal["ddp_hook", "fsdp_wrapper", "wrapper"]
+
+
+class DropGradHandle:
+    """What :func:`prepare_dropgrad` applied; checkpointable via ``state_dict``/``load_state_dict``."""
+
+    def __init__(self, mode: Mode, target: Any) -> None:
+        self.mode = mode
+        self.target = target  # a DropGradHookState (ddp_hook) or a DropGrad (the wrappers)
+
+    @property
+    def step_index(self) -> int:
+        """Optimizer steps DropGrad has taken (the ``t`` of the masks)."""
+        return self.target.step_index
+
+    @property
+    def drop_rate(self) -> float | None:
+        """The default drop rate at the current step."""
+        return self.target.plan.default_rate()
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers worth logging per step: rate, exact keep probability, bytes (DDP hook)."""
+        rate = self.drop_rate or 0.0
+        out = {"drop_rate": rate, "kept_fraction": keep_probability(rate)}
+        if self.mode == "ddp_hook":
+            out["bytes_communicated"] = float(self.target.bytes_communicated)
+            out["bytes_dense_equivalent"] = float(self.target.bytes_dense_equivalent)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.mode == "ddp_hook":
+            return {"mode": self.mode, "state": self.target.state_dict()}
+        return {"mode": self.mode, "state": self.target.dropgrad_state_dict()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if state_dict["mode"] != self.mode:
+            raise ValueError(f"checkpoint was saved with DropGrad as {state_dict['mode']!r}, "
+                             f"this run applies it as {self.mode!r}")
+        if self.mode == "ddp_hook":
+            self.target.load_state_dict(state_dict["state"])
+        else:
+            self.target.load_dropgrad_state_dict(state_dict["state"])
+
+
+def _wrap_accelerated_optimizer(accelerated: Any, **kwargs: Any) -> DropGrad:
+    """Put DropGrad between Accelerate's AcceleratedOptimizer and the user's optimizer."""
+    dropgrad = DropGrad(accelerated.optimizer, **kwargs)
+    accelerated.optimizer = dropgrad
+    if getattr(accelerated, "scaler", None) is not None:
+        # AcceleratedOptimizer swaps in a patched step (to detect GradScaler skips) around
+        # scaler.step; point both saved methods at DropGrad.step, not at the inner optimizer's.
+        from accelerate.optimizer import patch_optimizer_step
+
+        accelerated._optimizer_original_step_method = dropgrad.step
+        accelerated._optimizer_patched_step_method = patch_optimizer_step(accelerated, dropgrad.step)
+    return dropgrad
+
+
+def _unsupported(distributed_type: Any) -> ValueError:
+    return ValueError(f"prepare_dropgrad does not support Accelerate's {distributed_type} setup; supported: "
+                      "NO (CPU, one GPU, MPS), MULTI_GPU, MULTI_CPU (DDP comm hook) and FSDP (versions 1, 2)")
+
+
+def prepare_dropgrad(
+    accelerator: "Accelerator",
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    drop_rate: float | RateSpec | None = None,
+    params: RateSpec | None = None,
+    *,
+    drop_rate_scheduler: DropRateScheduler | None = None,
+    seed: int = 0,
+    communication: str = "dense",
+    full_update_drop: bool = False,
+    step_skip_rate: float = 0.0,
+) -> DropGradHandle:
+    """Apply DropGrad (``g <- m_t * g / (1 - p)`` before each optimizer step) to a prepared model.
+
+    ``model`` and ``optimizer`` are what ``accelerator.prepare`` returned. Rates, ``params``
+    and schedules mean what they mean for :class:`~dropgrad_dist.DropGrad`; ``communication``
+    ("dense" or "compact") applies to the DDP hook, ``full_update_drop`` and ``step_skip_rate``
+    to the step wrapper (they raise under DDP, where gradients are masked inside the all-reduce).
+    """
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.utils import DistributedType
+
+    if not isinstance(optimizer, AcceleratedOptimizer):
+        raise ValueError("optimizer must be the optimizer returned by accelerator.prepare "
+                         f"(an AcceleratedOptimizer), got {type(optimizer).__name__}")
+    kind = accelerator.distributed_type
+    rates = dict(drop_rate=drop_rate, params=params, drop_rate_scheduler=drop_rate_scheduler, seed=seed)
+    if kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        if full_update_drop or step_skip_rate:
+            raise ValueError("full_update_drop and step_skip_rate need the step wrapper; under DDP DropGrad "
+                             "masks gradients in the all-reduce hook (use FSDP or one process for them)")
+        from .ddp_hook import DropGradHookState, register_dropgrad_hook
+
+        state = DropGradHookState(model, **rates, communication=communication)
+        register_dropgrad_hook(model, state, optimizer=optimizer.optimizer)
+        handle = DropGradHandle("ddp_hook", state)
+    elif kind in (DistributedType.FSDP, DistributedType.NO):
+        dropgrad = _wrap_accelerated_optimizer(optimizer, **rates, model=model,
+                                               full_update_drop=full_update_drop, step_skip_rate=step_skip_rate)
+        handle = DropGradHandle("fsdp_wrapper" if kind == DistributedType.FSDP else "wrapper", dropgrad)
+    else:
+        raise _unsupported(kind)
+    accelerator.register_for_checkpointing(handle)
+    return handle

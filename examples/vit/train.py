@@ -1,0 +1,290 @@
+"""Train a Vision Transformer with DropGrad through Accelerate, on CPU, CUDA or MPS.
+
+    accelerate launch examples/vit/train.py --drop_rate 0.1          # any Accelerate setup
+    python examples/vit/train.py --drop_rate 0.1                     # one process
+
+DropGrad is applied where it belongs for the setup (DDP comm hook, FSDP or single-process
+step wrapper) by ``dropgrad_dist.prepare_dropgrad``. The default dataset is an embedded
+synthetic one (no download); ``--dataset cifar10`` uses torchvision's CIFAR-10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from torchvision.models import VisionTransformer
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import cifar10_splits, synthetic_splits  # noqa: E402
+
+from dropgrad_dist import prepare_dropgrad  # noqa: E402
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad", "adadelta", "lion")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=["synthetic", "cifar10"], default="synthetic")
+    parser.add_argument("--data_dir", default="data", help="CIFAR-10 location (downloaded there if absent and online)")
+    parser.add_argument("--train_size", type=int, default=20_000, help="synthetic training images")
+    parser.add_argument("--test_size", type=int, default=2_000, help="synthetic test images")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                        help="default: Accelerate's config / environment")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    parser.add_argument("--drop_rate", type=float, default=0.1, help="DropGrad rate p in [0, 1]; 0 disables DropGrad")
+    parser.add_argument("--communication", choices=["dense", "compact"], default="dense",
+                        help="DDP hook all-reduce: whole buckets or only kept coordinates")
+    parser.add_argument("--dropout", type=float, default=0.0, help="classic dropout in the ViT (baseline)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    parser.add_argument("--lr", type=float, default=None, help="default depends on --optimizer")
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--batch_size", type=int, default=128, help="global batch size per optimizer step")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--warmup_steps", type=int, default=50)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip after unscaling; 0 disables")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--patch_size", type=int, default=4)
+    parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--num_heads", type=int, default=4)
+    parser.add_argument("--hidden_dim", type=int, default=128)
+    parser.add_argument("--mlp_dim", type=int, default=256)
+    parser.add_argument("--eval_every", type=int, default=None, help="optimizer steps between evaluations "
+                        "(default: once per epoch)")
+    parser.add_argument("--output_dir", default="outputs/vit")
+    parser.add_argument("--checkpointing_steps", type=int, default=None, help="save state every N optimizer steps")
+    parser.add_argument("--resume_from_checkpoint", default=None, help="a step_N folder, or 'latest' in --output_dir")
+    parser.add_argument("--report_to", default=None, help="Accelerate trackers, e.g. tensorboard or all")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "epochs", "gradient_accumulation_steps", "num_layers", "num_heads",
+                 "hidden_dim", "mlp_dim", "patch_size"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if not 0.0 <= args.drop_rate <= 1.0:
+        parser.error(f"--drop_rate must be in [0, 1], got {args.drop_rate}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    return args
+
+
+def build_model(args: argparse.Namespace, image_size: int = 32) -> VisionTransformer:
+    if image_size % args.patch_size:
+        raise ValueError(f"--patch_size {args.patch_size} must divide the image size {image_size}")
+    return VisionTransformer(image_size=image_size, patch_size=args.patch_size, num_layers=args.num_layers,
+                             num_heads=args.num_heads, hidden_dim=args.hidden_dim, mlp_dim=args.mlp_dim,
+                             dropout=args.dropout, attention_dropout=args.dropout, num_classes=10)
+
+
+def build_optimizer(args: argparse.Namespace, params) -> torch.optim.Optimizer:
+    defaults = {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.05, "adagrad": 1e-2, "adadelta": 1.0, "lion": 1e-4}
+    lr = args.lr if args.lr is not None else defaults[args.optimizer]
+    if args.optimizer == "lion":
+        from lion_pytorch import Lion
+        return Lion(params, lr=lr, weight_decay=args.weight_decay)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay / 10)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "adadelta": torch.optim.Adadelta}
+    return cls[args.optimizer](params, lr=lr)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def load_data(args: argparse.Namespace):
+    if args.dataset == "synthetic":
+        return synthetic_splits(args.seed, args.train_size, args.test_size)
+    root = Path(args.data_dir)
+    if (root / "cifar-10-batches-py").is_dir():
+        return cifar10_splits(root, download=False)
+    try:
+        return cifar10_splits(root, download=True)
+    except Exception as err:  # offline: torchvision raises URLError/OSError/RuntimeError
+        raise FileNotFoundError(f"CIFAR-10 is not in --data_dir {str(root)!r} and could not be downloaded "
+                                f"({type(err).__name__}); use --dataset synthetic or an existing --data_dir") from None
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator) -> tuple[float, float]:
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, labels in tqdm(loader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
+        logits = model(images)
+        logits, labels = accelerator.gather_for_metrics((logits, labels))
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+        count += labels.numel()
+    model.train()
+    return loss_sum / count, correct / count
+
+
+def resume_step(args: argparse.Namespace) -> tuple[Path | None, int]:
+    if not args.resume_from_checkpoint:
+        return None, 0
+    path = Path(args.resume_from_checkpoint)
+    if args.resume_from_checkpoint == "latest":
+        found = sorted(Path(args.output_dir).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        if not found:
+            raise FileNotFoundError(f"no step_N checkpoint in --output_dir {args.output_dir}")
+        path = found[-1]
+    match = re.fullmatch(r"step_(\d+)", path.name)
+    if not path.is_dir() or not match:
+        raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a step_N checkpoint folder")
+    return path, int(match.group(1))
+
+
+class MetricsLog:
+    """Append-only JSON lines in output_dir/metrics.jsonl, written by the main process."""
+
+    def __init__(self, path: Path, accelerator: Accelerator, resume: bool) -> None:
+        self.accelerator = accelerator
+        self.file = open(path, "a" if resume else "w") if accelerator.is_main_process else None
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                                 step=record.get("step"))
+
+
+def training_function(args: argparse.Namespace) -> dict:
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint, completed_steps = resume_step(args)
+    if args.report_to:
+        accelerator.init_trackers("vit_dropgrad", config={k: v for k, v in vars(args).items()
+                                                          if isinstance(v, (int, float, str, bool))})
+
+    train_set, test_set = load_data(args)
+    per_process_batch = args.batch_size // (accelerator.num_processes * args.gradient_accumulation_steps)
+    if per_process_batch < 1:
+        raise ValueError(f"--batch_size {args.batch_size} is smaller than processes x accumulation steps")
+    loader_gen = torch.Generator().manual_seed(args.seed)  # keeps iterator creation off the global RNG
+    train_loader = DataLoader(train_set, batch_size=per_process_batch, shuffle=True, drop_last=True,
+                              generator=loader_gen)
+    test_loader = DataLoader(test_set, batch_size=256)
+    model = build_model(args)
+    optimizer = build_optimizer(args, model.parameters())
+    steps_per_epoch = len(train_loader) // (accelerator.num_processes * args.gradient_accumulation_steps)
+    total_steps = args.max_steps or steps_per_epoch * args.epochs
+    # AcceleratedScheduler steps once per process per optimizer step (Accelerate's convention).
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps * accelerator.num_processes, args.warmup_steps * accelerator.num_processes))
+    model, optimizer, train_loader, test_loader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_loader, test_loader, lr_scheduler)
+    dropgrad = None
+    if args.drop_rate > 0:
+        dropgrad = prepare_dropgrad(accelerator, model, optimizer, drop_rate=args.drop_rate, seed=args.seed,
+                                    communication=args.communication)
+        accelerator.print(f"DropGrad p={args.drop_rate} applied as {dropgrad.mode} "
+                          f"({accelerator.distributed_type}, {accelerator.mixed_precision}, {accelerator.device})")
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at optimizer step {completed_steps}")
+
+    log = MetricsLog(output_dir / "metrics.jsonl", accelerator, resume=checkpoint is not None)
+    eval_every = args.eval_every or steps_per_epoch
+    start_time = time.perf_counter()
+    progress = tqdm(total=total_steps, initial=completed_steps, desc="train",
+                    disable=not accelerator.is_local_main_process)
+    epoch = completed_steps // steps_per_epoch
+    batches_done = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+    test_loss, test_acc = float("nan"), float("nan")
+    while completed_steps < total_steps:
+        train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+        batches_done = 0
+        correct = seen = 0
+        step_start = time.perf_counter()
+        for images, labels in batches:
+            with accelerator.accumulate(model):
+                logits = model(images)
+                loss = torch.nn.functional.cross_entropy(logits, labels)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            correct += (logits.argmax(dim=-1) == labels).sum().item()
+            seen += labels.numel()
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress.update(1)
+            mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
+            record = {"type": "train", "step": completed_steps, "epoch": epoch, "loss": mean_loss,
+                      "lr": lr_scheduler.get_last_lr()[0], "step_time": time.perf_counter() - step_start}
+            if dropgrad is not None:
+                record.update(dropgrad.metrics())
+            log.write(record)
+            if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
+                accelerator.save_state(str(output_dir / f"step_{completed_steps}"))
+            if completed_steps % eval_every == 0 or completed_steps == total_steps:
+                test_loss, test_acc = evaluate(model, test_loader, accelerator)
+                train_acc = accelerator.reduce(torch.tensor([correct / max(seen, 1)], device=accelerator.device),
+                                               "mean").item()
+                log.write({"type": "eval", "step": completed_steps, "epoch": epoch, "train_loss": mean_loss,
+                           "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc})
+                accelerator.print(f"step {completed_steps}: train loss {mean_loss:.4f} acc {train_acc:.4f} | "
+                                  f"test loss {test_loss:.4f} acc {test_acc:.4f}")
+                correct = seen = 0
+            if completed_steps >= total_steps:
+                break
+            step_start = time.perf_counter()
+        epoch += 1
+    progress.close()
+    wall_time = time.perf_counter() - start_time
+    summary = {"type": "final", "step": completed_steps, "test_loss": test_loss, "test_accuracy": test_acc,
+               "wall_time": wall_time, "processes": accelerator.num_processes,
+               "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)}
+    log.write(summary)
+    accelerator.print(f"done: test accuracy {test_acc:.4f} after {completed_steps} steps in {wall_time:.1f} s")
+    if accelerator.is_main_process:
+        torch.save(accelerator.unwrap_model(model).state_dict(), output_dir / "model.pt")
+    accelerator.end_training()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        training_function(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

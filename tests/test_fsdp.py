@@ -1,0 +1,163 @@
+"""DropGrad on FSDP-sharded gradients: 2 gloo ranks mask and train exactly like 1 process.
+
+Each spawned test groups several checks (spawning costs ~3 s); every rank compares against
+the 1-process reference computed in the same process without a process group.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dropgrad_dist import DropGrad
+from dropgrad_dist.params import canonical_name
+from dropgrad_dist.shards import drop_local_
+from dropgrad_dist.testing import free_port, run_on_ranks
+
+from .fsdp_common import CONFIGS, STEPS, make_model, reference_masked_ones, reference_params, train
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+MASK_KW = dict(drop_rate=0.5, seed=11)
+
+
+# -- FSDP2 -----------------------------------------------------------------------------------------
+
+def _fsdp2_model() -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model.l1)
+    fully_shard(model.l3)
+    fully_shard(model)
+    return model
+
+
+def _check_fsdp2_masks(rank: int) -> list[str]:
+    model = _fsdp2_model()
+    dropgrad = DropGrad(torch.optim.SGD(model.parameters(), lr=0.0), model=model, **MASK_KW)
+    for p in model.parameters():
+        p.grad = torch.distributed.tensor.DTensor.from_local(
+            torch.ones_like(p.to_local()), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    dropgrad.mask_gradients_()
+    reference = reference_masked_ones(**MASK_KW)
+    local_numels = {}
+    for name, p in model.named_parameters():
+        assert str(p.placements) == "(Shard(dim=0),)", p.placements
+        local_numels[name] = p.grad.to_local().numel()
+        assert torch.equal(p.grad.full_tensor(), reference[name]), name
+    # (1, 7): rank 1 holds no row; (5, 7): 3 rows and 2 rows.
+    assert local_numels["emb"] == (7 if rank == 0 else 0)
+    assert local_numels["l1.weight"] == (21 if rank == 0 else 14)
+    return ["fsdp2 masks == 1-process masks (uneven, empty shard)"]
+
+
+def _check_dtensor_layouts(rank: int) -> list[str]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = init_device_mesh("cpu", (2,))
+    hsdp = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
+    layouts = [
+        (mesh, (4, 6), [Shard(1)]),
+        (mesh, (3, 5, 2), [Shard(1)]),
+        (mesh, (5, 3), [Replicate()]),
+        (mesh, (7,), [Shard(0)]),
+        (mesh, (1, 3), [Shard(0)]),
+        (hsdp, (5, 3), [Replicate(), Shard(0)]),
+    ]
+    for i, (device_mesh, shape, placements) in enumerate(layouts):
+        key = f"layout{i}"
+        dense = torch.ones(shape)
+        drop_local_(dense, key=key, rate=0.5, seed=5, step=2)
+        sharded = distribute_tensor(torch.ones(shape), device_mesh, placements)
+        drop_local_(sharded, key=key, rate=0.5, seed=5, step=2)
+        assert torch.equal(sharded.full_tensor(), dense), (shape, placements)
+    # Partial: masking each partial value masks their sum.
+    partial = DTensor.from_local(torch.full((4, 3), float(rank + 1)), mesh, [Partial()])
+    drop_local_(partial, key="partial", rate=0.5, seed=5, step=2)
+    dense = torch.full((4, 3), 3.0)
+    drop_local_(dense, key="partial", rate=0.5, seed=5, step=2)
+    assert torch.equal(partial.full_tensor(), dense)
+    strided = DTensor.from_local(torch.ones(2, 3), mesh, [_StridedShard(0, split_factor=2)], run_check=False)
+    with pytest.raises(ValueError, match="placement _StridedShard"):
+        drop_local_(strided, key="s", rate=0.5, seed=0, step=0)
+    return ["DTensor Shard(1)/Replicate/Partial/2-D mesh masks == dense", "_StridedShard rejected"]
+
+
+def _check_fsdp2_training(rank: int, world_size: int) -> list[str]:
+    done = []
+    for config in CONFIGS:
+        model = _fsdp2_model()
+        train(model, config, rank, world_size)
+        reference = reference_params(config)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.full_tensor(), reference[canonical_name(name)], **TOL, msg=name)
+        done.append(f"fsdp2 {config} == 1-process")
+    return done
+
+
+def _dense_fsdp2(model: nn.Module, grads: bool) -> dict[str, torch.Tensor]:
+    """Canonical name -> the full (all-gathered) gradient or parameter."""
+    return {canonical_name(n): (p.grad if grads else p).full_tensor() for n, p in model.named_parameters()}
+
+
+def _check_resume(rank: int, world_size: int, make, ckpt_dir: str, dense) -> list[str]:
+    """Train 2 steps, checkpoint (DCP, sharded), resume in a fresh model: same masks and params."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+
+    config = "adam_clip"
+    make_opt, kwargs, _ = CONFIGS[config]
+    straight_masks: list = []
+    straight = make()
+    train(straight, config, rank, world_size, steps=4,
+          after_step=lambda _: straight_masks.append({n: g != 0 for n, g in dense(straight, True).items()}))
+
+    first = make()
+    dropgrad = train(first, config, rank, world_size, steps=2)
+    # The torch helpers take the wrapped optimizer; DropGrad's own state (identical on all ranks) goes beside it.
+    dcp.save({"model": get_model_state_dict(first), "optim": get_optimizer_state_dict(first, dropgrad.optimizer)},
+             checkpoint_id=ckpt_dir)
+    if rank == 0:
+        torch.save(dropgrad.dropgrad_state_dict(), os.path.join(ckpt_dir, "dropgrad.pt"))
+    dist.barrier()
+
+    resumed = make()
+    dropgrad = DropGrad(make_opt(resumed.parameters()), model=resumed, **kwargs)
+    state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, dropgrad.optimizer)}
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    set_model_state_dict(resumed, state["model"])
+    set_optimizer_state_dict(resumed, dropgrad.optimizer, state["optim"])
+    dropgrad.load_dropgrad_state_dict(torch.load(os.path.join(ckpt_dir, "dropgrad.pt"), weights_only=True))
+    assert dropgrad.step_index == 2
+    resumed_masks: list = []
+    train(resumed, config, rank, world_size, steps=2, dropgrad=dropgrad, start_step=2,
+          after_step=lambda _: resumed_masks.append({n: g != 0 for n, g in dense(resumed, True).items()}))
+    assert len(resumed_masks) == 2
+    for after, before in zip(resumed_masks, straight_masks[2:]):
+        for name in before:
+            assert torch.equal(after[name], before[name]), name
+    straight_params = dense(straight, False)
+    for name, value in dense(resumed, False).items():
+        assert torch.equal(value, straight_params[name]), name
+    return ["resume from sharded checkpoint == uninterrupted run"]
+
+
+def _fsdp2_all(rank: int, world_size: int, ckpt_dir: str) -> list[str]:
+    return (_check_fsdp2_masks(rank) + _check_dtensor_layouts(rank) + _check_fsdp2_training(rank, world_size)
+            + _check_resume(rank, world_size, _fsdp2_model, ckpt_dir, _dense_fsdp2))
+
+
+def test_fsdp2_masks_training_clipping_and_resume_match_one_process(tmp_path):
+    results = run_on_ranks(_fsdp2_all, 2, str(tmp_path))
+    assert results[0] == results[1]
+    assert len(results[0]) == 1 + 2 + len(CONFIGS) + 1, results[0]

@@ -6,6 +6,7 @@ the 1-process reference computed in the same process without a process group.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -16,12 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dropgrad_dist import DropGrad
+from dropgrad_dist import DropGrad, set_mask_backend
 from dropgrad_dist.params import canonical_name
 from dropgrad_dist.shards import drop_local_
 from dropgrad_dist.testing import free_port, run_on_ranks
 
-from .fsdp_common import CONFIGS, STEPS, make_model, reference_masked_ones, reference_params, train
+from .fsdp_common import CONFIGS, clip_dense, make_model, reference_masked_ones, reference_params, train
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 MASK_KW = dict(drop_rate=0.5, seed=11)
@@ -109,38 +110,54 @@ def _dense_fsdp2(model: nn.Module, grads: bool) -> dict[str, torch.Tensor]:
     return {canonical_name(n): (p.grad if grads else p).full_tensor() for n, p in model.named_parameters()}
 
 
-def _check_resume(rank: int, world_size: int, make, ckpt_dir: str, dense) -> list[str]:
-    """Train 2 steps, checkpoint (DCP, sharded), resume in a fresh model: same masks and params."""
+def _save(model: nn.Module, dropgrad: DropGrad, ckpt_dir: str, use_dcp: bool) -> dict:
+    """Sharded state dicts: saved with DCP into ``ckpt_dir`` (or returned, copied, without DCP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    # The torch helpers get the wrapped optimizer (they would call DropGrad.step() to initialise
+    # state and drop its "dropgrad" key); DropGrad's own state, the same on all ranks, goes beside it.
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, dropgrad.optimizer)}
+    if use_dcp:
+        dcp.save(state, checkpoint_id=ckpt_dir)
+    if dist.get_rank() == 0:
+        torch.save(dropgrad.dropgrad_state_dict(), os.path.join(ckpt_dir, "dropgrad.pt"))
+    dist.barrier()
+    return copy.deepcopy(state)
+
+
+def _load(model: nn.Module, dropgrad: DropGrad, ckpt_dir: str, use_dcp: bool, saved: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
+    state = saved
+    if use_dcp:
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, dropgrad.optimizer)}
+        dcp.load(state, checkpoint_id=ckpt_dir)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, dropgrad.optimizer, state["optim"])
+    dropgrad.load_dropgrad_state_dict(torch.load(os.path.join(ckpt_dir, "dropgrad.pt"), weights_only=True))
+
+
+def _check_resume(rank: int, world_size: int, make, ckpt_dir: str, dense, clip=clip_dense,
+                  use_dcp: bool = True) -> list[str]:
+    """Train 2 steps, checkpoint, resume in a fresh model and optimizer: same masks and parameters."""
     config = "adam_clip"
     make_opt, kwargs, _ = CONFIGS[config]
     straight_masks: list = []
     straight = make()
-    train(straight, config, rank, world_size, steps=4,
+    train(straight, config, rank, world_size, steps=4, clip=clip,
           after_step=lambda _: straight_masks.append({n: g != 0 for n, g in dense(straight, True).items()}))
 
     first = make()
-    dropgrad = train(first, config, rank, world_size, steps=2)
-    # The torch helpers take the wrapped optimizer; DropGrad's own state (identical on all ranks) goes beside it.
-    dcp.save({"model": get_model_state_dict(first), "optim": get_optimizer_state_dict(first, dropgrad.optimizer)},
-             checkpoint_id=ckpt_dir)
-    if rank == 0:
-        torch.save(dropgrad.dropgrad_state_dict(), os.path.join(ckpt_dir, "dropgrad.pt"))
-    dist.barrier()
-
+    saved = _save(first, train(first, config, rank, world_size, steps=2, clip=clip), ckpt_dir, use_dcp)
     resumed = make()
     dropgrad = DropGrad(make_opt(resumed.parameters()), model=resumed, **kwargs)
-    state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, dropgrad.optimizer)}
-    dcp.load(state, checkpoint_id=ckpt_dir)
-    set_model_state_dict(resumed, state["model"])
-    set_optimizer_state_dict(resumed, dropgrad.optimizer, state["optim"])
-    dropgrad.load_dropgrad_state_dict(torch.load(os.path.join(ckpt_dir, "dropgrad.pt"), weights_only=True))
+    _load(resumed, dropgrad, ckpt_dir, use_dcp, saved)
     assert dropgrad.step_index == 2
     resumed_masks: list = []
-    train(resumed, config, rank, world_size, steps=2, dropgrad=dropgrad, start_step=2,
+    train(resumed, config, rank, world_size, steps=2, dropgrad=dropgrad, start_step=2, clip=clip,
           after_step=lambda _: resumed_masks.append({n: g != 0 for n, g in dense(resumed, True).items()}))
     assert len(resumed_masks) == 2
     for after, before in zip(resumed_masks, straight_masks[2:]):
@@ -148,11 +165,13 @@ def _check_resume(rank: int, world_size: int, make, ckpt_dir: str, dense) -> lis
             assert torch.equal(after[name], before[name]), name
     straight_params = dense(straight, False)
     for name, value in dense(resumed, False).items():
-        assert torch.equal(value, straight_params[name]), name
-    return ["resume from sharded checkpoint == uninterrupted run"]
+        assert torch.equal(value, straight_params[name]), (name, value - straight_params[name])
+    return [f"resume from sharded state dicts{' via DCP' if use_dcp else ''} == uninterrupted run"]
 
 
 def _fsdp2_all(rank: int, world_size: int, ckpt_dir: str) -> list[str]:
+    # Same masks as the compiled kernel (tested in the mask tests); compiling costs ~4 s per rank.
+    set_mask_backend("eager")
     return (_check_fsdp2_masks(rank) + _check_dtensor_layouts(rank) + _check_fsdp2_training(rank, world_size)
             + _check_resume(rank, world_size, _fsdp2_model, ckpt_dir, _dense_fsdp2))
 
@@ -161,3 +180,77 @@ def test_fsdp2_masks_training_clipping_and_resume_match_one_process(tmp_path):
     results = run_on_ranks(_fsdp2_all, 2, str(tmp_path))
     assert results[0] == results[1]
     assert len(results[0]) == 1 + 2 + len(CONFIGS) + 1, results[0]
+
+
+# -- FSDP1 -----------------------------------------------------------------------------------------
+
+def _fsdp1_model(use_orig_params: bool = True) -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = make_model()
+    cpu = torch.device("cpu")  # FSDP1 needs device_id to run on CPU
+    model.l1 = FSDP(model.l1, use_orig_params=use_orig_params, device_id=cpu)
+    return FSDP(model, use_orig_params=use_orig_params, device_id=cpu)
+
+
+def _dense_fsdp1(model: nn.Module, grads: bool) -> dict[str, torch.Tensor]:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(model, with_grads=grads):
+        return {canonical_name(n): (p.grad if grads else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def _fsdp1_clip(model: nn.Module, max_norm: float) -> torch.Tensor:
+    return model.clip_grad_norm_(max_norm)  # FSDP1's own: the norm over all shards
+
+
+def _check_fsdp1_masks(rank: int) -> list[str]:
+    model = _fsdp1_model()
+    dropgrad = DropGrad(torch.optim.SGD(model.parameters(), lr=0.0), model=model, **MASK_KW)
+    for p in model.parameters():
+        if p.numel():
+            p.grad = torch.ones_like(p)
+    dropgrad.mask_gradients_()
+    # Pieces not starting at 0 exist: the flat shard boundary cuts through a parameter.
+    partial = sum(1 for start in dropgrad._starts.values() if start > 0)
+    assert partial >= (1 if rank == 1 else 0), dropgrad._starts
+    reference = reference_masked_ones(**MASK_KW)
+    dense = _dense_fsdp1(model, grads=True)
+    for name, grad in dense.items():
+        assert torch.equal(grad, reference[name]), name
+    return ["fsdp1 masks == 1-process masks (partial pieces)"]
+
+
+def _check_fsdp1_errors() -> list[str]:
+    model = _fsdp1_model()
+    with pytest.raises(ValueError, match="pass model="):
+        DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1)
+    flat = _fsdp1_model(use_orig_params=False)
+    with pytest.raises(ValueError, match="use_orig_params=True"):
+        DropGrad(torch.optim.SGD(flat.parameters(), lr=0.1), drop_rate=0.1, model=flat)
+    return ["fsdp1 without model= / use_orig_params=False rejected"]
+
+
+def _check_fsdp1_training(rank: int, world_size: int) -> list[str]:
+    done = []
+    for config in CONFIGS:
+        model = _fsdp1_model()
+        train(model, config, rank, world_size, clip=_fsdp1_clip)
+        reference = reference_params(config)
+        for name, value in _dense_fsdp1(model, grads=False).items():
+            torch.testing.assert_close(value, reference[name], **TOL, msg=name)
+        done.append(f"fsdp1 {config} == 1-process")
+    return done
+
+
+def _fsdp1_all(rank: int, world_size: int, ckpt_dir: str) -> list[str]:
+    set_mask_backend("eager")
+    return (_check_fsdp1_masks(rank) + _check_fsdp1_errors() + _check_fsdp1_training(rank, world_size)
+            + _check_resume(rank, world_size, _fsdp1_model, ckpt_dir, _dense_fsdp1, _fsdp1_clip,
+                            use_dcp=False))  # torch 2.15: DCP load of this FSDP1 optimizer state raises "Missing key optim.param_groups"
+
+
+def test_fsdp1_orig_params_masks_training_clipping_and_resume_match_one_process(tmp_path):
+    results = run_on_ranks(_fsdp1_all, 2, str(tmp_path))
+    assert results[0] == results[1]
+    assert len(results[0]) == 1 + 1 + len(CONFIGS) + 1, results[0]

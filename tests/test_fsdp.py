@@ -254,3 +254,58 @@ def test_fsdp1_orig_params_masks_training_clipping_and_resume_match_one_process(
     results = run_on_ranks(_fsdp1_all, 2, str(tmp_path))
     assert results[0] == results[1]
     assert len(results[0]) == 1 + 1 + len(CONFIGS) + 1, results[0]
+
+
+# -- Accelerate ------------------------------------------------------------------------------------
+
+def _accelerator_on_cpu(fsdp_version: int):
+    """Accelerate with its FSDP plugin, forced onto CPU.
+
+    accelerate 1.15 turns the plugin on only for accelerator distributed types (MULTI_GPU, NPU,
+    XPU, ...): with 2 CPU processes it silently wraps the model in DDP. Setting the state's
+    distributed type to FSDP (and the device to "cpu": FSDP1 rejects Accelerate's "cpu:0") runs
+    Accelerate's real FSDP prepare path on CPU.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    extra = {"use_orig_params": True} if fsdp_version == 1 else {}
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp_version, **extra)
+    accelerator = Accelerator(fsdp_plugin=plugin, cpu=True)
+    assert accelerator.distributed_type == DistributedType.MULTI_CPU  # the silent fallback
+    PartialState._shared_state.update(distributed_type=DistributedType.FSDP, device=torch.device("cpu"))
+    AcceleratorState().fsdp_plugin = plugin
+    assert accelerator.distributed_type == DistributedType.FSDP
+    return accelerator
+
+
+def _accelerate_all(rank: int, world_size: int, fsdp_version: int) -> list[str]:
+    set_mask_backend("eager")
+    accelerator = _accelerator_on_cpu(fsdp_version)
+    config = "adam_clip"
+    make_opt, kwargs, _ = CONFIGS[config]
+    reference = reference_params(config)
+    done = []
+    for where in ("around", "inside"):
+        accelerator.free_memory()  # forget the previous model: clip_grad_norm_ looks models up by parameters
+        model = make_model()
+        model, prepared = accelerator.prepare(model, make_opt(model.parameters()))
+        if where == "around":  # DropGrad(AcceleratedOptimizer); call dropgrad.step()
+            stepper = DropGrad(prepared, model=model, **kwargs)
+        else:  # DropGrad replaces the AcceleratedOptimizer's inner optimizer; call prepared.step()
+            prepared.optimizer = DropGrad(prepared.optimizer, model=model, **kwargs)
+            stepper = prepared
+        train(model, config, rank, world_size, dropgrad=stepper,
+              clip=lambda m, n: accelerator.clip_grad_norm_(m.parameters(), n))
+        dense = _dense_fsdp2(model, False) if fsdp_version == 2 else _dense_fsdp1(model, False)
+        for name, value in dense.items():
+            torch.testing.assert_close(value, reference[name], **TOL, msg=name)
+        done.append(f"accelerate fsdp{fsdp_version} DropGrad {where} the prepared optimizer == 1-process")
+    return done
+
+
+@pytest.mark.parametrize("fsdp_version", [2, 1])
+def test_accelerate_fsdp_plugin_prepared_model_matches_one_process(fsdp_version):
+    results = run_on_ranks(_accelerate_all, 2, fsdp_version)
+    assert results[0] == results[1] and len(results[0]) == 2, results

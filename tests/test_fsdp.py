@@ -309,3 +309,17 @@ def _accelerate_all(rank: int, world_size: int, fsdp_version: int) -> list[str]:
 def test_accelerate_fsdp_plugin_prepared_model_matches_one_process(fsdp_version):
     results = run_on_ranks(_accelerate_all, 2, fsdp_version)
     assert results[0] == results[1] and len(results[0]) == 2, results
+
+
+# -- example -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", [[], ["--fsdp1"]], ids=["fsdp2", "fsdp1"])
+def test_fsdp_example_runs_under_torchrun(flag):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "DROPGRAD_MASK_BACKEND": "eager"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(root / "examples" / "fsdp_step_wrapper.py"), "--steps", "3", "--width", "16", *flag],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step   2" in proc.stdout and "DropGrad step_index 3" in proc.stdout, proc.stdout

@@ -15,7 +15,7 @@ from torch import nn
 from . import mask as _mask
 from .params import DropPlan, RateSpec, named_params_of_optimizer
 from .schedules import DropRateScheduler, check_rate
-from .shards import drop_local_
+from .shards import drop_local_, flat_param_starts
 
 __all__ = ["DropGrad"]
 
@@ -72,6 +72,8 @@ class DropGrad(torch.optim.Optimizer):
             drop_rate_scheduler,
             names_are_canonical=model is not None,
         )
+        # FSDP1 (use_orig_params=True): where each parameter's local flat piece starts.
+        self._starts = flat_param_starts((entry.param for entry in self.plan.entries), model)
         self.full_update_drop = bool(full_update_drop)
         self.step_skip_rate = check_rate(step_skip_rate, "step_skip_rate")
         self.seed = seed
@@ -142,7 +144,8 @@ class DropGrad(torch.optim.Optimizer):
     def mask_gradients_(self) -> None:
         """Apply this step's gradient masks in place (what ``step()`` does before stepping)."""
         for entry, grad, rate in self._masked_entries("grad"):
-            drop_local_(grad, key=entry.key, rate=rate, seed=self.seed, step=self.step_index)
+            drop_local_(grad, key=entry.key, rate=rate, seed=self.seed, step=self.step_index,
+                        start=self._starts.get(entry.param, 0))
 
     def _step_and_drop_update(self) -> None:
         before = [(entry, param, rate, param.detach().clone())
@@ -152,7 +155,7 @@ class DropGrad(torch.optim.Optimizer):
             update = param.detach()
             update.sub_(old)
             drop_local_(update, key=entry.key, rate=rate, seed=self.seed, step=self.step_index,
-                        stream=_mask.MaskStream.UPDATE)
+                        stream=_mask.MaskStream.UPDATE, start=self._starts.get(entry.param, 0))
             update.add_(old)
 
     @torch.no_grad()

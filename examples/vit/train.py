@@ -213,6 +213,9 @@ def training_function(args: argparse.Namespace) -> dict:
         accelerator.print(f"resumed from {checkpoint} at optimizer step {completed_steps}")
 
     log = MetricsLog(output_dir / "metrics.jsonl", accelerator, resume=checkpoint is not None)
+    if checkpoint is None:
+        log.write({"type": "config", "processes": accelerator.num_processes,
+                   "distributed_type": str(accelerator.distributed_type), **vars(args)})
     eval_every = args.eval_every or steps_per_epoch
     start_time = time.perf_counter()
     progress = tqdm(total=total_steps, initial=completed_steps, desc="train",

@@ -1,0 +1,155 @@
+"""The ViT example: synthetic data, CIFAR-10 path, single-process training, resume, plots, bad input."""
+
+import hashlib
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+VIT = Path(__file__).resolve().parents[1] / "examples" / "vit"
+sys.path.insert(0, str(VIT))
+
+import data  # noqa: E402
+import plot  # noqa: E402
+import train  # noqa: E402
+
+TINY = ["--num_layers", "1", "--hidden_dim", "32", "--mlp_dim", "64", "--num_heads", "2", "--patch_size", "8",
+        "--batch_size", "32", "--train_size", "256", "--test_size", "64", "--warmup_steps", "2"]
+
+
+def _run_train(args, check=True):
+    done = subprocess.run([sys.executable, str(VIT / "train.py"), *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _records(output_dir: Path, kind: str):
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+def test_synthetic_data_is_deterministic_and_seed_dependent():
+    a, b, c = data.make_synthetic(64, seed=3), data.make_synthetic(64, seed=3), data.make_synthetic(64, seed=4)
+    assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])
+    assert not torch.equal(a.tensors[0], c.tensors[0])
+    images, labels = a.tensors
+    assert images.shape == (64, 3, 32, 32) and labels.min() >= 0 and labels.max() <= 9
+
+
+def test_synthetic_data_is_learnable_by_a_tiny_model():
+    train_set, test_set = data.synthetic_splits(seed=0, train_size=2000, test_size=500)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(4),
+                                torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    images, labels = train_set.tensors
+    for epoch in range(3):
+        for i in range(0, 2000, 50):
+            loss = torch.nn.functional.cross_entropy(model(images[i:i + 50]), labels[i:i + 50])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        accuracy = (model(test_set.tensors[0]).argmax(1) == test_set.tensors[1]).float().mean().item()
+    assert accuracy > 0.25  # chance is 0.1 (sigma 0.013 on 500 images)
+
+
+def _write_fake_cifar(root: Path, per_batch: int) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, per_batch).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    meta = {"label_names": list(data.CLASSES)}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+
+
+def test_cifar10_path_reads_the_on_disk_format(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    _write_fake_cifar(tmp_path, per_batch=20)
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in (tmp_path / "cifar-10-batches-py").iterdir()}
+    # torchvision checks the files against the real CIFAR-10 checksums; point it at the fake files'.
+    monkeypatch.setattr(CIFAR10, "train_list", [[n, md5[n]] for n, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[n, md5[n]] for n, _ in CIFAR10.test_list])
+    monkeypatch.setitem(CIFAR10.meta, "md5", md5["batches.meta"])
+    args = train.parse_args(["--dataset", "cifar10", "--data_dir", str(tmp_path)])
+    train_set, test_set = train.load_data(args)
+    assert len(train_set) == 100 and len(test_set) == 20
+    image, label = train_set[0]
+    assert image.shape == (3, 32, 32) and 0 <= label < 10
+
+
+def test_single_process_training_logs_metrics_and_learns(tmp_path):
+    out = tmp_path / "run"
+    _run_train([*TINY, "--max_steps", "16", "--eval_every", "8", "--drop_rate", "0.2", "--output_dir", str(out),
+                "--optimizer", "lion", "--lr", "1e-3"])
+    steps = _records(out, "train")
+    assert [r["step"] for r in steps] == list(range(1, 17))
+    assert all(r["drop_rate"] == 0.2 and abs(r["kept_fraction"] - 0.8) < 1e-9 for r in steps)
+    evals = _records(out, "eval")
+    assert [e["step"] for e in evals] == [8, 16]
+    assert _records(out, "final")[0]["test_accuracy"] == evals[-1]["test_accuracy"]
+    assert (out / "model.pt").is_file()
+
+
+def test_bf16_on_cpu_trains(tmp_path):
+    out = tmp_path / "bf16"
+    _run_train([*TINY, "--max_steps", "4", "--mixed_precision", "bf16", "--output_dir", str(out)])
+    assert _records(out, "final")[0]["mixed_precision"] == "bf16"
+    assert all(np.isfinite(r["loss"]) for r in _records(out, "train"))
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
+    common = [*TINY, "--max_steps", "12", "--drop_rate", "0.3", "--dropout", "0.1", "--epochs", "3",
+              "--gradient_accumulation_steps", "2", "--checkpointing_steps", "5"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _run_train([*common, "--output_dir", str(full)])
+    _run_train([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(full / "step_5")])
+    want = torch.load(full / "model.pt", weights_only=True)
+    got = torch.load(resumed / "model.pt", weights_only=True)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    assert [r["loss"] for r in _records(full, "train")][5:] == [r["loss"] for r in _records(resumed, "train")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["--drop_rate", "1.5"], "--drop_rate must be in [0, 1]"),
+    (["--dataset", "cifar10", "--data_dir", "/nonexistent/cifar"], "CIFAR-10 is not in --data_dir"),
+])
+def test_bad_input_ends_with_a_one_line_error(argv, message):
+    done = _run_train([*TINY, "--max_steps", "1", *argv], check=False)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]
+
+
+def test_plot_writes_png_and_summary(tmp_path):
+    for run, slope in (("adamw-baseline", 0.1), ("adamw-dropgrad", 0.2)):
+        folder = tmp_path / run
+        folder.mkdir()
+        records = [{"type": "eval", "step": s, "train_loss": 2 - slope * s, "test_loss": 2.1 - slope * s,
+                    "train_accuracy": 0.1 + slope * s / 2, "test_accuracy": 0.1 + slope * s / 3} for s in (1, 2, 3)]
+        records.append({"type": "final", "wall_time": 12.5})
+        (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+    assert plot.main([str(tmp_path)]) == 0
+    png = tmp_path / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.size[0] > 500 and image.size[1] > 300
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| adamw-dropgrad | 3 | 0.3 |" in summary
+    assert (tmp_path / "summary.csv").read_text().startswith("run,steps,final_test_accuracy")

@@ -4,6 +4,7 @@ Whether a gradient coordinate is dropped depends only on (seed, step, parameter 
 coordinate index, rate), never on rank, world size, bucket layout, shard boundaries or device.
 """
 
+from .ddp_hook import DropGradHookState, dropgrad_hook, dropgrad_wrapper
 from .mask import MaskStream, drop_, keep_mask, keep_probability, keep_threshold, mask_backend, set_mask_backend
 from .optim import DropGrad
 from .params import canonical_name
@@ -19,12 +20,15 @@ __version__ = "0.1.0"
 __all__ = [
     "CosineAnnealingDropRateScheduler",
     "DropGrad",
+    "DropGradHookState",
     "DropRateScheduler",
     "LinearDropRateScheduler",
     "MaskStream",
     "StepDropRateScheduler",
     "canonical_name",
     "drop_",
+    "dropgrad_hook",
+    "dropgrad_wrapper",
     "keep_mask",
     "keep_probability",
     "keep_threshold",

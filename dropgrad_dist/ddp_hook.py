@@ -41,6 +41,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -352,14 +353,26 @@ def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.fu
         state._end_call(bucket)
 
 
+def _kept_indices(keep: torch.Tensor) -> torch.Tensor:
+    """Positions of the kept coordinates, ascending.
+
+    Indices rather than masked_select/masked_scatter_: the gather and the scatter then run
+    branch-free. On CPU numpy's nonzero is branch-free too, ~10x faster than torch's on a random mask.
+    """
+    if keep.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(keep.numpy()))
+    return keep.nonzero().squeeze(1)
+
+
 def _compact_all_reduce(state: DropGradHookState, bucket: dist.GradBucket,
                         world_size: int) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
     keep = torch.empty(buffer.numel(), dtype=torch.bool, device=buffer.device)
     state._mask_bucket_(bucket, world_size, keep=keep)
-    kept = int(keep.count_nonzero())  # the same on every rank: masks depend on no rank data
+    index = _kept_indices(keep)  # the same on every rank: masks depend on no rank data
+    kept = index.numel()
     send = torch.empty(kept + 1, dtype=buffer.dtype, device=buffer.device)
-    torch.masked_select(buffer, keep, out=send[:kept])
+    torch.index_select(buffer, 0, index, out=send[:kept])
     # Dropped coordinates are not sent, but a non-finite value there (NaN after masking) must
     # still make every rank's GradScaler skip: s - s is 0 for a finite sum s, NaN otherwise.
     total = buffer.sum(dtype=torch.float32)
@@ -368,7 +381,7 @@ def _compact_all_reduce(state: DropGradHookState, bucket: dist.GradBucket,
 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:
         received = fut.value()[0]
-        buffer.masked_scatter_(keep, received)
+        buffer.index_copy_(0, index, received[:kept])
         buffer[:1].add_(received[kept:])  # + 0, or + NaN when any rank saw a non-finite value
         return buffer
 

@@ -243,7 +243,8 @@ class DropGradHookState:
             view = buffer[offset:offset + numel]
             keep_view = None if keep is None else keep[offset:offset + numel]
             if entry is None:
-                view.div_(world_size)
+                if world_size != 1:
+                    view.div_(world_size)
                 if keep_view is not None:
                     keep_view.fill_(True)
             else:

@@ -11,6 +11,7 @@ accumulation goes through ``model.no_sync()`` so that each optimizer step masks 
 
 import argparse
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -43,15 +44,16 @@ def main() -> None:
         communication=args.communication,
     )
     state.register()  # = ddp.register_comm_hook(state, dropgrad_hook), with clearer errors
-    optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(ddp.parameters(), lr=3e-3)
 
+    teacher = torch.randn(32, 10, generator=torch.Generator().manual_seed(99))  # labels to learn
     data = torch.Generator().manual_seed(1234 + rank)  # each rank reads its own shard
     for step in range(args.steps):
         for micro in range(args.accumulate):
             x = torch.randn(16, 32, generator=data)
-            y = torch.randint(0, 10, (16,), generator=data)
+            y = (x @ teacher).argmax(dim=1)
             last = micro == args.accumulate - 1
-            with ddp.no_sync() if not last else torch.enable_grad():
+            with nullcontext() if last else ddp.no_sync():
                 loss = nn.functional.cross_entropy(ddp(x), y) / args.accumulate
                 loss.backward()  # the hook runs on the last micro-batch only
         optimizer.step()

@@ -10,7 +10,6 @@ accumulation goes through ``model.no_sync()`` so that each optimizer step masks 
 """
 
 import argparse
-import os
 from contextlib import nullcontext
 
 import torch
@@ -27,6 +26,7 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=2, help="micro-batches per optimizer step")
     parser.add_argument("--communication", choices=["dense", "compact"], default="dense")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", default=None, help="save model, optimizer and hook state here")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
@@ -65,8 +65,9 @@ def main() -> None:
         ratio = state.bytes_communicated / state.bytes_dense_equivalent
         print(f"bytes communicated / dense all-reduce: {ratio:.3f} "
               f"({state.bytes_communicated:,} of {state.bytes_dense_equivalent:,} bytes)")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "dropgrad_hook": state.state_dict()}, os.devnull)  # what a checkpoint holds
+        if args.checkpoint:  # the hook state resumes the masks exactly: load_state_dict on every rank
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "dropgrad_hook": state.state_dict()}, args.checkpoint)
     dist.barrier()  # let every rank finish before the group goes away
     dist.destroy_process_group()
 

@@ -308,7 +308,7 @@ def _resume(rank: int) -> dict:
         state.register(ddp)
         _run_steps(ddp, opt, rank, range(3, 6))
         results[how] = _numpy(model)
-        results[how + "_step"] = state.step_index
+        results[how + "_step"] = (state.step_index, state.plan.scheduler.step_count)
     return dict(uninterrupted=uninterrupted, **results)
 
 
@@ -327,6 +327,22 @@ def _bytes_ratio(rank: int, rate: float) -> float:
     return state.bytes_communicated / state.bytes_dense_equivalent
 
 
+def _two_optimizers(rank: int) -> int:
+    """Two optimizers over parts of one model step the same gradients: one step of the masks each time."""
+    model, ddp, state = _fresh()
+    state.register()
+    weights = torch.optim.SGD([p for n, p in model.named_parameters() if n.endswith("weight")], lr=0.05)
+    biases = torch.optim.Adam([p for n, p in model.named_parameters() if n.endswith("bias")], lr=1e-2)
+    for step in range(3):
+        x, y = _micro_batch(step, 0, rank, torch.float32)
+        _loss(ddp, x, y, 1).backward()
+        weights.step()
+        biases.step()
+        weights.zero_grad()
+        biases.zero_grad()
+    return state.step_index
+
+
 def _behaviours(rank: int, world_size: int) -> dict:
     set_mask_backend("eager")
     return dict(
@@ -337,6 +353,7 @@ def _behaviours(rank: int, world_size: int) -> dict:
         register=_register_twice(rank),
         resume=_resume(rank),
         ratios={rate: _bytes_ratio(rank, rate) for rate in (0.5, 0.9)},
+        two_optimizers=_two_optimizers(rank),
     )
 
 
@@ -363,6 +380,10 @@ def test_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(behaviours
         np.testing.assert_array_equal(a, b)
 
 
+def test_several_optimizers_on_one_model_advance_the_masks_once_per_step(behaviours):
+    assert behaviours[0]["two_optimizers"] == behaviours[1]["two_optimizers"] == 3
+
+
 def test_accumulating_across_synchronized_micro_batches_raises(behaviours):
     for rank in (0, 1):
         message = behaviours[rank]["accumulate"]
@@ -385,7 +406,7 @@ def test_registering_twice_or_on_another_model_points_to_the_cause(behaviours):
 def test_resume_from_state_dict_or_pickle_is_bitwise_identical(behaviours):
     for rank in (0, 1):
         run = behaviours[rank]["resume"]
-        assert run["state_dict_step"] == run["pickle_step"] == 6
+        assert run["state_dict_step"] == run["pickle_step"] == (6, 6)  # schedule in lockstep
         for how in ("state_dict", "pickle"):
             for a, b in zip(run["uninterrupted"], run[how]):
                 np.testing.assert_array_equal(a, b)

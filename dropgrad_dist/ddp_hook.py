@@ -34,6 +34,17 @@ The optimizer must be a ``torch.optim.Optimizer`` whose ``step()`` runs the glob
 every rank's GradScaler skip: masking multiplies (``inf * 0 = NaN``) and, in compact mode,
 one extra element (``0`` or ``NaN``: the bucket sum minus itself) carries dropped non-finite
 values to every rank, where it is added to the first element of the bucket.
+
+Registration, agreement, checkpoints
+------------------------------------
+``state.register(ddp_model)`` registers the hook and, since DDP accepts one hook per model,
+refuses a second one with a message naming the hook already there (use
+``dropgrad_wrapper(other_hook)`` to combine). On the first round the ranks all-gather one
+fingerprint per config field (seed, communication, hook, rates, schedule, step) and raise
+naming the field and the ranks that differ. ``state_dict()`` holds seed, step, schedule and
+byte counters; pickling drops the process group and the model (like ``PowerSGDState``), and
+``state.register(ddp_model)`` binds an unpickled state again. Do not also wrap the optimizer
+in ``DropGrad``: gradients would be masked twice.
 """
 
 import hashlib
@@ -73,8 +84,10 @@ class DropGradHookState:
             (all-reduce only the kept coordinates, plus one element for non-finite values).
 
     Register with ``state.register(ddp_model)`` (or ``ddp_model.register_comm_hook(state,
-    dropgrad_hook)``). ``step_index``, ``bytes_communicated`` and ``bytes_dense_equivalent``
-    are public counters; ``state_dict()``/``load_state_dict()`` resume masks exactly.
+    dropgrad_hook)``). ``step_index`` (optimizer steps taken, the ``t`` of the masks),
+    ``bytes_communicated`` and ``bytes_dense_equivalent`` (cumulative bytes all-reduced by
+    :func:`dropgrad_hook`, and what a dense all-reduce of the same buckets would have sent) are
+    public counters; ``state_dict()``/``load_state_dict()`` resume the masks exactly.
     """
 
     def __init__(
@@ -396,7 +409,7 @@ def dropgrad_wrapper(hook: Hook) -> Hook:
     ``b <- hook(process_group, b * keep / (1 - p))``; ``hook`` receives ``state.process_group``
     as its state and averages the bucket. Register with
     ``state.register(ddp_model, dropgrad_wrapper(bf16_compress_hook))``; the state must use
-    ``communication="dense"``. Traffic is the wrapped hook's, so ``bytes_communicated`` is not counted.
+    ``communication="dense"``. The traffic is the wrapped hook's: the byte counters do not move.
     """
     name = f"dropgrad_wrapper({getattr(hook, '__qualname__', type(hook).__name__)})"
 
@@ -408,8 +421,6 @@ def dropgrad_wrapper(hook: Hook) -> Hook:
         state._enter(bucket, name)
         try:
             state._mask_bucket_(bucket, 1, keep=None)
-            buffer = bucket.buffer()
-            state.bytes_dense_equivalent += buffer.numel() * buffer.element_size()
         finally:
             state._end_call(bucket)
         return hook(state.process_group, bucket)

@@ -129,7 +129,7 @@ def _train_ddp(rank: int, world_size: int, cfg: dict) -> dict:
         opt.step()
         opt.zero_grad()
     return dict(params=_numpy(model), masks_ok=masks_ok, step_index=state.step_index,
-                ratio=state.bytes_communicated / state.bytes_dense_equivalent,
+                bytes=(state.bytes_communicated, state.bytes_dense_equivalent),
                 unused_grad_is_none=None if model.unused is None else model.unused.weight.grad is None)
 
 
@@ -190,8 +190,10 @@ def test_ddp_hook_matches_single_process_dropgrad(trained, name):
         assert rank0["unused_grad_is_none"]
 
 
-def test_dense_sends_whole_buckets(trained):
-    assert trained[0]["dense-adam"]["ratio"] == 1.0
+def test_dense_sends_whole_buckets_and_the_wrapper_counts_nothing(trained):
+    sent, dense = trained[0]["dense-adam"]["bytes"]
+    assert sent == dense == STEPS * 4 * sum(p.numel() for p in _model({}).parameters())
+    assert trained[0]["wrapper-bf16_compress_hook"]["bytes"] == (0, 0)
 
 
 # -- behaviours: GradScaler, accumulation error, agreement, registration, resume -------------------

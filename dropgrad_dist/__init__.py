@@ -4,8 +4,9 @@ Whether a gradient coordinate is dropped depends only on (seed, step, parameter 
 coordinate index, rate), never on rank, world size, bucket layout, shard boundaries or device.
 """
 
-from .mask import MaskStream, drop_, keep_mask, keep_probability, keep_threshold, mask_backend, set_mask_backend
+from .ddp_hook import DropGradHookState, dropgrad_hook, dropgrad_wrapper
 from .integration import DropGradHandle, prepare_dropgrad
+from .mask import MaskStream, drop_, keep_mask, keep_probability, keep_threshold, mask_backend, set_mask_backend
 from .optim import DropGrad
 from .params import canonical_name
 from .schedules import (
@@ -21,12 +22,15 @@ __all__ = [
     "CosineAnnealingDropRateScheduler",
     "DropGrad",
     "DropGradHandle",
+    "DropGradHookState",
     "DropRateScheduler",
     "LinearDropRateScheduler",
     "MaskStream",
     "StepDropRateScheduler",
     "canonical_name",
     "drop_",
+    "dropgrad_hook",
+    "dropgrad_wrapper",
     "keep_mask",
     "keep_probability",
     "keep_threshold",

@@ -16,6 +16,7 @@ __all__ = ["BENCHMARKS", "interleaved_timings", "print_report"]
 # name -> module path; the CLI imports them to build its sub-commands
 BENCHMARKS = {
     "mask": "dropgrad_dist.bench.mask",
+    "ddp": "dropgrad_dist.bench.ddp",
     "fsdp": "dropgrad_dist.bench.fsdp",
 }
 

@@ -126,10 +126,12 @@ def prepare_dropgrad(
         if full_update_drop or step_skip_rate:
             raise ValueError("full_update_drop and step_skip_rate need the step wrapper; under DDP DropGrad "
                              "masks gradients in the all-reduce hook (use FSDP or one process for them)")
-        from .ddp_hook import DropGradHookState, register_dropgrad_hook
+        from .ddp_hook import DropGradHookState
 
+        # The hook counts optimizer steps through torch's global step hooks (fired by the inner
+        # optimizer, not by AcceleratedOptimizer), so nothing here may advance it.
         state = DropGradHookState(model, **rates, communication=communication)
-        register_dropgrad_hook(model, state, optimizer=optimizer.optimizer)
+        state.register(model)
         handle = DropGradHandle("ddp_hook", state)
     elif kind in (DistributedType.FSDP, DistributedType.NO):
         dropgrad = _wrap_accelerated_optimizer(optimizer, **rates, model=model,

@@ -5,7 +5,7 @@ coordinate index, rate), never on rank, world size, bucket layout, shard boundar
 """
 
 from .ddp_hook import DropGradHookState, dropgrad_hook, dropgrad_wrapper
-from .integration import DropGradHandle, prepare_dropgrad
+from .integration import DropGradHandle, enable_fsdp_on_cpu, prepare_dropgrad
 from .mask import MaskStream, drop_, keep_mask, keep_probability, keep_threshold, mask_backend, set_mask_backend
 from .optim import DropGrad
 from .params import canonical_name
@@ -31,6 +31,7 @@ __all__ = [
     "drop_",
     "dropgrad_hook",
     "dropgrad_wrapper",
+    "enable_fsdp_on_cpu",
     "keep_mask",
     "keep_probability",
     "keep_threshold",

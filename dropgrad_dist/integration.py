@@ -9,7 +9,9 @@
   in global coordinates).
 
 Either way the mask of coordinate ``i`` of parameter ``name`` at optimizer step ``t`` is the
-same, and DropGrad's state is registered with ``accelerator.register_for_checkpointing`` so
+same, and so is the order: gradients are masked before ``accelerator.clip_grad_norm_`` clips
+them (the DDP hook masks inside backward; for the wrapper the clip methods mask first). DropGrad's
+state is registered with ``accelerator.register_for_checkpointing`` so
 ``save_state``/``load_state`` resume the masks exactly. Works with ``accelerator.accumulate()``,
 ``accelerator.clip_grad_norm_`` and mixed precision (fp16 GradScaler, bf16).
 """
@@ -29,7 +31,7 @@ from .schedules import DropRateScheduler
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["DropGradHandle", "prepare_dropgrad"]
+__all__ = ["DropGradHandle", "enable_fsdp_on_cpu", "prepare_dropgrad"]
 
 Mode = Literal["ddp_hook", "fsdp_wrapper", "wrapper"]
 
@@ -89,6 +91,42 @@ def _wrap_accelerated_optimizer(accelerated: Any, **kwargs: Any) -> DropGrad:
     return dropgrad
 
 
+def _mask_before_clipping(accelerator: "Accelerator", dropgrad: DropGrad) -> None:
+    """Make ``accelerator.clip_grad_norm_``/``clip_grad_value_`` see masked gradients.
+
+    The DDP hook masks inside backward, before any clipping; masking here first gives the
+    step wrapper the same order, so DDP, FSDP and one process compute the same update.
+    """
+    for name in ("clip_grad_norm_", "clip_grad_value_"):
+        clip = getattr(accelerator, name)
+
+        def masked_then_clip(*args: Any, _clip=clip, **kwargs: Any) -> Any:
+            if not dropgrad.full_update_drop:
+                dropgrad.mask_gradients_()
+            return _clip(*args, **kwargs)
+
+        setattr(accelerator, name, masked_then_clip)
+
+
+def enable_fsdp_on_cpu(accelerator: "Accelerator", plugin: Any = None) -> None:
+    """Make ``accelerator.prepare`` shard with FSDP on CPU processes (gloo), e.g. to test FSDP setups in CI.
+
+    Accelerate (1.6 to 1.15 at least) enables FSDP only for GPU-like devices and silently falls
+    back to DDP on CPU. Call this right after creating the ``Accelerator`` of a CPU multi-process
+    run; ``plugin`` defaults to a ``FullyShardedDataParallelPlugin`` read from the environment
+    that ``accelerate launch`` sets for an FSDP config (``FSDP_VERSION``, ...).
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.device.type != "cpu" or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        raise ValueError("enable_fsdp_on_cpu needs a multi-process CPU Accelerator (MULTI_CPU), "
+                         f"got {accelerator.distributed_type} on {accelerator.device}")
+    # FSDP1 rejects Accelerate's "cpu:0" device id; FSDP needs the plain CPU device.
+    PartialState._shared_state.update(distributed_type=DistributedType.FSDP, device=torch.device("cpu"))
+    AcceleratorState().fsdp_plugin = plugin if plugin is not None else FullyShardedDataParallelPlugin()
+
+
 def _unsupported(distributed_type: Any) -> ValueError:
     return ValueError(f"prepare_dropgrad does not support Accelerate's {distributed_type} setup; supported: "
                       "NO (CPU, one GPU, MPS), MULTI_GPU, MULTI_CPU (DDP comm hook) and FSDP (versions 1, 2)")
@@ -136,6 +174,7 @@ def prepare_dropgrad(
     elif kind in (DistributedType.FSDP, DistributedType.NO):
         dropgrad = _wrap_accelerated_optimizer(optimizer, **rates, model=model,
                                                full_update_drop=full_update_drop, step_skip_rate=step_skip_rate)
+        _mask_before_clipping(accelerator, dropgrad)
         handle = DropGradHandle("fsdp_wrapper" if kind == DistributedType.FSDP else "wrapper", dropgrad)
     else:
         raise _unsupported(kind)

@@ -6,6 +6,7 @@ At optimizer step ``t`` each masked gradient becomes ``g <- m_t * g / (1 - p)`` 
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
@@ -15,7 +16,7 @@ from torch import nn
 from . import mask as _mask
 from .params import DropPlan, RateSpec, named_params_of_optimizer
 from .schedules import DropRateScheduler, check_rate
-from .shards import drop_local_, flat_param_starts
+from .shards import drop_local_, flat_param_starts, local_tensor
 
 __all__ = ["DropGrad"]
 
@@ -78,6 +79,7 @@ class DropGrad(torch.optim.Optimizer):
         self.step_skip_rate = check_rate(step_skip_rate, "step_skip_rate")
         self.seed = seed
         self.step_index = 0  # optimizer steps taken: the ``t`` of the masks
+        self._masked_grads: dict[int, weakref.ref] = {}  # id(param) -> its gradient masked this step
         self.last_step_skipped = False
         # torch.optim.Optimizer.__init__ would rebind param_groups/state; set up its hooks only.
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
@@ -141,11 +143,22 @@ class DropGrad(torch.optim.Optimizer):
             if rate > 0.0:
                 yield entry, tensor, rate
 
+    @torch.no_grad()
     def mask_gradients_(self) -> None:
-        """Apply this step's gradient masks in place (what ``step()`` does before stepping)."""
+        """Apply this step's gradient masks in place now, e.g. before gradient clipping.
+
+        ``step()`` calls it too; a gradient tensor already masked in this step (then clipped in
+        place, say) is not masked again, so calling it first makes clipping see the masked
+        gradient, as under the DDP hook. ``zero_grad()`` and ``step()`` forget what was masked.
+        """
         for entry, grad, rate in self._masked_entries("grad"):
+            local = local_tensor(grad)
+            masked = self._masked_grads.get(id(entry.param))
+            if masked is not None and masked() is local:
+                continue
             drop_local_(grad, key=entry.key, rate=rate, seed=self.seed, step=self.step_index,
                         start=self._starts.get(entry.param, 0))
+            self._masked_grads[id(entry.param)] = weakref.ref(local)
 
     def _step_and_drop_update(self) -> None:
         before = [(entry, param, rate, param.detach().clone())
@@ -178,11 +191,13 @@ class DropGrad(torch.optim.Optimizer):
         self.last_step_skipped = self.should_skip_step()
         if not self.last_step_skipped:
             self._masked_step()
+        self._masked_grads.clear()
         self.step_index += 1
         self.plan.advance()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._masked_grads.clear()
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

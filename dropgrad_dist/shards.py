@@ -28,7 +28,7 @@ from torch import nn
 
 from . import mask as _mask
 
-__all__ = ["drop_local_", "flat_param_starts", "local_segments"]
+__all__ = ["drop_local_", "flat_param_starts", "local_segments", "local_tensor"]
 
 
 def _dtensor_class() -> type | None:
@@ -40,6 +40,11 @@ def _dtensor_class() -> type | None:
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     cls = _dtensor_class()
     return cls is not None and isinstance(tensor, cls)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The locally stored tensor: a DTensor's local shard, else ``tensor`` itself."""
+    return tensor._local_tensor if _is_dtensor(tensor) else tensor
 
 
 def _dtensor_block(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -109,7 +114,7 @@ def drop_local_(tensor: torch.Tensor, *, key: str, rate: float, seed: int, step:
     element ``j`` (see :func:`local_segments` for ``start``).
     """
     # A DTensor is masked through its local tensor: the storage the optimizer steps on.
-    local = tensor._local_tensor if _is_dtensor(tensor) else tensor
+    local = local_tensor(tensor)
     if not local.is_contiguous():
         # Coordinates are row-major indices, not memory order (e.g. channels_last grads).
         dense = local.contiguous()

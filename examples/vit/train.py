@@ -11,8 +11,10 @@ synthetic one (no download); ``--dataset cifar10`` uses torchvision's CIFAR-10.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -28,7 +30,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import cifar10_splits, synthetic_splits  # noqa: E402
 
-from dropgrad_dist import prepare_dropgrad  # noqa: E402
+from dropgrad_dist import enable_fsdp_on_cpu, prepare_dropgrad  # noqa: E402
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad", "adadelta", "lion")
 
@@ -51,12 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="default depends on --optimizer")
     parser.add_argument("--weight_decay", type=float, default=0.05)
     parser.add_argument("--batch_size", type=int, default=128, help="global batch size per optimizer step")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--warmup_steps", type=int, default=50)
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip after unscaling; 0 disables")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--patch_size", type=int, default=4)
+    parser.add_argument("--patch_size", type=int, default=8)
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--num_heads", type=int, default=4)
     parser.add_argument("--hidden_dim", type=int, default=128)
@@ -88,7 +90,7 @@ def build_model(args: argparse.Namespace, image_size: int = 32) -> VisionTransfo
 
 
 def build_optimizer(args: argparse.Namespace, params) -> torch.optim.Optimizer:
-    defaults = {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.05, "adagrad": 1e-2, "adadelta": 1.0, "lion": 1e-4}
+    defaults = {"adam": 1e-3, "adamw": 2e-3, "sgd": 0.05, "adagrad": 1e-2, "adadelta": 1.0, "lion": 1e-4}
     lr = args.lr if args.lr is not None else defaults[args.optimizer]
     if args.optimizer == "lion":
         from lion_pytorch import Lion
@@ -101,8 +103,10 @@ def build_optimizer(args: argparse.Namespace, params) -> torch.optim.Optimizer:
     return cls[args.optimizer](params, lr=lr)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    def factor(step: int) -> float:
+def warmup_cosine(total_steps: int, warmup_steps: int, ticks_per_step: int = 1):
+    """LR factor: linear warmup then cosine decay, as a function of scheduler ticks."""
+    def factor(tick: int) -> float:
+        step = tick // ticks_per_step
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -168,6 +172,15 @@ class MetricsLog:
                                  step=record.get("step"))
 
 
+def _param_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        # A copy: numpy() on FSDP's own storage would pin it (FSDP2 frees it by resizing).
+        digest.update(local.detach().to("cpu", torch.float32, copy=True).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def training_function(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(
         cpu=args.cpu,
@@ -177,6 +190,8 @@ def training_function(args: argparse.Namespace) -> dict:
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if args.cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.num_processes > 1:
+        enable_fsdp_on_cpu(accelerator)  # Accelerate would silently use DDP on CPU instead
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -189,17 +204,18 @@ def training_function(args: argparse.Namespace) -> dict:
     per_process_batch = args.batch_size // (accelerator.num_processes * args.gradient_accumulation_steps)
     if per_process_batch < 1:
         raise ValueError(f"--batch_size {args.batch_size} is smaller than processes x accumulation steps")
-    loader_gen = torch.Generator().manual_seed(args.seed)  # keeps iterator creation off the global RNG
+    # Own generators keep iterator creation (which draws a worker seed) off the global RNG, so
+    # dropout draws the same numbers whether or not a run was resumed or evaluated in between.
     train_loader = DataLoader(train_set, batch_size=per_process_batch, shuffle=True, drop_last=True,
-                              generator=loader_gen)
-    test_loader = DataLoader(test_set, batch_size=256)
+                              generator=torch.Generator().manual_seed(args.seed))
+    test_loader = DataLoader(test_set, batch_size=256, generator=torch.Generator().manual_seed(args.seed))
     model = build_model(args)
     optimizer = build_optimizer(args, model.parameters())
     steps_per_epoch = len(train_loader) // (accelerator.num_processes * args.gradient_accumulation_steps)
     total_steps = args.max_steps or steps_per_epoch * args.epochs
-    # AcceleratedScheduler steps once per process per optimizer step (Accelerate's convention).
+    # AcceleratedScheduler ticks once per process per optimizer step (Accelerate's convention).
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps * accelerator.num_processes, args.warmup_steps * accelerator.num_processes))
+        optimizer, warmup_cosine(total_steps, args.warmup_steps, ticks_per_step=accelerator.num_processes))
     model, optimizer, train_loader, test_loader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_loader, test_loader, lr_scheduler)
     dropgrad = None
@@ -271,10 +287,14 @@ def training_function(args: argparse.Namespace) -> dict:
     summary = {"type": "final", "step": completed_steps, "test_loss": test_loss, "test_accuracy": test_acc,
                "wall_time": wall_time, "processes": accelerator.num_processes,
                "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)}
+    # Ranks hold identical parameters under DDP (and identical shards' owners under FSDP):
+    # a digest per rank lets a reader check that every rank applied the same masks.
+    summary["rank_param_digests"] = accelerator.gather_for_metrics([_param_digest(model)], use_gather_object=True)
     log.write(summary)
     accelerator.print(f"done: test accuracy {test_acc:.4f} after {completed_steps} steps in {wall_time:.1f} s")
+    full_state = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
     if accelerator.is_main_process:
-        torch.save(accelerator.unwrap_model(model).state_dict(), output_dir / "model.pt")
+        torch.save(full_state, output_dir / "model.pt")
     accelerator.end_training()
     return summary
 

@@ -2,4 +2,4 @@
 # One process on an Apple-silicon GPU (MPS): DropGrad as the step wrapper.
 set -euo pipefail
 source "$(dirname "$0")/_accelerate.sh"
-accelerate_launch mps.yaml "$@"
+accelerate_launch single_gpu.yaml "$@"

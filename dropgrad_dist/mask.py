@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import types
 import warnings
 from enum import IntEnum
 from typing import Callable, Literal
@@ -157,7 +158,7 @@ def _eager_rows(rows, lane, ctx, scale, row0, mask_out) -> None:
 
 Backend = Literal["auto", "compiled", "eager"]
 _backend: Backend = os.environ.get("DROPGRAD_MASK_BACKEND", "auto")  # type: ignore[assignment]
-_compiled: dict[str, Callable] = {}
+_compiled: dict[tuple, Callable] = {}
 _compile_failed: set[str] = set()
 _lanes: dict[torch.device, torch.Tensor] = {}
 _lock = threading.Lock()
@@ -188,30 +189,39 @@ def _lane(device: torch.device) -> torch.Tensor:
     return lane
 
 
-def _compiled_fn(name: str) -> Callable:
+def _compiled_fn(name: str, variant: tuple) -> Callable:
+    key = (name, *variant)
     with _lock:
-        fn = _compiled.get(name)
+        fn = _compiled.get(key)
         if fn is None:
             target = {"rows": _drop_rows, "flat": _drop_flat}[name]
-            fn = torch.compile(target, dynamic=True, fullgraph=True)
-            _compiled[name] = fn
+            # Dynamo's recompile budget is per code object: one code object per (device, dtype,
+            # mask) variant keeps those variants from crowding each other out in a long run.
+            code = target.__code__.replace(co_name="_".join(map(str, key)).replace(".", "_"))
+            clone = types.FunctionType(code, target.__globals__, code.co_name, target.__defaults__)
+            fn = torch.compile(clone, dynamic=True, fullgraph=True)
+            _compiled[key] = fn
         return fn
 
 
 def _run(name: str, eager: Callable, *args) -> None:
-    device_type = args[0].device.type
+    values, mask_out = args[0], args[-1]
+    device_type = values.device.type
     use_compiled = _backend == "compiled" or (_backend == "auto" and device_type not in _compile_failed)
     if use_compiled:
         try:
-            _compiled_fn(name)(*args)
+            _compiled_fn(name, (device_type, values.dtype, mask_out is not None))(*args)
             return
         except Exception as err:  # compilation unavailable on this platform or device
             if _backend == "compiled":
                 raise
-            _compile_failed.add(device_type)
+            over_budget = type(err).__name__ in ("FailOnRecompileLimitHit", "RecompileLimitExceeded")
+            if not over_budget:
+                _compile_failed.add(device_type)
             warnings.warn(
                 f"dropgrad_dist: torch.compile of the mask kernel failed on {device_type} "
-                f"({type(err).__name__}: {err}); using the eager path (same masks, slower).",
+                f"({type(err).__name__}: {err}); using the eager path "
+                f"{'for this shape' if over_budget else 'from now on'} (same masks, slower).",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -193,3 +193,14 @@ def test_bad_engine_arguments_raise_clear_errors():
         keep_mask(10, seed=0, step=0, key=3, rate=0.5)
     with pytest.raises(ValueError, match="backend must be one of"):
         mask.set_mask_backend("fast")
+
+
+def test_many_variants_stay_on_the_compiled_path(backend, recwarn):
+    backend("auto")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for numel in (1, 2, 1000, 1024, 1025, 5000, 12_289):
+            values = torch.ones(numel, dtype=dtype)
+            drop_(values, **CFG)
+            drop_(values, mask_out=torch.empty(numel, dtype=torch.bool), **CFG)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]
+    assert "cpu" not in mask._compile_failed

@@ -292,3 +292,20 @@ def test_accelerate_prepare_accepts_the_wrapper():
     for a, b in zip(_params(reference), _params(model)):
         assert torch.equal(a, b)
     assert prepared_opt.state_dict()["dropgrad"]["step_index"] == 3
+
+
+def test_masking_before_clipping_masks_once():
+    """mask_gradients_() then in-place clipping then step(): the clipped masked gradient is stepped."""
+    model = _net()
+    grads = _grads_after_backward(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=1.0), drop_rate=0.5, seed=1, model=model)
+    opt.mask_gradients_()
+    opt.mask_gradients_()  # idempotent within a step
+    masked = {n: p.grad.clone() for n, p in model.named_parameters()}
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.01)
+    opt.step()
+    for name, param in model.named_parameters():
+        keep = keep_mask(param.numel(), seed=1, step=0, key=name, rate=0.5).view_as(param)
+        assert torch.equal(masked[name], torch.where(keep, grads[name] * 2.0, 0.0))
+        torch.testing.assert_close(param.detach(), before[name] - masked[name] * (0.01 / (norm + 1e-6)))

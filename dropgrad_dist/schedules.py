@@ -68,41 +68,41 @@ class DropRateScheduler(abc.ABC):
         return f"{type(self).__name__}{self.config()[1:]}(step_count={self.step_count})"
 
 
-class LinearDropRateScheduler(DropRateScheduler):
+class _AnnealingScheduler(DropRateScheduler):
+    """From ``initial_drop_rate`` at ``t = 0`` to ``final_drop_rate`` at ``t >= num_steps``."""
+
+    def __init__(self, initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> None:
+        super().__init__()
+        self.initial_drop_rate = check_rate(initial_drop_rate, "initial_drop_rate")
+        self.final_drop_rate = check_rate(final_drop_rate, "final_drop_rate")
+        self.num_steps = _check_steps(num_steps, "num_steps")
+
+    def rate_at(self, t: int) -> float:
+        if t >= self.num_steps:
+            return self.final_drop_rate
+        return self._anneal(t / self.num_steps)
+
+    @abc.abstractmethod
+    def _anneal(self, progress: float) -> float:
+        """The rate at ``progress = t / num_steps`` in [0, 1)."""
+
+    def config(self) -> tuple:
+        return (type(self).__name__, self.initial_drop_rate, self.final_drop_rate, self.num_steps)
+
+
+class LinearDropRateScheduler(_AnnealingScheduler):
     """``p(t) = initial + (final - initial) * t / num_steps`` for ``t < num_steps``, then ``final``."""
 
-    def __init__(self, initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> None:
-        super().__init__()
-        self.initial_drop_rate = check_rate(initial_drop_rate, "initial_drop_rate")
-        self.final_drop_rate = check_rate(final_drop_rate, "final_drop_rate")
-        self.num_steps = _check_steps(num_steps, "num_steps")
-
-    def rate_at(self, t: int) -> float:
-        if t >= self.num_steps:
-            return self.final_drop_rate
-        return self.initial_drop_rate + (self.final_drop_rate - self.initial_drop_rate) * t / self.num_steps
-
-    def config(self) -> tuple:
-        return (type(self).__name__, self.initial_drop_rate, self.final_drop_rate, self.num_steps)
+    def _anneal(self, progress: float) -> float:
+        return self.initial_drop_rate + (self.final_drop_rate - self.initial_drop_rate) * progress
 
 
-class CosineAnnealingDropRateScheduler(DropRateScheduler):
+class CosineAnnealingDropRateScheduler(_AnnealingScheduler):
     """``p(t) = final + (initial - final) * (1 + cos(pi * t / num_steps)) / 2`` for ``t < num_steps``, then ``final``."""
 
-    def __init__(self, initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> None:
-        super().__init__()
-        self.initial_drop_rate = check_rate(initial_drop_rate, "initial_drop_rate")
-        self.final_drop_rate = check_rate(final_drop_rate, "final_drop_rate")
-        self.num_steps = _check_steps(num_steps, "num_steps")
-
-    def rate_at(self, t: int) -> float:
-        if t >= self.num_steps:
-            return self.final_drop_rate
-        cosine = 1.0 + math.cos(math.pi * t / self.num_steps)
+    def _anneal(self, progress: float) -> float:
+        cosine = 1.0 + math.cos(math.pi * progress)
         return self.final_drop_rate + 0.5 * (self.initial_drop_rate - self.final_drop_rate) * cosine
-
-    def config(self) -> tuple:
-        return (type(self).__name__, self.initial_drop_rate, self.final_drop_rate, self.num_steps)
 
 
 class StepDropRateScheduler(DropRateScheduler):

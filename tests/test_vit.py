@@ -126,10 +126,11 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["--drop_rate", "1.5"], "--drop_rate must be in [0, 1]"),
-    (["--dataset", "cifar10", "--data_dir", "/nonexistent/cifar"], "CIFAR-10 is not in --data_dir"),
+    (["--dataset", "cifar10", "--data_dir", "{tmp}/no-cifar-here"], "CIFAR-10 is not in --data_dir"),
 ])
-def test_bad_input_ends_with_a_one_line_error(argv, message):
-    done = _run_train([*TINY, "--max_steps", "1", *argv], check=False)
+def test_bad_input_ends_with_a_one_line_error(argv, message, tmp_path):
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    done = _run_train([*TINY, "--max_steps", "1", "--output_dir", str(tmp_path / "out"), *argv], check=False)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert message in done.stderr.strip().splitlines()[-1]

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -120,11 +121,15 @@ def load_data(args: argparse.Namespace):
     root = Path(args.data_dir)
     if (root / "cifar-10-batches-py").is_dir():
         return cifar10_splits(root, download=False)
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # an unreachable mirror must fail, not hang, the download
     try:
         return cifar10_splits(root, download=True)
     except Exception as err:  # offline: torchvision raises URLError/OSError/RuntimeError
         raise FileNotFoundError(f"CIFAR-10 is not in --data_dir {str(root)!r} and could not be downloaded "
                                 f"({type(err).__name__}); use --dataset synthetic or an existing --data_dir") from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ for a fixed coordinate the kept sets are nested in ``p``. No global RNG is touch
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -75,6 +76,11 @@ def key_hash(key: str) -> int:
     """Stable 64-bit hash of a parameter key (BLAKE2b; never Python's salted ``hash()``)."""
     if not isinstance(key, str):
         raise TypeError(f"key must be a str (a canonical parameter name), got {type(key).__name__}")
+    return _key_hash(key)
+
+
+@functools.lru_cache(maxsize=65536)  # keys repeat every step; hashing them once is enough
+def _key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
 
 
@@ -232,15 +238,20 @@ def _mask_piece(flat: torch.Tensor, base: int, threshold: int, scale: torch.Tens
                 mask_out: torch.Tensor | None) -> None:
     n = flat.numel()
     lane = _lane(flat.device)
-    ctx = torch.tensor([_signed32(base), threshold - (1 << 31)], dtype=torch.int32).to(flat.device)
     full = n - n % _LANE
     if full:
+        ctx = _ctx(base, threshold, flat.device)
         rows_mask = None if mask_out is None else mask_out[:full].view(-1, _LANE)
         _run("rows", _eager_rows, flat[:full].view(-1, _LANE), lane, ctx, scale, 0, rows_mask)
     if full < n:
-        tail_ctx = ctx + torch.tensor([full, 0], dtype=torch.int32, device=flat.device)
         tail_mask = None if mask_out is None else mask_out[full:]
-        _run("flat", _drop_flat, flat[full:], lane[: n - full], tail_ctx, scale, tail_mask)
+        _run("flat", _drop_flat, flat[full:], lane[: n - full], _ctx(base + full, threshold, flat.device),
+             scale, tail_mask)
+
+
+def _ctx(base: int, threshold: int, device: torch.device) -> torch.Tensor:
+    ctx = torch.tensor([_signed32(base), threshold - (1 << 31)], dtype=torch.int32)
+    return ctx if device.type == "cpu" else ctx.to(device, non_blocking=True)
 
 
 def _pieces(start: int, numel: int):

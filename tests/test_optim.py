@@ -309,3 +309,36 @@ def test_masking_before_clipping_masks_once():
         keep = keep_mask(param.numel(), seed=1, step=0, key=name, rate=0.5).view_as(param)
         assert torch.equal(masked[name], torch.where(keep, grads[name] * 2.0, 0.0))
         torch.testing.assert_close(param.detach(), before[name] - masked[name] * (0.01 / (norm + 1e-6)))
+
+
+def test_dropgrad_inside_accelerated_optimizer_with_grad_scaler():
+    """prepare_dropgrad's wrapper mode under a GradScaler: masks applied, overflow skips the step."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from dropgrad_dist.integration import _wrap_accelerated_optimizer
+
+    Accelerator(cpu=True)  # AcceleratedOptimizer reads the global Accelerate state
+    model, reference = _net(), _net()
+    accelerated = AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                       scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    dropgrad = _wrap_accelerated_optimizer(accelerated, drop_rate=0.5, model=model, seed=3)
+    ref_opt = DropGrad(torch.optim.SGD(reference.parameters(), lr=0.1), drop_rate=0.5, model=reference, seed=3)
+    for step in range(3):
+        x, y = _batch(step)
+        accelerated.zero_grad()
+        accelerated.scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        accelerated.step()
+        assert not accelerated.step_was_skipped
+    _train(reference, ref_opt, 3)
+    assert dropgrad.step_index == 3
+    for a, b in zip(_params(reference), _params(model)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)  # scaled by 2**10 and back: exact up to rounding
+    before = _params(model)
+    x, y = _batch(7)
+    accelerated.zero_grad()
+    accelerated.scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    model.decoder.bias.grad[0] = float("nan")
+    accelerated.step()
+    assert accelerated.step_was_skipped and dropgrad.step_index == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(model)))

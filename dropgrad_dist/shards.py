@@ -96,14 +96,19 @@ def local_segments(tensor: torch.Tensor, start: int = 0) -> list[tuple[torch.Ten
     piece of its parameter (FSDP1); it must be 0 for a ``DTensor``, which carries its layout.
     The local tensor must be contiguous (the views alias it).
     """
+    return _segments_over(tensor, local_tensor(tensor), start)
+
+
+def _segments_over(tensor: torch.Tensor, local: torch.Tensor, start: int) -> list[tuple[torch.Tensor, int]]:
+    """Segments of ``tensor`` laid over ``local``: its local tensor, or a contiguous copy of it."""
     if tensor.is_sparse:
         raise ValueError("sparse gradients are not supported by DropGrad; use a dense embedding (sparse=False)")
     if _is_dtensor(tensor):
         if start:
             raise ValueError(f"start must be 0 for a DTensor (its placements give its offset), got {start}")
-        local, offset = _dtensor_block(tensor)
+        _, offset = _dtensor_block(tensor)
         return _block_segments(local, offset, tuple(tensor.shape))
-    return [(tensor.view(-1), start)] if tensor.numel() else []
+    return [(local.view(-1), start)] if local.numel() else []
 
 
 def drop_local_(tensor: torch.Tensor, *, key: str, rate: float, seed: int, step: int,
@@ -115,24 +120,12 @@ def drop_local_(tensor: torch.Tensor, *, key: str, rate: float, seed: int, step:
     """
     # A DTensor is masked through its local tensor: the storage the optimizer steps on.
     local = local_tensor(tensor)
-    if not local.is_contiguous():
-        # Coordinates are row-major indices, not memory order (e.g. channels_last grads).
-        dense = local.contiguous()
-        segments = _segments(tensor, dense, start)
-    else:
-        dense, segments = local, local_segments(tensor, start)
-    for piece, piece_start in segments:
+    # Coordinates are row-major indices, not memory order (e.g. channels_last grads).
+    dense = local if local.is_contiguous() else local.contiguous()
+    for piece, piece_start in _segments_over(tensor, dense, start):
         _mask.drop_(piece, seed=seed, step=step, key=key, rate=rate, start=piece_start, stream=stream)
     if dense is not local:
         local.copy_(dense)
-
-
-def _segments(tensor: torch.Tensor, dense_local: torch.Tensor, start: int) -> list[tuple[torch.Tensor, int]]:
-    """Segments of ``tensor`` laid over ``dense_local``, a contiguous copy of its local tensor."""
-    if _is_dtensor(tensor):
-        _, offset = _dtensor_block(tensor)
-        return _block_segments(dense_local, offset, tuple(tensor.shape))
-    return local_segments(dense_local, start)
 
 
 def flat_param_starts(params: Iterable[torch.Tensor], model: nn.Module | None) -> dict[torch.Tensor, int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import threading
 import types
@@ -28,6 +29,8 @@ from enum import IntEnum
 from typing import Callable, Literal
 
 import torch
+
+from .checks import check_count, check_int_in, check_rate, check_seed
 
 __all__ = [
     "MaskStream",
@@ -101,15 +104,25 @@ def keep_threshold(rate: float) -> int:
     return int(round((1.0 - float(rate)) * 4294967296.0))
 
 
-def _check_args(seed: int, step: int, rate: float, start: int) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    if not isinstance(start, int) or start < 0:
-        raise ValueError(f"start must be a non-negative int, got {start!r}")
-    if not (isinstance(rate, (int, float)) and 0.0 <= float(rate) <= 1.0):
-        raise ValueError(f"rate must be a number in [0, 1], got {rate!r}")
+def _check_args(seed: int, step: int, rate: float, start: int, extra_scale: float = 1.0) -> float:
+    check_seed(seed)
+    check_count(step, "step")
+    check_int_in(start, "start", 0)
+    if isinstance(extra_scale, bool) or not isinstance(extra_scale, (int, float)) or not math.isfinite(extra_scale):
+        raise ValueError(f"extra_scale must be a finite number, got {extra_scale!r}")
+    return check_rate(rate, "rate")
+
+
+def _check_tensor(tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"tensor must be dense (strided), got layout {tensor.layout}; DropGrad does not "
+                         "support sparse gradients (use a dense embedding, sparse=False)")
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        raise ValueError(f"tensor must be floating point or complex, got {tensor.dtype}")
+    if not tensor.is_contiguous():
+        raise ValueError("tensor must be contiguous (mask a contiguous view of the gradient)")
 
 
 # --------------------------------------------------------------------------------------
@@ -163,7 +176,17 @@ def _eager_rows(rows, lane, ctx, scale, row0, mask_out) -> None:
 # Backend selection: compiled (fused, one pass) where torch.compile works, eager otherwise.
 
 Backend = Literal["auto", "compiled", "eager"]
-_backend: Backend = os.environ.get("DROPGRAD_MASK_BACKEND", "auto")  # type: ignore[assignment]
+_BACKENDS = ("auto", "compiled", "eager")
+
+
+def _backend_from_environment() -> Backend:
+    value = os.environ.get("DROPGRAD_MASK_BACKEND", "auto")
+    if value not in _BACKENDS:
+        raise ValueError(f"$DROPGRAD_MASK_BACKEND must be one of {', '.join(map(repr, _BACKENDS))}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+_backend: Backend = _backend_from_environment()
 _compiled: dict[tuple, Callable] = {}
 _compile_failed: set[str] = set()
 _lanes: dict[torch.device, torch.Tensor] = {}
@@ -177,7 +200,7 @@ def set_mask_backend(backend: Backend) -> None:
     with one warning, on a device type where compilation fails. Both give bitwise-identical masks.
     """
     global _backend
-    if backend not in ("auto", "compiled", "eager"):
+    if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of 'auto', 'compiled', 'eager', got {backend!r}")
     _backend = backend
 
@@ -283,12 +306,18 @@ def drop_(
     ``rate == 0`` scales by ``extra_scale`` only; ``rate == 1`` multiplies by zero (zeros, never
     NaN, for finite input). Non-finite values stay non-finite. If ``mask_out`` (bool, same
     numel) is given it receives the keep mask. Returns ``tensor``.
+
+    ``tensor`` must be dense, contiguous, floating point or complex (a complex number is one
+    coordinate); ``seed`` and ``step`` are ints in ``[0, 2**64)``; anything else raises ``ValueError``.
     """
-    _check_args(seed, step, rate, start)
-    if not tensor.is_contiguous():
-        raise ValueError("tensor must be contiguous (mask a contiguous view of the gradient)")
+    rate = _check_args(seed, step, rate, start, extra_scale)
+    _check_tensor(tensor)
     if mask_out is not None and (mask_out.dtype != torch.bool or mask_out.numel() != tensor.numel()):
         raise ValueError("mask_out must be a bool tensor with as many elements as tensor")
+    if tensor.is_complex():
+        _drop_complex_(tensor, seed=seed, step=step, key=key, rate=rate, start=start, stream=stream,
+                       extra_scale=extra_scale, mask_out=mask_out)
+        return tensor
     flat = tensor.view(-1)
     flat_mask = None if mask_out is None else mask_out.view(-1).view(torch.uint8)
     threshold = keep_threshold(rate)
@@ -307,6 +336,15 @@ def drop_(
             piece_mask = None if flat_mask is None else flat_mask[offset:offset + length]
             _mask_piece(flat[offset:offset + length], base, threshold, scale, piece_mask)
     return tensor
+
+
+def _drop_complex_(tensor: torch.Tensor, *, mask_out: torch.Tensor | None, **mask_args) -> None:
+    # A complex number is one coordinate: its real and imaginary parts share one mask decision.
+    parts = torch.view_as_real(tensor.view(-1))
+    factor = torch.ones(parts.shape[0], dtype=parts.dtype, device=parts.device)
+    drop_(factor, mask_out=mask_out, **mask_args)
+    with torch.no_grad():
+        parts.mul_(factor[:, None])
 
 
 def keep_mask(

@@ -15,7 +15,8 @@ from torch import nn
 
 from . import mask as _mask
 from .params import DropPlan, RateSpec, named_params_of_optimizer
-from .schedules import DropRateScheduler, check_rate
+from .checks import check_rate
+from .schedules import DropRateScheduler
 from .shards import drop_local_, flat_param_starts, local_tensor
 
 __all__ = ["DropGrad"]

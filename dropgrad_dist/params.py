@@ -22,7 +22,8 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from .schedules import DropRateScheduler, check_rate
+from .checks import check_rate
+from .schedules import DropRateScheduler
 
 __all__ = ["DropPlan", "ParamEntry", "RateSpec", "canonical_name", "canonical_names"]
 

@@ -11,29 +11,14 @@ import abc
 import math
 from typing import Any, Mapping
 
+from .checks import check_int_in, check_rate
+
 __all__ = [
     "CosineAnnealingDropRateScheduler",
     "DropRateScheduler",
     "LinearDropRateScheduler",
     "StepDropRateScheduler",
-    "check_rate",
 ]
-
-
-def check_rate(value: object, argument: str) -> float:
-    """Return ``value`` as a float if it is a number in [0, 1], else raise ``ValueError`` naming ``argument``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{argument} must be a number in [0, 1], got {value!r} ({type(value).__name__})")
-    rate = float(value)
-    if not (0.0 <= rate <= 1.0):  # also rejects NaN
-        raise ValueError(f"{argument} must be a number in [0, 1], got {value!r}")
-    return rate
-
-
-def _check_steps(value: object, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{argument} must be a positive int, got {value!r}")
-    return value
 
 
 class DropRateScheduler(abc.ABC):
@@ -75,7 +60,7 @@ class _AnnealingScheduler(DropRateScheduler):
         super().__init__()
         self.initial_drop_rate = check_rate(initial_drop_rate, "initial_drop_rate")
         self.final_drop_rate = check_rate(final_drop_rate, "final_drop_rate")
-        self.num_steps = _check_steps(num_steps, "num_steps")
+        self.num_steps = check_int_in(num_steps, "num_steps", 1)
 
     def rate_at(self, t: int) -> float:
         if t >= self.num_steps:

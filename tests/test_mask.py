@@ -187,8 +187,28 @@ def test_pairs_of_neighbours_pass_chi_square():
 def test_bad_engine_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="rate must be a number in \\[0, 1\\]"):
         keep_mask(10, seed=0, step=0, key="w", rate=1.5)
-    with pytest.raises(ValueError, match="step must be a non-negative int"):
+    with pytest.raises(ValueError, match="step must be an int in \\[0, 18446744073709551616\\)"):
         keep_mask(10, seed=0, step=-1, key="w", rate=0.5)
+    values = torch.ones(10)
+    for kwargs, message in [
+        (dict(rate=True), "rate must be a number"),
+        (dict(start=True), "start must be an int"),
+        (dict(extra_scale=float("nan")), "extra_scale must be a finite number"),
+        (dict(extra_scale=float("inf")), "extra_scale must be a finite number"),
+        (dict(seed=1 << 64), "seed must be an int in"),
+        (dict(seed=-1), "seed must be an int in"),
+        (dict(seed=3.0), "seed must be an int in"),
+        (dict(step=1 << 64), "step must be an int in"),
+        (dict(step=2.0), "step must be an int in"),
+    ]:
+        args = {**CFG, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            drop_(values, **args)
+    for dtype in (torch.int64, torch.int32, torch.uint8, torch.bool):
+        with pytest.raises(ValueError, match="tensor must be floating point or complex"):
+            drop_(torch.ones(10, dtype=dtype), **CFG)
+    with pytest.raises(ValueError, match="sparse gradients"):
+        drop_(torch.ones(4, 4).to_sparse(), **CFG)
     with pytest.raises(TypeError, match="key must be a str"):
         keep_mask(10, seed=0, step=0, key=3, rate=0.5)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -204,3 +224,30 @@ def test_many_variants_stay_on_the_compiled_path(backend, recwarn):
             drop_(values, mask_out=torch.empty(numel, dtype=torch.bool), **CFG)
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]
     assert "cpu" not in mask._compile_failed
+
+
+def test_largest_seed_and_step_are_distinct_from_small_ones():
+    # Seeds and steps are 64-bit words of the salt: every accepted value gives its own masks.
+    top = keep_mask(4096, seed=(1 << 64) - 1, step=(1 << 64) - 1, key="w", rate=0.5)
+    assert not torch.equal(top, keep_mask(4096, seed=0, step=(1 << 64) - 1, key="w", rate=0.5))
+    assert not torch.equal(top, keep_mask(4096, seed=(1 << 64) - 1, step=0, key="w", rate=0.5))
+
+
+@pytest.mark.parametrize("backend_name", ["compiled", "eager"])
+def test_a_complex_number_is_one_coordinate(backend_name, backend):
+    backend(backend_name)
+    values = torch.randn(3000, dtype=torch.complex64, generator=torch.Generator().manual_seed(2))
+    keep = keep_mask(3000, **CFG)
+    got_mask = torch.empty(3000, dtype=torch.bool)
+    masked = drop_(values.clone(), mask_out=got_mask, **CFG)
+    assert torch.equal(got_mask, keep)
+    scale = 1.0 / (1.0 - CFG["rate"])
+    assert torch.equal(masked, values * torch.where(keep, torch.tensor(scale), torch.tensor(0.0)))
+    assert bool((masked[~keep] == 0).all()) and bool((masked[keep] != 0).all())
+
+
+def test_unknown_backend_in_the_environment_is_refused():
+    done = subprocess.run([sys.executable, "-c", "import dropgrad_dist"], capture_output=True, text=True,
+                          env={**os.environ, "DROPGRAD_MASK_BACKEND": "bogus"})
+    assert done.returncode != 0
+    assert "$DROPGRAD_MASK_BACKEND must be one of 'auto', 'compiled', 'eager', got 'bogus'" in done.stderr

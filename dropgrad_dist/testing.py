@@ -9,9 +9,11 @@ after ``timeout`` seconds.
 
 from __future__ import annotations
 
+import datetime
 import os
 import queue
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -29,13 +31,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, backend: str, threads: int,
+def _rank_main(rank: int, world_size: int, port: int, backend: str, threads: int, pg_timeout: float | None,
                results: Any, fn: Callable[..., Any], args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        timeout = None if pg_timeout is None else datetime.timedelta(seconds=pg_timeout)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
         try:
             results.put((rank, True, fn(rank, world_size, *args)))
         finally:
@@ -44,30 +47,46 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, threads: int
         results.put((rank, False, traceback.format_exc()))
 
 
+_POLL = 0.5  # seconds between checks for ranks that died without a result
+
+
+def _raise_if_stuck(procs: list, outcomes: dict, deadline: float, timeout: float) -> None:
+    """Raise for a rank that died without reporting (a crash, a backend abort), or past the deadline."""
+    for rank, proc in enumerate(procs):
+        if rank not in outcomes and proc.exitcode not in (None, 0):
+            raise RuntimeError(f"rank {rank} of {len(procs)} died with exit code {proc.exitcode} without a "
+                               "result (killed by a signal when negative, e.g. -6: SIGABRT from the backend)")
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"ranks {sorted(set(range(len(procs))) - set(outcomes))} "
+                           f"gave no result within {timeout:.0f} s")
+
+
 def run_on_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, backend: str = "gloo",
-                 timeout: float = 180.0, threads_per_rank: int = 1) -> list[Any]:
+                 timeout: float = 180.0, threads_per_rank: int = 1, pg_timeout: float | None = None) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; return their results.
 
-    ``fn`` and its results must be picklable (``fn`` defined at module level).
+    ``fn`` and its results must be picklable (``fn`` defined at module level). ``pg_timeout``
+    (seconds) is the process group's collective timeout (default: torch's, 30 minutes).
     """
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
     procs = [
-        context.Process(target=_rank_main, args=(rank, world_size, port, backend, threads_per_rank,
+        context.Process(target=_rank_main, args=(rank, world_size, port, backend, threads_per_rank, pg_timeout,
                                                  results, fn, args), daemon=True)
         for rank in range(world_size)
     ]
     for proc in procs:
         proc.start()
     outcomes: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(outcomes) < world_size:
             try:
-                rank, ok, value = results.get(timeout=timeout)
+                rank, ok, value = results.get(timeout=_POLL)
             except queue.Empty:
-                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(outcomes))} "
-                                   f"gave no result within {timeout:.0f} s") from None
+                _raise_if_stuck(procs, outcomes, deadline, timeout)
+                continue
             outcomes[rank] = (ok, value)
             if not ok:
                 break

@@ -21,7 +21,8 @@ def _launch(script: str, output_dir: Path, *extra: str) -> list[dict]:
     env = {"MAIN_PROCESS_PORT": str(free_port())}
     done = subprocess.run(["bash", str(ROOT / "launch" / script), *TINY, "--output_dir", str(output_dir), *extra],
                           capture_output=True, text=True, timeout=300, env={**__import__("os").environ, **env})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    causes = [line for line in done.stderr.splitlines() if any(w in line for w in ("rror", "terminate", "what()"))]
+    assert done.returncode == 0, "\n".join(causes[:30]) + done.stdout[-2000:] + done.stderr[-3000:]
     assert "[launch] " in done.stdout  # each script prints what it runs
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -32,22 +32,30 @@ sync per parameter, and only in that rare situation, e.g. right after a GradScal
 The optimizer must be a ``torch.optim.Optimizer`` whose ``step()`` runs the global step hooks
 (every subclass calling ``Optimizer.__init__`` does). Non-finite gradients on any rank make
 every rank's GradScaler skip: masking multiplies (``inf * 0 = NaN``) and, in compact mode,
-one extra element (``0`` or ``NaN``: the bucket sum minus itself) carries dropped non-finite
-values to every rank, where it is added to the first element of the bucket.
+one extra element (``0``, or ``NaN`` when the bucket's minimum or maximum is not finite, taken
+in the bucket's own dtype) carries dropped non-finite values to every rank, where it is added
+to the first element of the bucket.
 
 Registration, agreement, checkpoints
 ------------------------------------
 ``state.register(ddp_model)`` registers the hook and, since DDP accepts one hook per model,
 refuses a second one with a message naming the hook already there (use
-``dropgrad_wrapper(other_hook)`` to combine). On the first round the ranks all-gather one
-fingerprint per config field (seed, communication, hook, rates, schedule, step) and raise
-naming the field and the ranks that differ. ``state_dict()`` holds seed, step, schedule and
-byte counters; pickling drops the process group and the model (like ``PowerSGDState``), and
-``state.register(ddp_model)`` binds an unpickled state again. Do not also wrap the optimizer
-in ``DropGrad``: gradients would be masked twice.
+``dropgrad_wrapper(other_hook)`` to combine). Every round the ranks check, with one
+asynchronous all-reduce of a dozen int64 fingerprints (:mod:`dropgrad_dist.agreement`), that
+they agree on seed, communication, hook, rates, schedule and step ``t``; a disagreement raises on
+every rank within the round, naming the field and the ranks (dense: at the last bucket, before
+the optimizer can step; compact: at the first bucket, before sizes that depend on ``t`` are
+sent). The check is the same collective every round, so one rank that loaded a checkpoint or
+skipped an optimizer step is an error, not a hang. ``state_dict()`` holds the configuration,
+step, schedule and byte counters (plain data, rules in :mod:`dropgrad_dist.checkpoint`);
+pickling drops the process group and the model (like ``PowerSGDState``), and
+``state.register(ddp_model)`` binds an unpickled state again. A ``DropGrad`` wrapper over the
+same parameters would mask them twice: it raises instead.
+
+Complex parameters (DDP all-reduces them as pairs of reals) are masked per complex
+coordinate, like the wrapper does; sparse gradients are refused.
 """
 
-import hashlib
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -56,17 +64,37 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
+from . import checkpoint as _checkpoint
 from . import mask as _mask
-from .params import DropPlan, ParamEntry, RateSpec, canonical_name
+from .agreement import AgreementCheck, PendingCheck
+from .checks import check_count, check_seed
+from .params import DropPlan, ParamEntry, RateSpec, named_parameters
 from .schedules import DropRateScheduler
 
-__all__ = ["DropGradHookState", "dropgrad_hook", "dropgrad_wrapper"]
+__all__ = ["DropGradHookState", "dropgrad_hook", "dropgrad_wrapper", "refuse_double_masking"]
 
 Communication = Literal["dense", "compact"]
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
+
+# Parameter -> the state whose hook masks its gradient inside DDP's all-reduce.
+_MASKED_BY_HOOK: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def refuse_double_masking(param: torch.Tensor, key: str) -> None:
+    """Raise if a registered DropGrad DDP hook already masks ``param`` (a wrapper would mask it again)."""
+    if not _MASKED_BY_HOOK:
+        return
+    ref = _MASKED_BY_HOOK.get(param)
+    state = ref() if ref is not None else None
+    if state is not None and state._registered_model() is not None:
+        raise RuntimeError(
+            f"parameter {key!r} is masked by a DropGradHookState registered on its DDP model and again by a "
+            "DropGrad wrapper: kept gradients would be scaled by 1/(1-p)**2. Use one of them: the DDP hook "
+            "under DDP, the DropGrad wrapper for one process or FSDP")
 
 
 class DropGradHookState:
@@ -78,7 +106,7 @@ class DropGradHookState:
         model: the ``DistributedDataParallel`` model (or the module inside it); its canonical
             parameter names are the mask keys, so masks equal ``DropGrad(..., model=model)``.
         drop_rate, params, drop_rate_scheduler: as in :class:`~dropgrad_dist.DropGrad`.
-        seed: the mask seed.
+        seed: the mask seed, an int in ``[0, 2**64)``.
         process_group: the group DDP all-reduces over (None: the default group).
         communication: ``"dense"`` (all-reduce the masked bucket) or ``"compact"``
             (all-reduce only the kept coordinates, plus one element for non-finite values).
@@ -101,20 +129,21 @@ class DropGradHookState:
         process_group: dist.ProcessGroup | None = None,
         communication: Communication = "dense",
     ) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
         if communication not in ("dense", "compact"):
             raise ValueError(f"communication must be 'dense' or 'compact', got {communication!r}")
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
                             f"got {type(process_group).__name__}")
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.communication: Communication = communication
         self.process_group = process_group
         self.step_index = 0  # optimizer steps that ran: the ``t`` of the masks
         self.bytes_communicated = 0
         self.bytes_dense_equivalent = 0
         self._spec: dict[str, Any] | None = None  # the plan's arguments, while unbound (unpickled)
+        self._unbound_state: dict[str, Any] | None = None  # state to load once bound (unpickled)
+        self._registered_on: weakref.ref | None = None
+        self._agreement = AgreementCheck("DropGradHookState", process_group)
         self._reset_rounds()
         self._bind(model, drop_rate, params, drop_rate_scheduler)
 
@@ -124,9 +153,9 @@ class DropGradHookState:
             raise TypeError(f"model must be a DistributedDataParallel model or a torch.nn.Module, "
                             f"got {type(model).__name__}")
         self._model = model
-        named = [(canonical_name(name), p) for name, p in model.named_parameters() if p.requires_grad]
-        self.plan = DropPlan(named, drop_rate, params, drop_rate_scheduler, names_are_canonical=True)
-        self._known = {p for _, p in named}
+        named = named_parameters(model, trainable_only=True)
+        self.plan = DropPlan(named, drop_rate, params, drop_rate_scheduler, names_allowed=True)
+        self._known = {item.param for item in named}
         self._install_watchers()
 
     def _install_watchers(self) -> None:
@@ -150,9 +179,11 @@ class DropGradHookState:
             raise TypeError("DropGrad's communication hook needs a torch.nn.parallel.DistributedDataParallel "
                             f"model, got {type(target).__name__}; wrap the model in DDP first and pass it: "
                             "state.register(ddp_model)")
-        if getattr(self, "plan", None) is None:  # unpickled: rebuild the plan on this model
+        if getattr(self, "plan", None) is None:  # unpickled: rebuild the plan on this model, then its state
             spec, self._spec = self._spec, None
             self._bind(target, spec["drop_rate"], spec["params"], spec["scheduler"])
+            state, self._unbound_state = self._unbound_state, None
+            self.load_state_dict(state)
         elif any(p not in self._known for p in target.parameters() if p.requires_grad):
             raise ValueError("ddp_model holds parameters this state was not built from; "
                              "build DropGradHookState from the same model")
@@ -162,29 +193,53 @@ class DropGradHookState:
                 f"({target._comm_hooks[0][0].__qualname__}); register DropGrad once, and to combine it "
                 "with another hook register dropgrad_wrapper(other_hook) instead of both")
         target.register_comm_hook(self, hook if hook is not None else dropgrad_hook)
+        self._registered_on = weakref.ref(target)
+        for entry in self.plan.entries:
+            _MASKED_BY_HOOK[entry.param] = weakref.ref(self)
+
+    def _registered_model(self) -> DistributedDataParallel | None:
+        return self._registered_on() if self._registered_on is not None else None
 
     # -- rounds and steps --------------------------------------------------------------------------
     def _reset_rounds(self) -> None:
         self._rounds_pending = 0  # synchronizing backward passes since the last optimizer step
         self._in_round = False
-        self._agreed_on: str | None = None  # the hook name the ranks last agreed on
+        self._pending_check: PendingCheck | None = None
 
-    def _enter(self, bucket: dist.GradBucket, hook_name: str) -> None:
-        """Called for every bucket; the first bucket of a backward pass opens a round."""
+    def _enter(self, bucket: dist.GradBucket, hook_name: str, wait_now: bool) -> None:
+        """Called for every bucket; the first bucket of a backward pass opens a round.
+
+        Opening a round launches the agreement check; ``wait_now`` waits for it here (compact:
+        what is sent depends on ``t``), otherwise the last bucket waits (dense: same sizes).
+        """
         if self._in_round:
             return
         if self.plan is None:
             raise RuntimeError("this DropGradHookState was unpickled and is not bound to a model: "
                                "call state.register(ddp_model) instead of ddp_model.register_comm_hook")
-        if self._agreed_on != hook_name:
-            self._check_agreement(bucket.buffer().device, hook_name)
-            self._agreed_on = hook_name
+        pending = self._agreement.start(self.agreement_fields(hook_name), bucket.buffer().device)
         self._rounds_pending += 1
         self._in_round = True
+        if wait_now and pending is not None:
+            try:
+                pending.wait()
+            except BaseException:
+                self._in_round = False
+                raise
+        else:
+            self._pending_check = pending
+
+    def _abort_round(self) -> None:
+        self._in_round = False
+        self._pending_check = None
 
     def _end_call(self, bucket: dist.GradBucket) -> None:
-        if bucket.is_last():  # DDP reduces buckets in index order; the last one closes the round
-            self._in_round = False
+        if not bucket.is_last():  # DDP reduces buckets in index order; the last one closes the round
+            return
+        self._in_round = False
+        pending, self._pending_check = self._pending_check, None
+        if pending is not None:
+            pending.wait()  # raises on every rank before any optimizer steps on these gradients
 
     def _optimizer_stepped(self, optimizer: torch.optim.Optimizer) -> None:
         if self._rounds_pending == 0 or self.plan is None:
@@ -205,86 +260,96 @@ class DropGradHookState:
                 "inside model.no_sync() (or accelerator.accumulate()), or call optimizer.zero_grad() "
                 "after a skipped step")
 
-    # -- config agreement ---------------------------------------------------------------------------
-    def _config(self, hook_name: str) -> dict[str, object]:
+    def agreement_fields(self, hook_name: str) -> dict[str, object]:
+        """What every rank must hold equally (checked every round)."""
         scheduler = self.plan.scheduler
-        return {
-            "seed": self.seed,
-            "communication": self.communication,
-            "hook": hook_name,
-            **self.plan.config(),
-            "step_index": (self.step_index, scheduler.state_dict() if scheduler is not None else None),
-        }
-
-    def _check_agreement(self, device: torch.device, hook_name: str) -> None:
-        config = self._config(hook_name)
-        mine = torch.tensor([_fingerprint(v) for v in config.values()], dtype=torch.int64, device=device)
-        group = self.process_group
-        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, mine, group=group)
-        table = torch.stack(gathered).cpu()
-        for column, (field, value) in enumerate(config.items()):
-            values = table[:, column].tolist()
-            if len(set(values)) > 1:
-                groups: dict[int, list[int]] = {}
-                for rank, fingerprint in enumerate(values):
-                    groups.setdefault(fingerprint, []).append(rank)
-                split = " vs ".join(str(ranks) for ranks in groups.values())
-                raise ValueError(f"DropGradHookState: ranks disagree on {field!r} (ranks {split}); "
-                                 f"rank {dist.get_rank(group)} has {field}={value!r}. Build the state "
-                                 "with the same arguments (and load the same state dict) on every rank")
+        return {"seed": self.seed, "communication": self.communication, "hook": hook_name,
+                "rates": self.plan.config(), "step_index": self.step_index,
+                "schedule position": scheduler.state_dict() if scheduler is not None else None}
 
     # -- masking a bucket ---------------------------------------------------------------------------
-    def _segments(self, bucket: dist.GradBucket) -> list[tuple[int, int, ParamEntry | None]]:
-        """``(offset, numel, entry)`` per parameter, in bucket order (views are laid out back to back)."""
+    def _segments(self, bucket: dist.GradBucket) -> list[tuple[int, int, ParamEntry | None, bool]]:
+        """``(offset, length, entry, is_complex)`` per parameter, in bucket order (back to back)."""
+        buffer = bucket.buffer()
+        if buffer.layout != torch.strided:
+            raise ValueError("DropGrad's DDP hook does not support sparse gradients (an embedding with "
+                             "sparse=True?); use dense gradients")
         segments, offset = [], 0
         for param in bucket.parameters():
             if param not in self._known:
                 raise ValueError("a DDP bucket holds a parameter this DropGradHookState was not built "
                                  "from: build the state from the DDP model it is registered on")
-            segments.append((offset, param.numel(), self.plan.entry(param)))
-            offset += param.numel()
-        if offset != bucket.buffer().numel():
+            # DDP all-reduces a complex gradient as pairs of reals.
+            length = param.numel() * (2 if param.is_complex() else 1)
+            segments.append((offset, length, self.plan.entry(param), param.is_complex()))
+            offset += length
+        if offset != buffer.numel():
             raise RuntimeError(f"unexpected DDP bucket layout: parameters hold {offset} elements, "
-                               f"the bucket {bucket.buffer().numel()}")
+                               f"the bucket {buffer.numel()}")
         return segments
 
     def _mask_bucket_(self, bucket: dist.GradBucket, world_size: int, keep: torch.Tensor | None) -> None:
         """In place: masked coordinates times ``keep / (1 - p) / world_size``, others ``/ world_size``."""
         buffer = bucket.buffer()
-        for offset, numel, entry in self._segments(bucket):
-            view = buffer[offset:offset + numel]
-            keep_view = None if keep is None else keep[offset:offset + numel]
+        for offset, length, entry, is_complex in self._segments(bucket):
+            view = buffer[offset:offset + length]
+            keep_view = None if keep is None else keep[offset:offset + length]
             if entry is None:
                 if world_size != 1:
                     view.div_(world_size)
                 if keep_view is not None:
                     keep_view.fill_(True)
-            else:
-                _mask.drop_(view, seed=self.seed, step=self.step_index, key=entry.key,
-                            rate=self.plan.rate_of(entry), extra_scale=1.0 / world_size, mask_out=keep_view)
+                continue
+            args = dict(seed=self.seed, step=self.step_index, key=entry.key, rate=self.plan.rate_of(entry),
+                        extra_scale=1.0 / world_size)
+            if not is_complex:
+                _mask.drop_(view, mask_out=keep_view, **args)
+                continue
+            pair_keep = None if keep_view is None else torch.empty(length // 2, dtype=torch.bool, device=view.device)
+            _mask.drop_pairs_(view.view(-1, 2), mask_out=pair_keep, **args)
+            if keep_view is not None:
+                keep_view.view(-1, 2).copy_(pair_keep[:, None])
 
-    # -- checkpointing ------------------------------------------------------------------------------
+    # -- checkpointing (rules: dropgrad_dist.checkpoint) ------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        return {"seed": self.seed, "communication": self.communication, **self.plan.config()}
+
     def state_dict(self) -> dict[str, Any]:
-        """Seed, step count, schedule and byte counters: enough to resume the masks exactly."""
-        scheduler = self.plan.scheduler if self.plan is not None else self._spec["scheduler"]
-        return {
-            "seed": self.seed,
+        """Step count, schedule position and byte counters (progress) and the configuration: plain data."""
+        if self.plan is None:
+            return dict(self._unbound_state)
+        scheduler = self.plan.scheduler
+        return _checkpoint.plain({
+            "format": _checkpoint.FORMAT,
             "step_index": self.step_index,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "bytes_communicated": self.bytes_communicated,
             "bytes_dense_equivalent": self.bytes_dense_equivalent,
-        }
+            "config": self._config(),
+        })
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.seed = int(state_dict["seed"])
-        self.step_index = int(state_dict["step_index"])
-        scheduler = self.plan.scheduler if self.plan is not None else self._spec["scheduler"]
-        if state_dict.get("scheduler") is not None and scheduler is not None:
-            scheduler.load_state_dict(state_dict["scheduler"])
-        self.bytes_communicated = int(state_dict.get("bytes_communicated", 0))
-        self.bytes_dense_equivalent = int(state_dict.get("bytes_dense_equivalent", 0))
-        self._reset_rounds()  # re-check agreement: every rank must have loaded the same state
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore progress; a different configuration raises unless ``strict=False``. Atomic."""
+        owner = "DropGradHookState"
+        step_index = _checkpoint.read_field(state_dict, "step_index", check_count, owner)
+        counters = [_checkpoint.read_field({"n": state_dict.get(name, 0)}, "n", check_count, f"{owner} {name}")
+                    for name in ("bytes_communicated", "bytes_dense_equivalent")]
+        saved_config = state_dict.get("config", {"seed": state_dict.get("seed")})
+        _checkpoint.check_config(owner, saved_config, self._config(), strict)
+        scheduler, scheduler_state = self.plan.scheduler, state_dict.get("scheduler")
+        if (scheduler_state is None) != (scheduler is None):
+            detail = (f"checkpoint {'has' if scheduler_state is not None else 'has no'} drop_rate_scheduler state, "
+                      f"this state {'has' if scheduler is not None else 'has no'} drop_rate_scheduler")
+            if strict:
+                raise ValueError(f"{owner}: {detail}; build it like the run that saved it, or pass strict=False")
+            scheduler_state = None
+        if scheduler_state is not None:
+            if isinstance(scheduler, DropRateScheduler):
+                scheduler.check_state_dict(scheduler_state)
+            scheduler.load_state_dict(scheduler_state)
+        self.step_index = step_index
+        self.bytes_communicated, self.bytes_dense_equivalent = counters
+        self._reset_rounds()
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable state without the process group and the model (like ``PowerSGDState``)."""
@@ -304,9 +369,15 @@ class DropGradHookState:
         self.process_group = None
         self.plan = None
         self._spec = state["spec"]
+        self._unbound_state = state["state"]
+        self.step_index = state["state"]["step_index"]
+        self.bytes_communicated = state["state"].get("bytes_communicated", 0)
+        self.bytes_dense_equivalent = state["state"].get("bytes_dense_equivalent", 0)
         self._known = set()
         self._model = None
-        self.load_state_dict(state["state"])
+        self._registered_on = None
+        self._agreement = AgreementCheck("DropGradHookState", None)
+        self._reset_rounds()
 
     def __repr__(self) -> str:
         masked = len(self.plan.entries) if self.plan is not None else "unbound"
@@ -335,11 +406,6 @@ def _remove_all(handles: list) -> None:
         handle.remove()
 
 
-def _fingerprint(value: object) -> int:
-    digest = hashlib.blake2b(repr(value).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
 def _group_size(state: DropGradHookState) -> int:
     return dist.get_world_size(state.process_group)
 
@@ -351,7 +417,7 @@ def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.fu
     kept coordinates (plus one non-finite flag element) and scatter them back; dropped
     coordinates become zero.
     """
-    state._enter(bucket, "dropgrad_hook")
+    state._enter(bucket, "dropgrad_hook", wait_now=state.communication == "compact")
     try:
         world_size = _group_size(state)
         buffer = bucket.buffer()
@@ -361,10 +427,14 @@ def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.fu
             state._mask_bucket_(bucket, world_size, keep=None)
             state.bytes_communicated += nbytes
             work = dist.all_reduce(buffer, group=state.process_group, async_op=True)
-            return work.get_future().then(lambda fut: fut.value()[0])
-        return _compact_all_reduce(state, bucket, world_size)
-    finally:
-        state._end_call(bucket)
+            future = work.get_future().then(lambda fut: fut.value()[0])
+        else:
+            future = _compact_all_reduce(state, bucket, world_size)
+    except BaseException:
+        state._abort_round()
+        raise
+    state._end_call(bucket)
+    return future
 
 
 def _kept_indices(keep: torch.Tensor) -> torch.Tensor:
@@ -388,9 +458,10 @@ def _compact_all_reduce(state: DropGradHookState, bucket: dist.GradBucket,
     send = torch.empty(kept + 1, dtype=buffer.dtype, device=buffer.device)
     torch.index_select(buffer, 0, index, out=send[:kept])
     # Dropped coordinates are not sent, but a non-finite value there (NaN after masking) must
-    # still make every rank's GradScaler skip: s - s is 0 for a finite sum s, NaN otherwise.
-    total = buffer.sum(dtype=torch.float32)
-    send[kept:].copy_((total - total).reshape(1))
+    # still make every rank's GradScaler skip. min * 0 + max * 0 is 0 unless one is inf or NaN;
+    # unlike a sum it cannot overflow, and it stays in the bucket's dtype.
+    low, high = torch.aminmax(buffer)
+    send[kept:].copy_((low * 0 + high * 0).reshape(1))
     state.bytes_communicated += send.numel() * send.element_size()
 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:
@@ -418,12 +489,15 @@ def dropgrad_wrapper(hook: Hook) -> Hook:
         if state.communication != "dense":
             raise ValueError("dropgrad_wrapper masks densely and lets the wrapped hook communicate: "
                              "build the state with communication='dense' (compact is dropgrad_hook's own)")
-        state._enter(bucket, name)
+        state._enter(bucket, name, wait_now=False)
         try:
             state._mask_bucket_(bucket, 1, keep=None)
-        finally:
-            state._end_call(bucket)
-        return hook(state.process_group, bucket)
+            future = hook(state.process_group, bucket)
+        except BaseException:
+            state._abort_round()
+            raise
+        state._end_call(bucket)
+        return future
 
     dropgrad_wrapper_hook.__qualname__ = name
     return dropgrad_wrapper_hook

@@ -10,19 +10,22 @@
 
 Either way the mask of coordinate ``i`` of parameter ``name`` at optimizer step ``t`` is the
 same, and so is the order: gradients are masked before ``accelerator.clip_grad_norm_`` clips
-them (the DDP hook masks inside backward; for the wrapper the clip methods mask first). DropGrad's
-state is registered with ``accelerator.register_for_checkpointing`` so
-``save_state``/``load_state`` resume the masks exactly. Works with ``accelerator.accumulate()``,
+them (the DDP hook masks inside backward; for the wrapper the clip methods mask first).
+``save_state``/``load_state`` resume the masks exactly: DropGrad's state is plain data written
+as JSON (``dropgrad_dist_state_<i>.json``) through Accelerate's save/load state hooks, never
+pickled, so a tampered checkpoint cannot run code. Works with ``accelerator.accumulate()``,
 ``accelerator.clip_grad_norm_`` and mixed precision (fp16 GradScaler, bf16).
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 import torch
 from torch import nn
 
+from . import checkpoint as _checkpoint
 from .mask import keep_probability
 from .optim import DropGrad
 from .params import RateSpec
@@ -37,11 +40,13 @@ Mode = Literal["ddp_hook", "fsdp_wrapper", "wrapper"]
 
 
 class DropGradHandle:
-    """What :func:`prepare_dropgrad` applied; checkpointable via ``state_dict``/``load_state_dict``."""
+    """What :func:`prepare_dropgrad` applied; saved and loaded with ``accelerator.save_state``/``load_state``."""
 
     def __init__(self, mode: Mode, target: Any) -> None:
         self.mode = mode
         self.target = target  # a DropGradHookState (ddp_hook) or a DropGrad (the wrappers)
+        # accelerator.load_state takes no options: set False to resume with a changed configuration.
+        self.strict_load = True
 
     @property
     def step_index(self) -> int:
@@ -63,23 +68,46 @@ class DropGradHandle:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain data: the mode and DropGrad's state (configuration and progress)."""
         if self.mode == "ddp_hook":
             return {"mode": self.mode, "state": self.target.state_dict()}
-        return {"mode": self.mode, "state": self.target.dropgrad_state_dict()}
+        return {"mode": self.mode, "state": self.target.own_state_dict()}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if state_dict["mode"] != self.mode:
-            raise ValueError(f"checkpoint was saved with DropGrad as {state_dict['mode']!r}, "
-                             f"this run applies it as {self.mode!r}")
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool | None = None) -> None:
+        """Restore DropGrad's state; ``strict`` (default :attr:`strict_load`) as in :mod:`.checkpoint`."""
+        strict = self.strict_load if strict is None else strict
+        mode = _checkpoint.read_field(state_dict, "mode", lambda value, _: value, "DropGradHandle")
+        if mode != self.mode:
+            raise ValueError(f"checkpoint was saved with DropGrad as {mode!r}, this run applies it as {self.mode!r}")
+        state = _checkpoint.read_field(state_dict, "state", lambda value, _: value, "DropGradHandle")
         if self.mode == "ddp_hook":
-            self.target.load_state_dict(state_dict["state"])
+            self.target.load_state_dict(state, strict=strict)
         else:
-            self.target.load_dropgrad_state_dict(state_dict["state"])
+            self.target.load_own_state_dict(state, strict=strict)
+
+    def _attach_to_checkpoints(self, accelerator: "Accelerator") -> None:
+        """Save and load this handle's state as JSON with ``accelerator.save_state``/``load_state``."""
+        handles = accelerator.__dict__.setdefault("_dropgrad_dist_handles", [])
+        filename = f"dropgrad_dist_state_{len(handles)}.json"
+        handles.append(self)
+
+        def save(models: Any, weights: Any, output_dir: str) -> None:
+            if accelerator.is_main_process or (accelerator.is_local_main_process
+                                               and accelerator.project_configuration.save_on_each_node):
+                os.makedirs(output_dir, exist_ok=True)
+                _checkpoint.write_json(os.path.join(output_dir, filename), self.state_dict())
+
+        def load(models: Any, input_dir: str) -> None:
+            self.load_state_dict(_checkpoint.read_json(os.path.join(input_dir, filename), "DropGrad"))
+
+        accelerator.register_save_state_pre_hook(save)
+        accelerator.register_load_state_pre_hook(load)
 
 
 def _wrap_accelerated_optimizer(accelerated: Any, **kwargs: Any) -> DropGrad:
     """Put DropGrad between Accelerate's AcceleratedOptimizer and the user's optimizer."""
     dropgrad = DropGrad(accelerated.optimizer, **kwargs)
+    dropgrad.include_state_in_state_dict = False  # the handle's JSON file holds it (FSDP drops extra keys)
     accelerated.optimizer = dropgrad
     if getattr(accelerated, "scaler", None) is not None:
         # AcceleratedOptimizer swaps in a patched step (to detect GradScaler skips) around
@@ -158,6 +186,8 @@ def prepare_dropgrad(
     if not isinstance(optimizer, AcceleratedOptimizer):
         raise ValueError("optimizer must be the optimizer returned by accelerator.prepare "
                          f"(an AcceleratedOptimizer), got {type(optimizer).__name__}")
+    if communication not in ("dense", "compact"):
+        raise ValueError(f"communication must be 'dense' or 'compact', got {communication!r}")
     kind = accelerator.distributed_type
     rates = dict(drop_rate=drop_rate, params=params, drop_rate_scheduler=drop_rate_scheduler, seed=seed)
     if kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
@@ -178,5 +208,5 @@ def prepare_dropgrad(
         handle = DropGradHandle("fsdp_wrapper" if kind == DistributedType.FSDP else "wrapper", dropgrad)
     else:
         raise _unsupported(kind)
-    accelerator.register_for_checkpointing(handle)
+    handle._attach_to_checkpoints(accelerator)
     return handle

@@ -35,6 +35,7 @@ from .checks import check_count, check_int_in, check_rate, check_seed
 __all__ = [
     "MaskStream",
     "drop_",
+    "drop_pairs_",
     "keep_mask",
     "keep_probability",
     "keep_threshold",
@@ -338,13 +339,24 @@ def drop_(
     return tensor
 
 
-def _drop_complex_(tensor: torch.Tensor, *, mask_out: torch.Tensor | None, **mask_args) -> None:
-    # A complex number is one coordinate: its real and imaginary parts share one mask decision.
-    parts = torch.view_as_real(tensor.view(-1))
-    factor = torch.ones(parts.shape[0], dtype=parts.dtype, device=parts.device)
+def _drop_complex_(tensor: torch.Tensor, **mask_args) -> None:
+    drop_pairs_(torch.view_as_real(tensor.view(-1)), **mask_args)
+
+
+def drop_pairs_(pairs: torch.Tensor, *, mask_out: torch.Tensor | None = None, **mask_args) -> torch.Tensor:
+    """Mask ``n`` coordinates stored as ``[n, 2]`` reals (complex numbers): both parts share one decision.
+
+    ``pairs[j] *= keep(start + j) * extra_scale / (1 - rate)``; other arguments as :func:`drop_`;
+    ``mask_out`` (bool, ``n`` elements) receives one decision per coordinate. Needs no alignment,
+    so it also serves complex gradients viewed as reals inside a DDP bucket.
+    """
+    if pairs.dim() != 2 or pairs.shape[1] != 2 or not pairs.is_floating_point():
+        raise ValueError(f"pairs must be a floating [n, 2] tensor, got {pairs.dtype} of shape {tuple(pairs.shape)}")
+    factor = torch.ones(pairs.shape[0], dtype=pairs.dtype, device=pairs.device)
     drop_(factor, mask_out=mask_out, **mask_args)
     with torch.no_grad():
-        parts.mul_(factor[:, None])
+        pairs.mul_(factor[:, None])
+    return pairs
 
 
 def keep_mask(

@@ -6,25 +6,33 @@ At optimizer step ``t`` each masked gradient becomes ``g <- m_t * g / (1 - p)`` 
 
 from __future__ import annotations
 
+import warnings
 import weakref
-from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from . import checkpoint as _checkpoint
 from . import mask as _mask
+from .agreement import AgreementCheck, PendingCheck
+from .checks import check_count, check_rate, check_seed
+from .ddp_hook import refuse_double_masking
 from .params import DropPlan, RateSpec, named_params_of_optimizer
-from .checks import check_rate
 from .schedules import DropRateScheduler
 from .shards import drop_local_, flat_param_starts, local_tensor
+from .wrapper import OptimizerWrapper
 
 __all__ = ["DropGrad"]
 
-_STATE_KEY = "dropgrad"
+
+def _wait(pending: PendingCheck | None) -> None:
+    if pending is not None:
+        pending.wait()
 
 
-class DropGrad(torch.optim.Optimizer):
+class DropGrad(OptimizerWrapper):
     """Wrap ``optimizer`` so that every ``step()`` first applies DropGrad to the gradients.
 
     Math: ``g_i <- g_i * keep_i(seed, t, key, p) / (1 - p)`` for each coordinate ``i``, where
@@ -33,18 +41,24 @@ class DropGrad(torch.optim.Optimizer):
     Args:
         optimizer: the optimizer to wrap; ``param_groups`` and ``state`` are shared with it.
         drop_rate: default drop rate ``p`` in [0, 1] for parameters not listed in ``params``
-            (None: those are left untouched). A dict here is accepted as ``params``.
+            (None: those are left untouched). A dict here is accepted as ``params``. Assignable
+            between steps (``optimizer.drop_rate = 0.5``) when no schedule is set.
         params: per-parameter rates keyed by ``Parameter``, name, module name or glob
             (names need ``model=``); the first matching entry wins.
         drop_rate_scheduler: a schedule giving the default rate per step (instead of ``drop_rate``).
         full_update_drop: step on the full gradient, then drop coordinates of the *update*
             (``w <- w_old + m * (w_new - w_old) / (1 - p)``) with an independent mask stream.
         step_skip_rate: probability ``q`` that a whole step is skipped, decided by ``(seed, t)``.
-        seed: the mask seed; masks depend only on (seed, step, parameter name, coordinate, rate).
+        seed: the mask seed, an int in ``[0, 2**64)``; masks depend only on (seed, step,
+            parameter name, coordinate, rate).
         model: the model the optimizer's parameters belong to; gives canonical names as mask
             keys (needed to match the DDP hook and FSDP runs, and for name/glob ``params``).
             Without it the key of a parameter is ``"param_groups[g][i]"``.
+        process_group: the ranks that must agree on seed, rates, schedule and step count
+            (default: the world). Checked every step when ``torch.distributed`` is initialized.
     """
+
+    state_key = "dropgrad"
 
     def __init__(
         self,
@@ -57,65 +71,24 @@ class DropGrad(torch.optim.Optimizer):
         step_skip_rate: float = 0.0,
         seed: int = 0,
         model: nn.Module | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DropGrad):
             raise ValueError("optimizer is already wrapped in DropGrad; wrap the base optimizer once")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.optimizer = optimizer
-        self.plan = DropPlan(
-            named_params_of_optimizer(optimizer.param_groups, model),
-            drop_rate,
-            params,
-            drop_rate_scheduler,
-            names_are_canonical=model is not None,
-        )
+        super().__init__(optimizer)
+        self.seed = check_seed(seed)
+        self.plan = DropPlan(named_params_of_optimizer(optimizer.param_groups, model), drop_rate, params,
+                             drop_rate_scheduler, names_allowed=model is not None)
         # FSDP1 (use_orig_params=True): where each parameter's local flat piece starts.
         self._starts = flat_param_starts((entry.param for entry in self.plan.entries), model)
         self.full_update_drop = bool(full_update_drop)
         self.step_skip_rate = check_rate(step_skip_rate, "step_skip_rate")
-        self.seed = seed
         self.step_index = 0  # optimizer steps taken: the ``t`` of the masks
         self._masked_grads: dict[int, weakref.ref] = {}  # id(param) -> its gradient masked this step
         self.last_step_skipped = False
-        # torch.optim.Optimizer.__init__ would rebind param_groups/state; set up its hooks only.
-        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._warned_capturable_if_run_uncaptured = True
-        self._patch_step_function()
-
-    # -- shared optimizer state: always the wrapped optimizer's current objects --------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
+        self._agreement = AgreementCheck("DropGrad", process_group)
 
     @property
     def drop_rate_scheduler(self) -> DropRateScheduler | None:
@@ -125,6 +98,11 @@ class DropGrad(torch.optim.Optimizer):
     def drop_rate(self) -> float | None:
         """The default drop rate at the current step (from the schedule if there is one)."""
         return self.plan.default_rate()
+
+    @drop_rate.setter
+    def drop_rate(self, rate: float) -> None:
+        # DropGrad 0.3.5's manual schedule: assign between steps; used from the next step on.
+        self.plan.set_drop_rate(rate)
 
     # -- the step ------------------------------------------------------------------------------
     def should_skip_step(self, step: int | None = None) -> bool:
@@ -137,12 +115,11 @@ class DropGrad(torch.optim.Optimizer):
 
     def _masked_entries(self, which: str):
         for entry in self.plan.entries:
-            tensor = entry.param.grad if which == "grad" else entry.param
             if entry.param.grad is None:
                 continue
             rate = self.plan.rate_of(entry)
             if rate > 0.0:
-                yield entry, tensor, rate
+                yield entry, (entry.param.grad if which == "grad" else entry.param), rate
 
     @torch.no_grad()
     def mask_gradients_(self) -> None:
@@ -157,82 +134,140 @@ class DropGrad(torch.optim.Optimizer):
             masked = self._masked_grads.get(id(entry.param))
             if masked is not None and masked() is local:
                 continue
+            refuse_double_masking(entry.param, entry.key)
             drop_local_(grad, key=entry.key, rate=rate, seed=self.seed, step=self.step_index,
                         start=self._starts.get(entry.param, 0))
             self._masked_grads[id(entry.param)] = weakref.ref(local)
 
-    def _step_and_drop_update(self) -> None:
+    def _step_and_drop_update(self, closure: Callable[[], Any] | None) -> Any:
         before = [(entry, param, rate, param.detach().clone())
                   for entry, param, rate in self._masked_entries("param")]
-        self.optimizer.step()
-        for entry, param, rate, old in before:
-            update = param.detach()
-            update.sub_(old)
-            drop_local_(update, key=entry.key, rate=rate, seed=self.seed, step=self.step_index,
-                        stream=_mask.MaskStream.UPDATE, start=self._starts.get(entry.param, 0))
-            update.add_(old)
+        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        with torch.no_grad():
+            for entry, param, rate, old in before:
+                update = param.detach()
+                update.sub_(old)
+                drop_local_(update, key=entry.key, rate=rate, seed=self.seed, step=self.step_index,
+                            stream=_mask.MaskStream.UPDATE, start=self._starts.get(entry.param, 0))
+                update.add_(old)
+        return loss
 
-    @torch.no_grad()
-    def _masked_step(self) -> None:
-        if self.full_update_drop:
-            self._step_and_drop_update()
-        else:
+    def _masked_step(self, closure: Callable[[], Any] | None, pending: PendingCheck | None) -> Any:
+        if closure is None:
             self.mask_gradients_()
-            self.optimizer.step()
+            _wait(pending)  # the agreement all-reduce ran while masking
+            return self.optimizer.step()
+        _wait(pending)
+
+        def masked_closure() -> Any:
+            # Each evaluation (LBFGS evaluates several) gives fresh gradients: mask them all alike.
+            with torch.enable_grad():
+                loss = closure()
+            self._masked_grads.clear()
+            self.mask_gradients_()
+            return loss
+
+        return self.optimizer.step(masked_closure)
+
+    def agreement_fields(self) -> dict[str, object]:
+        """What every rank must hold equally (checked each step under ``torch.distributed``)."""
+        scheduler = self.plan.scheduler
+        return {"seed": self.seed, "rates": self.plan.config(),
+                "options": (self.full_update_drop, self.step_skip_rate), "step_index": self.step_index,
+                "schedule position": scheduler.state_dict() if scheduler is not None else None}
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Mask (or skip), step the wrapped optimizer, then advance the step count and schedule.
 
-        A ``closure`` is evaluated once, before masking; the wrapped optimizer steps without it.
+        With a ``closure`` (required by e.g. LBFGS) the wrapped optimizer evaluates it and every
+        evaluation's gradient gets this step's mask; a skipped step evaluates it once.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.last_step_skipped = self.should_skip_step()
-        if not self.last_step_skipped:
-            self._masked_step()
-        self._masked_grads.clear()
+        pending = self._agreement.start(self.agreement_fields())
+        skipped = self.should_skip_step()
+        try:
+            if skipped:
+                _wait(pending)
+                loss = None
+                if closure is not None:
+                    with torch.enable_grad():
+                        loss = closure()
+            elif self.full_update_drop:
+                _wait(pending)
+                loss = self._step_and_drop_update(closure)
+            else:
+                loss = self._masked_step(closure, pending)
+        finally:
+            self._masked_grads.clear()
+        self.last_step_skipped = skipped
         self.step_index += 1
         self.plan.advance()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._masked_grads.clear()
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        super().zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer; its parameters are stepped but not masked."""
-        self.optimizer.add_param_group(param_group)
+        super().add_param_group(param_group)
 
-    # -- checkpointing ---------------------------------------------------------------------------
-    def dropgrad_state_dict(self) -> dict[str, Any]:
-        """DropGrad's own state: seed, step count and schedule (enough to resume masks exactly)."""
+    # -- checkpointing (rules: dropgrad_dist.checkpoint) ------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        return {"seed": self.seed, **self.plan.config(), "full_update_drop": self.full_update_drop,
+                "step_skip_rate": self.step_skip_rate}
+
+    def own_state_dict(self) -> dict[str, Any]:
+        """DropGrad's own state: step count and schedule position (progress), and its configuration."""
         scheduler = self.plan.scheduler
-        return {
-            "seed": self.seed,
+        return _checkpoint.plain({
+            "format": _checkpoint.FORMAT,
             "step_index": self.step_index,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        }
+            "config": self._config(),
+        })
 
-    def load_dropgrad_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.seed = int(state_dict["seed"])
-        self.step_index = int(state_dict["step_index"])
-        if state_dict.get("scheduler") is not None and self.plan.scheduler is not None:
-            self.plan.scheduler.load_state_dict(state_dict["scheduler"])
+    def dropgrad_state_dict(self) -> dict[str, Any]:
+        """Alias of :meth:`own_state_dict` (save it beside a sharded optimizer state dict)."""
+        return self.own_state_dict()
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The wrapped optimizer's state dict plus DropGrad's own state under ``"dropgrad"``."""
-        state_dict = self.optimizer.state_dict()
-        state_dict[_STATE_KEY] = self.dropgrad_state_dict()
-        return state_dict
+    def prepare_own_state(self, state: Mapping[str, Any] | None, strict: bool) -> Callable[[], None]:
+        if state is None:
+            if strict:
+                raise ValueError("DropGrad.load_state_dict: the state dict has no 'dropgrad' entry (it was saved "
+                                 "from the bare optimizer, so the mask step count is unknown). Load it into "
+                                 "dropgrad.optimizer and restore DropGrad with load_dropgrad_state_dict(), or pass "
+                                 "strict=False to restart the masks at step 0")
+            warnings.warn("DropGrad.load_state_dict: no 'dropgrad' entry; masks restart at step 0 (strict=False)",
+                          RuntimeWarning, stacklevel=3)
+            return lambda: None
+        owner = "DropGrad"
+        step_index = _checkpoint.read_field(state, "step_index", check_count, owner)
+        saved_config = state.get("config", {"seed": state.get("seed")})  # dropgrad-dist 0.1 kept only the seed
+        _checkpoint.check_config(owner, saved_config, self._config(), strict)
+        scheduler_state = state.get("scheduler")
+        scheduler = self.plan.scheduler
+        if (scheduler_state is None) != (scheduler is None):
+            detail = (f"checkpoint {'has' if scheduler_state is not None else 'has no'} drop_rate_scheduler state, "
+                      f"this run {'has' if scheduler is not None else 'has no'} drop_rate_scheduler")
+            if strict:
+                raise ValueError(f"DropGrad: {detail}; build it like the run that saved it, or pass strict=False")
+            warnings.warn(f"DropGrad: {detail}; the schedule keeps its position (strict=False)",
+                          RuntimeWarning, stacklevel=3)
+            scheduler_state = None
+        if scheduler_state is not None and isinstance(scheduler, DropRateScheduler):
+            scheduler.check_state_dict(scheduler_state)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        state_dict = dict(state_dict)
-        own = state_dict.pop(_STATE_KEY, None)
-        self.optimizer.load_state_dict(state_dict)
-        if own is not None:
-            self.load_dropgrad_state_dict(own)
+        def apply() -> None:
+            if scheduler_state is not None:
+                scheduler.load_state_dict(scheduler_state)  # a duck-typed schedule validates here
+            self.step_index = step_index
+            self._masked_grads.clear()
+
+        return apply
+
+    def load_dropgrad_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore DropGrad's own state (from :meth:`dropgrad_state_dict`); validated before any change."""
+        self.load_own_state_dict(state_dict, strict)
 
     def __repr__(self) -> str:
         return (f"DropGrad(drop_rate={self.plan.drop_rate}, scheduler={self.plan.scheduler!r}, "

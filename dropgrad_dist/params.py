@@ -1,16 +1,18 @@
 """Which parameters DropGrad masks, under which key, at which rate.
 
-A parameter's mask key is its *canonical name*: the name from ``model.named_parameters()``
-with wrapper segments removed (leading ``module.`` from DDP, and ``_orig_mod.``,
-``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` anywhere), so a plain, a DDP,
-an FSDP and a compiled model give the same keys. Without a model, the documented fallback
-key is the position in the optimizer, ``"param_groups[g][i]"``.
+A parameter's mask key is its *canonical name*: its name in the model with wrappers peeled
+off, so a plain, a DDP, an FSDP, a compiled and an activation-checkpointed model give the same
+keys. :func:`canonical_names` unwraps ``DistributedDataParallel``/``DataParallel`` (``.module``)
+and ``torch.compile`` (``._orig_mod``) by type, then drops the wrapper segments
+``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module`` and ``_orig_mod`` inside the name. Keys
+are unique per model: two parameters that would share one raise. Without a model, the
+documented fallback key is the position in the optimizer, ``"param_groups[g][i]"``.
 
-Per-parameter rates (``params=``) map a ``Parameter``, a parameter name, a module name
-(``"encoder"`` covers ``encoder.*``) or a glob (``"*.bias"``) to a rate. The first entry
-that matches a parameter, in the mapping's order, gives its rate; parameters no entry
-matches get the default rate (``drop_rate`` or the schedule), or are left untouched when
-there is none.
+Per-parameter rates (``params=``) map a ``Parameter``, a parameter name (canonical, or as the
+wrapped model names it), a module name (``"encoder"`` covers ``encoder.*``) or a glob
+(``"*.bias"``) to a rate. The first entry that matches a parameter, in the mapping's order,
+gives its rate; parameters no entry matches get the default rate (``drop_rate`` or the
+schedule), or are left untouched when there is none.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from torch import nn
 from .checks import check_rate
 from .schedules import DropRateScheduler
 
-__all__ = ["DropPlan", "ParamEntry", "RateSpec", "canonical_name", "canonical_names"]
+__all__ = ["DropPlan", "NamedParam", "ParamEntry", "RateSpec", "canonical_name", "canonical_names",
+           "named_parameters"]
 
 RateSpec = Mapping[Union[nn.Parameter, torch.Tensor, str], float]
 
@@ -33,7 +36,11 @@ _WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint
 
 
 def canonical_name(name: str) -> str:
-    """Strip wrapper segments: ``"module._orig_mod.blocks.0._fsdp_wrapped_module.w"`` -> ``"blocks.0.w"``."""
+    """Strip wrapper segments from a name: ``"module._orig_mod.blocks.0._fsdp_wrapped_module.w"`` -> ``"blocks.0.w"``.
+
+    The leading ``module.`` is taken as DDP's; :func:`canonical_names` decides that by the model's
+    type instead, and is what masks are keyed by.
+    """
     kept: list[str] = []
     for part in name.split("."):
         if part in _WRAPPER_SEGMENTS or (part == "module" and not kept):
@@ -42,11 +49,50 @@ def canonical_name(name: str) -> str:
     return ".".join(kept)
 
 
-def canonical_names(model: nn.Module) -> dict[torch.Tensor, str]:
-    """Map each parameter of ``model`` to its canonical name."""
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """Peel DDP/DataParallel and torch.compile wrappers; returns the inner model and the peeled prefix."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    prefix = ""
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model, prefix = model.module, prefix + "module."
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
+            model, prefix = model._orig_mod, prefix + "_orig_mod."
+        else:
+            return model, prefix
+
+
+@dataclass(frozen=True, eq=False)
+class NamedParam:
+    """A parameter with its canonical name (the mask key) and its name in the given model."""
+
+    key: str
+    raw: str
+    param: torch.Tensor
+
+
+def named_parameters(model: nn.Module, *, trainable_only: bool = False) -> list[NamedParam]:
+    """Every parameter of ``model`` with its unique canonical name; raises if two would share one."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return {param: canonical_name(name) for name, param in model.named_parameters()}
+    inner, prefix = _unwrap(model)
+    named, seen = [], {}
+    for name, param in inner.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        key = ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+        if key in seen:
+            raise ValueError(f"parameters {seen[key]!r} and {prefix + name!r} would share the mask key {key!r}; "
+                             "rename one (mask keys must be unique per model)")
+        seen[key] = prefix + name
+        named.append(NamedParam(key, prefix + name, param))
+    return named
+
+
+def canonical_names(model: nn.Module) -> dict[torch.Tensor, str]:
+    """Map each parameter of ``model`` to its canonical name (its mask key)."""
+    return {entry.param: entry.key for entry in named_parameters(model)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,27 +104,42 @@ class ParamEntry:
     fixed_rate: float | None
 
 
-def _is_scheduler(obj: object) -> bool:
-    return isinstance(obj, DropRateScheduler) or (
-        callable(getattr(obj, "get_drop_rate", None)) and callable(getattr(obj, "step", None))
-    )
+_SCHEDULER_METHODS = ("get_drop_rate", "step", "state_dict", "load_state_dict")
+
+
+def _check_scheduler(obj: object) -> None:
+    if isinstance(obj, DropRateScheduler):
+        return
+    missing = [name for name in _SCHEDULER_METHODS if not callable(getattr(obj, name, None))]
+    if missing:
+        raise ValueError(f"drop_rate_scheduler must have {', '.join(f'{m}()' for m in _SCHEDULER_METHODS)} "
+                         f"(e.g. LinearDropRateScheduler); {type(obj).__name__} lacks {', '.join(missing)}")
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:
     return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
 
 
+def _spec_matches(target: Any, named: NamedParam) -> bool:
+    if not isinstance(target, str):
+        return named.param is target
+    return _pattern_matches(target, named.key) or (named.raw != named.key and _pattern_matches(target, named.raw))
+
+
 class DropPlan:
-    """The resolved per-parameter masking plan shared by ``DropGrad`` and the DDP hook."""
+    """The resolved per-parameter masking plan shared by ``DropGrad`` and the DDP hook.
+
+    ``names_allowed``: whether ``params`` may name parameters (needs the model's names).
+    """
 
     def __init__(
         self,
-        named_params: Sequence[tuple[str, torch.Tensor]],
+        named: Sequence[NamedParam],
         drop_rate: float | RateSpec | None = None,
         params: RateSpec | None = None,
         drop_rate_scheduler: DropRateScheduler | None = None,
         *,
-        names_are_canonical: bool,
+        names_allowed: bool,
     ) -> None:
         if isinstance(drop_rate, Mapping):  # DropGrad 0.1 documents the dict in drop_rate=
             if params is not None:
@@ -89,54 +150,78 @@ class DropPlan:
         if drop_rate is None and drop_rate_scheduler is None and not params:
             raise ValueError("no drop rate given: pass drop_rate (a number in [0, 1]), params (a dict) "
                              "or drop_rate_scheduler")
-        if drop_rate_scheduler is not None and not _is_scheduler(drop_rate_scheduler):
-            raise ValueError("drop_rate_scheduler must have get_drop_rate() and step() "
-                             f"(e.g. LinearDropRateScheduler), got {type(drop_rate_scheduler).__name__}")
+        if drop_rate_scheduler is not None:
+            _check_scheduler(drop_rate_scheduler)
+            check_rate(drop_rate_scheduler.get_drop_rate(), "drop_rate_scheduler.get_drop_rate()")
         self.drop_rate = None if drop_rate is None else check_rate(drop_rate, "drop_rate")
         self.scheduler = drop_rate_scheduler
-        if self.scheduler is not None:
-            check_rate(self.scheduler.get_drop_rate(), "drop_rate_scheduler.get_drop_rate()")
-        self.entries = self._resolve(named_params, params, names_are_canonical)
-        self._by_param = {entry.param: entry for entry in self.entries}
+        self._named = list(named)
+        self._specs = self._check_spec(params or {}, names_allowed)
+        self._resolve()
 
-    def _resolve(self, named_params, params, names_are_canonical) -> list[ParamEntry]:
-        specs = self._check_spec(params or {}, names_are_canonical)
-        used = [False] * len(specs)
-        known = {param for _, param in named_params}
+    def _resolve(self) -> None:
+        specs, named = self._specs, self._named
+        known = {entry.param for entry in named}
         for target, _ in specs:
             if not isinstance(target, str) and target not in known:
                 raise ValueError("params contains a Parameter that the optimizer/model does not hold")
+        first_for: dict[int, str] = {}  # spec index -> a parameter it gives the rate of
+        covered_by: dict[int, tuple[int, str]] = {}  # spec index -> (earlier spec, parameter) shadowing it
         entries = []
-        for name, param in named_params:
-            fixed = None
-            for index, (target, rate) in enumerate(specs):
-                if (param is target) if not isinstance(target, str) else _pattern_matches(target, name):
-                    fixed, used[index] = rate, True
-                    break
+        for item in named:
+            matching = [index for index, (target, _) in enumerate(specs) if _spec_matches(target, item)]
+            for index in matching[1:]:
+                covered_by.setdefault(index, (matching[0], item.raw))
+            fixed = specs[matching[0]][1] if matching else None
+            if matching:
+                first_for.setdefault(matching[0], item.raw)
             if fixed is None and self.drop_rate is None and self.scheduler is None:
                 continue
-            entries.append(ParamEntry(param, name, fixed))
-        unmatched = [t for (t, _), u in zip(specs, used) if isinstance(t, str) and not u]
-        if unmatched:
-            names = [name for name, _ in named_params]
-            raise ValueError(f"params: {unmatched[0]!r} matches no parameter; names look like "
+            entries.append(ParamEntry(item.param, item.key, fixed))
+        for index, (target, _) in enumerate(specs):
+            if index in first_for:
+                continue
+            shown = target if isinstance(target, str) else "a Parameter"
+            if index in covered_by:
+                earlier, name = covered_by[index]
+                earlier_shown = specs[earlier][0] if isinstance(specs[earlier][0], str) else "a Parameter"
+                raise ValueError(f"params: {shown!r} is shadowed by the earlier entry {earlier_shown!r}, which "
+                                 f"already gives the rate of {name!r} (the first matching entry wins); list "
+                                 "the more specific entry first")
+            names = [item.key for item in named]
+            raise ValueError(f"params: {shown!r} matches no parameter; names look like "
                              f"{names[:4]}{' ...' if len(names) > 4 else ''}")
-        return entries
+        self.entries = entries
+        self._by_param = {entry.param: entry for entry in entries}
+        schedule = getattr(self.scheduler, "config", None)
+        self._config = {
+            "drop_rate": self.drop_rate,
+            "drop_rate_scheduler": None if self.scheduler is None else
+            (schedule() if callable(schedule) else type(self.scheduler).__name__),
+            "params": tuple((entry.key, entry.fixed_rate) for entry in entries),
+        }
 
     @staticmethod
-    def _check_spec(params: object, names_are_canonical: bool) -> list[tuple[Any, float]]:
+    def _check_spec(params: object, names_allowed: bool) -> list[tuple[Any, float]]:
         if not isinstance(params, Mapping):
             raise ValueError(f"params must be a dict {{Parameter | name | glob: rate}}, got {type(params).__name__}")
         specs = []
         for target, rate in params.items():
             if isinstance(target, str):
-                if not names_are_canonical:
+                if not names_allowed:
                     raise ValueError(f"params: names such as {target!r} need model= to resolve them")
-                target = canonical_name(target)
             elif not isinstance(target, torch.Tensor):
                 raise ValueError(f"params keys must be Parameters, names or globs, got {type(target).__name__}")
             specs.append((target, check_rate(rate, f"params[{target!r}]")))
         return specs
+
+    def set_drop_rate(self, rate: float) -> None:
+        """Change the default rate (from the next masking on); not allowed with a schedule."""
+        if self.scheduler is not None:
+            raise ValueError("drop_rate cannot be assigned while a drop_rate_scheduler sets it; "
+                             "the schedule gives the rate of every step")
+        self.drop_rate = check_rate(rate, "drop_rate")
+        self._resolve()
 
     def default_rate(self) -> float | None:
         """The rate of parameters without a fixed rate at the current step (None: untouched)."""
@@ -160,27 +245,20 @@ class DropPlan:
             self.scheduler.step()
 
     def config(self) -> dict[str, object]:
-        """The fields that must agree across ranks."""
-        schedule = getattr(self.scheduler, "config", None)
-        return {
-            "drop_rate": self.drop_rate,
-            "drop_rate_scheduler": schedule() if callable(schedule) else type(self.scheduler).__name__,
-            "params": tuple((entry.key, entry.fixed_rate) for entry in self.entries),
-        }
+        """What defines the plan (the same object until the plan changes): compared across ranks and checkpoints."""
+        return self._config
 
 
-def named_params_of_optimizer(
-    param_groups: Iterable[Mapping[str, Any]], model: nn.Module | None
-) -> list[tuple[str, torch.Tensor]]:
+def named_params_of_optimizer(param_groups: Iterable[Mapping[str, Any]], model: nn.Module | None) -> list[NamedParam]:
     """Keys for the optimizer's parameters: canonical names via ``model``, else ``param_groups[g][i]``."""
-    names = canonical_names(model) if model is not None else None
+    by_param = {item.param: item for item in named_parameters(model)} if model is not None else None
     named = []
     for g, group in enumerate(param_groups):
         for i, param in enumerate(group["params"]):
-            if names is None:
-                named.append((f"param_groups[{g}][{i}]", param))
-            elif param in names:
-                named.append((names[param], param))
+            if by_param is None:
+                named.append(NamedParam(f"param_groups[{g}][{i}]", f"param_groups[{g}][{i}]", param))
+            elif param in by_param:
+                named.append(by_param[param])
             else:
                 raise ValueError(f"model= does not hold the optimizer's parameter param_groups[{g}][{i}] "
                                  f"(shape {tuple(param.shape)}); pass the model the optimizer was built from")

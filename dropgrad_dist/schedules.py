@@ -11,7 +11,8 @@ import abc
 import math
 from typing import Any, Mapping
 
-from .checks import check_int_in, check_rate
+from .checkpoint import read_field
+from .checks import check_count, check_int_in, check_rate
 
 __all__ = [
     "CosineAnnealingDropRateScheduler",
@@ -42,8 +43,12 @@ class DropRateScheduler(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count}
 
+    def check_state_dict(self, state_dict: Mapping[str, Any]) -> int:
+        """Validate a state dict of this schedule; returns its step count (nothing is assigned)."""
+        return read_field(state_dict, "step_count", check_count, type(self).__name__)
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.step_count = int(state_dict["step_count"])
+        self.step_count = self.check_state_dict(state_dict)
 
     def config(self) -> tuple:
         """What defines the schedule (compared across ranks by the DDP hook)."""

@@ -99,10 +99,16 @@ def local_segments(tensor: torch.Tensor, start: int = 0) -> list[tuple[torch.Ten
     return _segments_over(tensor, local_tensor(tensor), start)
 
 
+def _dense(local: torch.Tensor) -> torch.Tensor:
+    if local.layout != torch.strided:
+        raise ValueError("DropGrad does not support sparse gradients (an embedding with sparse=True?); "
+                         "use a dense embedding (sparse=False)")
+    return local
+
+
 def _segments_over(tensor: torch.Tensor, local: torch.Tensor, start: int) -> list[tuple[torch.Tensor, int]]:
     """Segments of ``tensor`` laid over ``local``: its local tensor, or a contiguous copy of it."""
-    if tensor.is_sparse:
-        raise ValueError("sparse gradients are not supported by DropGrad; use a dense embedding (sparse=False)")
+    _dense(local)
     if _is_dtensor(tensor):
         if start:
             raise ValueError(f"start must be 0 for a DTensor (its placements give its offset), got {start}")
@@ -119,7 +125,7 @@ def drop_local_(tensor: torch.Tensor, *, key: str, rate: float, seed: int, step:
     element ``j`` (see :func:`local_segments` for ``start``).
     """
     # A DTensor is masked through its local tensor: the storage the optimizer steps on.
-    local = local_tensor(tensor)
+    local = _dense(local_tensor(tensor))
     # Coordinates are row-major indices, not memory order (e.g. channels_last grads).
     dense = local if local.is_contiguous() else local.contiguous()
     for piece, piece_start in _segments_over(tensor, dense, start):

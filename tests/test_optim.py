@@ -115,12 +115,44 @@ def test_seed_dict_form_leaves_unlisted_parameters_untouched():
 def test_keys_are_canonical_names_so_wrapped_models_mask_alike():
     plain = _net()
     compiled = torch.compile(_net())  # parameter names gain "_orig_mod."
-    wrapped = nn.ModuleDict({"module": _net()})  # a leading "module." as DDP adds it
+    wrapped = nn.DataParallel(_net())  # a leading "module." as DDP adds it
+    both = torch.compile(nn.DataParallel(_net()))
     keys = [
         [e.key for e in DropGrad(torch.optim.SGD(m.parameters(), lr=1.0), drop_rate=0.1, model=m).plan.entries]
-        for m in (plain, compiled, wrapped)
+        for m in (plain, compiled, wrapped, both)
     ]
-    assert keys[0] == keys[1] == keys[2] == ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"]
+    assert keys[0] == keys[1] == keys[2] == keys[3] == [
+        "encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"]
+    # A rate may name a parameter as the wrapped model does, or by its canonical name.
+    by_raw = DropGrad(torch.optim.SGD(wrapped.parameters(), lr=1.0), params={"module.encoder": 0.3}, model=wrapped)
+    assert [(e.key, e.fixed_rate) for e in by_raw.plan.entries] == [("encoder.weight", 0.3), ("encoder.bias", 0.3)]
+
+
+def test_mask_keys_are_unique_per_model():
+    class OwnModuleAttribute(nn.Module):
+        """A top-level attribute named `module` and a parameter of its own: not a DDP wrapper."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.Linear(2, 2, bias=False)
+            self.weight = nn.Parameter(torch.ones(2, 2))
+
+    model = OwnModuleAttribute()
+    keys = [e.key for e in DropGrad(torch.optim.SGD(model.parameters(), lr=1.0), drop_rate=0.5, model=model).plan.entries]
+    assert keys == ["weight", "module.weight"]  # own parameters first, as named_parameters() lists them
+
+    class Colliding(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Module()
+            self.block.weight = nn.Parameter(torch.ones(2))
+            self.block._checkpoint_wrapped_module = nn.Module()  # a wrapper segment is dropped from keys
+            self.block._checkpoint_wrapped_module.weight = nn.Parameter(torch.ones(2))
+
+    model = Colliding()
+    with pytest.raises(ValueError, match="parameters 'block.weight' and 'block._checkpoint_wrapped_module.weight' "
+                                         "would share the mask key 'block.weight'"):
+        DropGrad(torch.optim.SGD(model.parameters(), lr=1.0), drop_rate=0.5, model=model)
 
 
 def test_without_model_keys_are_positions_in_param_groups():
@@ -155,6 +187,10 @@ def test_non_contiguous_gradients_are_masked_by_logical_index():
     (dict(drop_rate_scheduler=0.3), "drop_rate_scheduler must have get_drop_rate"),
     (dict(drop_rate=0.1, step_skip_rate=2), "step_skip_rate must be a number in \\[0, 1\\]"),
     (dict(drop_rate=0.1, seed="x"), "seed must be an int"),
+    (dict(drop_rate=0.1, seed=1 << 64), "seed must be an int in \\[0, 18446744073709551616\\)"),
+    (dict(drop_rate=0.1, seed=-1), "seed must be an int in"),
+    (dict(params={"encoder": 0.2, "encoder.weight": 0.9}, use_model=True),
+     "'encoder.weight' is shadowed by the earlier entry 'encoder', which already gives the rate of 'encoder.weight'"),
 ])
 def test_bad_arguments_raise_value_errors_naming_them(kwargs, message):
     model = _net()

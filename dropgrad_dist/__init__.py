@@ -1,14 +1,17 @@
-"""dropgrad-dist: DropGrad (and later other gradient regularizers) for distributed PyTorch.
+"""dropgrad-dist: DropGrad and other gradient regularizers (clipping, ...) for distributed PyTorch.
 
 Whether a gradient coordinate is dropped depends only on (seed, step, parameter name,
 coordinate index, rate), never on rank, world size, bucket layout, shard boundaries or device.
 """
 
+from .agreement import RankDisagreement
+from .clip import CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, GradientClipper
 from .ddp_hook import DropGradHookState, dropgrad_hook, dropgrad_wrapper
-from .integration import DropGradHandle, enable_fsdp_on_cpu, prepare_dropgrad
+from .integration import DropGradHandle, Regularizers, enable_fsdp_on_cpu, prepare_dropgrad, prepare_regularizers
 from .mask import MaskStream, drop_, keep_mask, keep_probability, keep_threshold, mask_backend, set_mask_backend
 from .optim import DropGrad
 from .params import canonical_name
+from .restarts import Restarter, RestartingOptimizer
 from .schedules import (
     CosineAnnealingDropRateScheduler,
     DropRateScheduler,
@@ -19,13 +22,21 @@ from .schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLIPPING_METHODS",
+    "ClippedOptimizer",
+    "ClippedSGD",
     "CosineAnnealingDropRateScheduler",
     "DropGrad",
     "DropGradHandle",
     "DropGradHookState",
     "DropRateScheduler",
+    "GradientClipper",
     "LinearDropRateScheduler",
     "MaskStream",
+    "RankDisagreement",
+    "Regularizers",
+    "Restarter",
+    "RestartingOptimizer",
     "StepDropRateScheduler",
     "canonical_name",
     "drop_",
@@ -37,5 +48,6 @@ __all__ = [
     "keep_threshold",
     "mask_backend",
     "prepare_dropgrad",
+    "prepare_regularizers",
     "set_mask_backend",
 ]

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
-__all__ = ["FORMAT", "check_config", "plain", "read_field", "read_json", "write_json"]
+__all__ = ["FORMAT", "check_config", "plain", "read_field", "read_json", "read_tensors", "write_json", "write_tensors"]
 
 FORMAT = 1  # version of the state-dict layout
 T = TypeVar("T")
@@ -97,3 +97,26 @@ def read_json(path: str | os.PathLike, owner: str) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ValueError(f"{owner}: {str(path)!r} holds a JSON {type(state).__name__}, expected an object")
     return state
+
+
+def write_tensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:
+    """Write named tensors as safetensors (a format that holds only data), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, str(temporary))
+    os.replace(temporary, path)
+
+
+def read_tensors(path: str | os.PathLike, owner: str) -> dict[str, Any]:
+    """Read named tensors written by :func:`write_tensors`; any other file raises ``ValueError``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{owner}: no checkpoint file {str(path)!r}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, OSError) as err:
+        raise ValueError(f"{owner}: {str(path)!r} is not a safetensors checkpoint ({err}); refusing to load it") from None

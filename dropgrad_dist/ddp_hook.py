@@ -14,8 +14,8 @@ Step semantics (the ``t`` of the masks)
 
 * a *round*: one backward pass that synchronizes gradients (the hook runs once per bucket;
   ``bucket.is_last()`` closes the round). Every round masks with the current ``t``.
-* an *optimizer step*: a global ``torch.optim`` step post-hook fires after any optimizer whose
-  parameters belong to the model has stepped. The first such step after a round advances
+* an *optimizer step*: a :class:`~dropgrad_dist.steps.StepWatch` (a global ``torch.optim`` step
+  post-hook) sees any optimizer whose parameters belong to the model step. The first such step after a round advances
   ``t`` (and the drop-rate schedule, in lockstep); further optimizers stepping the same
   gradients (a wrapper and its inner optimizer, or two optimizers over parameter subsets) do
   not advance it again. A step skipped by ``GradScaler`` never calls ``optimizer.step()``, so
@@ -65,7 +65,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import checkpoint as _checkpoint
@@ -74,6 +73,7 @@ from .agreement import AgreementCheck, PendingCheck
 from .checks import check_count, check_seed
 from .params import DropPlan, ParamEntry, RateSpec, named_parameters
 from .schedules import DropRateScheduler
+from .steps import StepWatch
 
 __all__ = ["DropGradHookState", "dropgrad_hook", "dropgrad_wrapper", "refuse_double_masking"]
 
@@ -160,12 +160,10 @@ class DropGradHookState:
 
     def _install_watchers(self) -> None:
         this = weakref.ref(self)
-        handles = [register_optimizer_step_post_hook(
-            lambda optimizer, args, kwargs: _on_optimizer_step(this, optimizer))]
-        for entry in self.plan.entries:
-            handles.append(entry.param.register_hook(_held_grad_check(this, weakref.ref(entry.param))))
-        self._handles = handles
-        # Hooks live in global/tensor registries; drop them when the state goes away.
+        self._step_watch = StepWatch(self._known, self._optimizer_stepped)
+        handles = [entry.param.register_hook(_held_grad_check(this, weakref.ref(entry.param)))
+                   for entry in self.plan.entries]
+        # Tensor hooks outlive the state otherwise: drop them when it goes away.
         weakref.finalize(self, _remove_all, handles)
 
     def register(self, ddp_model: DistributedDataParallel | None = None, hook: Hook | None = None) -> None:
@@ -205,6 +203,8 @@ class DropGradHookState:
         self._rounds_pending = 0  # synchronizing backward passes since the last optimizer step
         self._in_round = False
         self._pending_check: PendingCheck | None = None
+        if getattr(self, "_step_watch", None) is not None:
+            self._step_watch.disarm()
 
     def _enter(self, bucket: dist.GradBucket, hook_name: str, wait_now: bool) -> None:
         """Called for every bucket; the first bucket of a backward pass opens a round.
@@ -220,6 +220,7 @@ class DropGradHookState:
         pending = self._agreement.start(self.agreement_fields(hook_name), bucket.buffer().device)
         self._rounds_pending += 1
         self._in_round = True
+        self._step_watch.arm()
         if wait_now and pending is not None:
             try:
                 pending.wait()
@@ -241,11 +242,8 @@ class DropGradHookState:
         if pending is not None:
             pending.wait()  # raises on every rank before any optimizer steps on these gradients
 
-    def _optimizer_stepped(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._rounds_pending == 0 or self.plan is None:
-            return  # no round since the last counted step: a second optimizer on the same grads
-        if not any(p in self._known for group in optimizer.param_groups for p in group["params"]):
-            return  # another model's optimizer
+    def _optimizer_stepped(self) -> None:
+        """The first optimizer step over this model's parameters after a round: ``t`` advances."""
         self.step_index += 1
         self.plan.advance()
         self._rounds_pending = 0
@@ -330,6 +328,10 @@ class DropGradHookState:
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Restore progress; a different configuration raises unless ``strict=False``. Atomic."""
+        self.prepare_state(state_dict, strict)()
+
+    def prepare_state(self, state_dict: Mapping[str, Any], strict: bool) -> Callable[[], None]:
+        """Validate ``state_dict`` completely and return what applies it."""
         owner = "DropGradHookState"
         step_index = _checkpoint.read_field(state_dict, "step_index", check_count, owner)
         counters = [_checkpoint.read_field({"n": state_dict.get(name, 0)}, "n", check_count, f"{owner} {name}")
@@ -343,13 +345,17 @@ class DropGradHookState:
             if strict:
                 raise ValueError(f"{owner}: {detail}; build it like the run that saved it, or pass strict=False")
             scheduler_state = None
-        if scheduler_state is not None:
-            if isinstance(scheduler, DropRateScheduler):
-                scheduler.check_state_dict(scheduler_state)
-            scheduler.load_state_dict(scheduler_state)
-        self.step_index = step_index
-        self.bytes_communicated, self.bytes_dense_equivalent = counters
-        self._reset_rounds()
+        if scheduler_state is not None and isinstance(scheduler, DropRateScheduler):
+            scheduler.check_state_dict(scheduler_state)
+
+        def apply() -> None:
+            if scheduler_state is not None:
+                scheduler.load_state_dict(scheduler_state)  # a duck-typed schedule validates here
+            self.step_index = step_index
+            self.bytes_communicated, self.bytes_dense_equivalent = counters
+            self._reset_rounds()
+
+        return apply
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable state without the process group and the model (like ``PowerSGDState``)."""
@@ -385,12 +391,6 @@ class DropGradHookState:
                 f"communication={self.communication!r}, masked_params={masked}, "
                 f"bytes_communicated={self.bytes_communicated}, "
                 f"bytes_dense_equivalent={self.bytes_dense_equivalent})")
-
-
-def _on_optimizer_step(state_ref: "weakref.ref[DropGradHookState]", optimizer: torch.optim.Optimizer) -> None:
-    state = state_ref()
-    if state is not None:
-        state._optimizer_stepped(optimizer)
 
 
 def _held_grad_check(state_ref, param_ref) -> Callable[[torch.Tensor], None]:

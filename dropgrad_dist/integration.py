@@ -1,20 +1,21 @@
-"""Accelerate integration: one call that applies DropGrad where it belongs for the setup.
+"""Accelerate integration: one call after ``accelerator.prepare`` applies every regularizer where it belongs.
 
-``prepare_dropgrad(accelerator, model, optimizer, drop_rate=0.1)`` after ``accelerator.prepare``:
+``prepare_regularizers(accelerator, model, optimizer, dropgrad={...}, clipping={...}, restarts={...})``:
 
-- DDP (``MULTI_GPU``, ``MULTI_CPU``): registers the DropGrad DDP communication hook, so the
-  all-reduced buckets are masked identically on every rank;
-- FSDP (versions 1 and 2) and one process (CPU, one CUDA device, MPS): wraps the prepared
-  optimizer's inner optimizer in :class:`~dropgrad_dist.DropGrad` (sharded gradients are masked
-  in global coordinates).
+- DropGrad: under DDP (``MULTI_GPU``, ``MULTI_CPU``) the DDP communication hook masks the
+  all-reduced buckets; under FSDP (1 and 2) and in one process (CPU, one GPU, MPS) the
+  :class:`~dropgrad_dist.DropGrad` wrapper masks the (sharded) gradients;
+- clipping (:class:`~dropgrad_dist.GradientClipper`) and restarts (:class:`~dropgrad_dist.Restarter`)
+  become part of the optimizer step.
 
-Either way the mask of coordinate ``i`` of parameter ``name`` at optimizer step ``t`` is the
-same, and so is the order: gradients are masked before ``accelerator.clip_grad_norm_`` clips
-them (the DDP hook masks inside backward; for the wrapper the clip methods mask first).
-``save_state``/``load_state`` resume the masks exactly: DropGrad's state is plain data written
-as JSON (``dropgrad_dist_state_<i>.json``) through Accelerate's save/load state hooks, never
-pickled, so a tampered checkpoint cannot run code. Works with ``accelerator.accumulate()``,
-``accelerator.clip_grad_norm_`` and mixed precision (fp16 GradScaler, bf16).
+The gradient the optimizer steps on is built the same way in every layout: **DropGrad mask,
+then clipping (on unscaled gradients under a GradScaler), then the step**, then the restart
+average. The wrappers sit inside Accelerate's ``AcceleratedOptimizer``, so ``optimizer.step()``,
+``accelerator.accumulate()``, GradScaler skips (nothing advances) and LR schedulers work as
+usual. ``save_state``/``load_state`` resume exactly: the regularizers' state is plain data written
+as JSON (``dropgrad_dist_state_<i>.json``, plus ``..._rank<r>.safetensors`` for restart sums)
+through Accelerate's save/load state hooks, never pickled, so a tampered checkpoint cannot run code.
+``prepare_dropgrad(accelerator, model, optimizer, drop_rate=0.1)`` is the DropGrad-only form.
 """
 
 from __future__ import annotations
@@ -26,114 +27,188 @@ import torch
 from torch import nn
 
 from . import checkpoint as _checkpoint
+from .clip import ClippedOptimizer, GradientClipper
 from .mask import keep_probability
 from .optim import DropGrad
 from .params import RateSpec
+from .restarts import Restarter, RestartingOptimizer
 from .schedules import DropRateScheduler
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["DropGradHandle", "enable_fsdp_on_cpu", "prepare_dropgrad"]
+__all__ = ["DropGradHandle", "Regularizers", "enable_fsdp_on_cpu", "prepare_dropgrad", "prepare_regularizers"]
 
 Mode = Literal["ddp_hook", "fsdp_wrapper", "wrapper"]
+_DROPGRAD_KEYS = frozenset({"drop_rate", "params", "drop_rate_scheduler", "seed", "communication",
+                            "full_update_drop", "step_skip_rate"})
 
 
-class DropGradHandle:
-    """What :func:`prepare_dropgrad` applied; saved and loaded with ``accelerator.save_state``/``load_state``."""
+class Regularizers:
+    """What :func:`prepare_regularizers` applied; saved and loaded with ``accelerator.save_state``/``load_state``.
 
-    def __init__(self, mode: Mode, target: Any) -> None:
+    Attributes: ``mode`` (how DropGrad runs: ``"ddp_hook"``, ``"fsdp_wrapper"``, ``"wrapper"``),
+    ``dropgrad`` (a ``DropGradHookState`` or ``DropGrad``, or None), ``clipper``, ``restarter``.
+    ``strict_load`` (default True) is the ``strict`` of loads through ``accelerator.load_state``.
+    """
+
+    def __init__(self, mode: Mode, model: nn.Module, dropgrad: Any = None, clipper: GradientClipper | None = None,
+                 restarter: Restarter | None = None) -> None:
         self.mode = mode
-        self.target = target  # a DropGradHookState (ddp_hook) or a DropGrad (the wrappers)
+        self.model = model
+        self.dropgrad = dropgrad
+        self.clipper = clipper
+        self.restarter = restarter
         # accelerator.load_state takes no options: set False to resume with a changed configuration.
         self.strict_load = True
+
+    # -- DropGrad-only conveniences (the handle prepare_dropgrad used to return) -------------------
+    @property
+    def target(self) -> Any:
+        """The DropGrad object: a ``DropGradHookState`` (DDP) or a ``DropGrad`` wrapper."""
+        return self.dropgrad
 
     @property
     def step_index(self) -> int:
         """Optimizer steps DropGrad has taken (the ``t`` of the masks)."""
-        return self.target.step_index
+        return self.dropgrad.step_index
 
     @property
     def drop_rate(self) -> float | None:
         """The default drop rate at the current step."""
-        return self.target.plan.default_rate()
+        return self.dropgrad.plan.default_rate() if self.dropgrad is not None else None
+
+    def describe(self) -> str:
+        """One line: what runs, and how."""
+        parts = []
+        if self.dropgrad is not None:
+            parts.append(f"DropGrad p={self.drop_rate} as {self.mode}")
+        if self.clipper is not None:
+            parts.append(f"clipping {self.clipper.method}")
+        if self.restarter is not None:
+            parts.append(f"restarts from {self.restarter.first_restart_steps} steps x{self.restarter.restart_coeff}")
+        return "; ".join(parts) or "none"
 
     def metrics(self) -> dict[str, float]:
-        """Numbers worth logging per step: rate, exact keep probability, bytes (DDP hook)."""
-        rate = self.drop_rate or 0.0
-        out = {"drop_rate": rate, "kept_fraction": keep_probability(rate)}
-        if self.mode == "ddp_hook":
-            out["bytes_communicated"] = float(self.target.bytes_communicated)
-            out["bytes_dense_equivalent"] = float(self.target.bytes_dense_equivalent)
+        """Numbers worth logging per step: drop rate, kept fraction, bytes (DDP hook), gradient norm, clipping."""
+        out: dict[str, float] = {}
+        if self.dropgrad is not None:
+            rate = self.drop_rate or 0.0
+            out.update(drop_rate=rate, kept_fraction=keep_probability(rate))
+            if self.mode == "ddp_hook":
+                out["bytes_communicated"] = float(self.dropgrad.bytes_communicated)
+                out["bytes_dense_equivalent"] = float(self.dropgrad.bytes_dense_equivalent)
+        stats = self.clipper.last_stats if self.clipper is not None else None
+        if stats is not None:
+            out.update(grad_norm=stats["norm"], clipped=float(stats["clipped"]), clip_level=stats["level"])
+            if stats["coefficient"] is not None:
+                out["clip_coefficient"] = stats["coefficient"]
+        if self.restarter is not None:
+            out["restarts"] = float(self.restarter.restarts)
         return out
 
+    # -- checkpointing (rules: dropgrad_dist.checkpoint) ------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Plain data: the mode and DropGrad's state (configuration and progress)."""
-        if self.mode == "ddp_hook":
-            return {"mode": self.mode, "state": self.target.state_dict()}
-        return {"mode": self.mode, "state": self.target.own_state_dict()}
+        """Plain data: DropGrad's mode and state, the clipper's and the restarter's counters."""
+        state: dict[str, Any] = {"mode": self.mode}
+        if self.dropgrad is not None:
+            is_hook = self.mode == "ddp_hook"
+            state["dropgrad"] = self.dropgrad.state_dict() if is_hook else self.dropgrad.own_state_dict()
+        if self.clipper is not None:
+            state["clipping"] = self.clipper.state_dict()
+        if self.restarter is not None:
+            state["restarts"] = {k: v for k, v in self.restarter.state_dict().items() if k != "sums"}
+        return state
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool | None = None) -> None:
-        """Restore DropGrad's state; ``strict`` (default :attr:`strict_load`) as in :mod:`.checkpoint`."""
+    def restart_sums(self) -> dict[str, torch.Tensor]:
+        """This rank's restart sums (local shards), by canonical parameter name."""
+        return self.restarter.state_dict(self.model)["sums"] if self.restarter is not None else {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool | None = None,
+                        restart_sums: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Restore every regularizer's state; validated completely before anything changes."""
         strict = self.strict_load if strict is None else strict
-        mode = _checkpoint.read_field(state_dict, "mode", lambda value, _: value, "DropGradHandle")
+        owner = "Regularizers"
+        mode = _checkpoint.read_field(state_dict, "mode", lambda value, _: value, owner)
         if mode != self.mode:
             raise ValueError(f"checkpoint was saved with DropGrad as {mode!r}, this run applies it as {self.mode!r}")
-        state = _checkpoint.read_field(state_dict, "state", lambda value, _: value, "DropGradHandle")
-        if self.mode == "ddp_hook":
-            self.target.load_state_dict(state, strict=strict)
-        else:
-            self.target.load_own_state_dict(state, strict=strict)
+        applies = []
+        for name, present in (("dropgrad", self.dropgrad), ("clipping", self.clipper), ("restarts", self.restarter)):
+            if (name in state_dict) != (present is not None):
+                raise ValueError(f"checkpoint {'has' if name in state_dict else 'has no'} {name} state, this run "
+                                 f"{'uses' if present is not None else 'does not use'} {name}")
+        if self.dropgrad is not None:
+            prepare = self.dropgrad.prepare_state if self.mode == "ddp_hook" else self.dropgrad.prepare_own_state
+            applies.append(prepare(state_dict["dropgrad"], strict))
+        if self.clipper is not None:
+            applies.append(self.clipper.prepare_state(state_dict["clipping"], strict))
+        if self.restarter is not None:
+            full = {**state_dict["restarts"], "sums": dict(restart_sums or {})}
+            applies.append(self.restarter.prepare_state(full, self.model, strict))
+        for apply in applies:
+            apply()
 
     def _attach_to_checkpoints(self, accelerator: "Accelerator") -> None:
-        """Save and load this handle's state as JSON with ``accelerator.save_state``/``load_state``."""
+        """Save and load this state with ``accelerator.save_state``/``load_state`` (JSON + safetensors)."""
         handles = accelerator.__dict__.setdefault("_dropgrad_dist_handles", [])
-        filename = f"dropgrad_dist_state_{len(handles)}.json"
+        stem = f"dropgrad_dist_state_{len(handles)}"
         handles.append(self)
+        rank = accelerator.process_index
 
         def save(models: Any, weights: Any, output_dir: str) -> None:
+            os.makedirs(output_dir, exist_ok=True)
             if accelerator.is_main_process or (accelerator.is_local_main_process
                                                and accelerator.project_configuration.save_on_each_node):
-                os.makedirs(output_dir, exist_ok=True)
-                _checkpoint.write_json(os.path.join(output_dir, filename), self.state_dict())
+                _checkpoint.write_json(os.path.join(output_dir, f"{stem}.json"), self.state_dict())
+            if self.restarter is not None:
+                _checkpoint.write_tensors(os.path.join(output_dir, f"{stem}_rank{rank}.safetensors"),
+                                          self.restart_sums())
 
         def load(models: Any, input_dir: str) -> None:
-            self.load_state_dict(_checkpoint.read_json(os.path.join(input_dir, filename), "DropGrad"))
+            state = _checkpoint.read_json(os.path.join(input_dir, f"{stem}.json"), "dropgrad_dist")
+            sums = None
+            if self.restarter is not None:
+                sums = _checkpoint.read_tensors(os.path.join(input_dir, f"{stem}_rank{rank}.safetensors"),
+                                                "dropgrad_dist")
+            self.load_state_dict(state, restart_sums=sums)
 
         accelerator.register_save_state_pre_hook(save)
         accelerator.register_load_state_pre_hook(load)
 
 
-def _wrap_accelerated_optimizer(accelerated: Any, **kwargs: Any) -> DropGrad:
-    """Put DropGrad between Accelerate's AcceleratedOptimizer and the user's optimizer."""
-    dropgrad = DropGrad(accelerated.optimizer, **kwargs)
-    dropgrad.include_state_in_state_dict = False  # the handle's JSON file holds it (FSDP drops extra keys)
-    accelerated.optimizer = dropgrad
+DropGradHandle = Regularizers  # the name prepare_dropgrad's handle had
+
+
+def _install_step_chain(accelerated: Any, chain: torch.optim.Optimizer) -> None:
+    """Put ``chain`` (wrappers around the user's optimizer) inside Accelerate's AcceleratedOptimizer."""
+    accelerated.optimizer = chain
     if getattr(accelerated, "scaler", None) is not None:
         # AcceleratedOptimizer swaps in a patched step (to detect GradScaler skips) around
-        # scaler.step; point both saved methods at DropGrad.step, not at the inner optimizer's.
+        # scaler.step; point both saved methods at the chain's step, not at the inner optimizer's.
         from accelerate.optimizer import patch_optimizer_step
 
-        accelerated._optimizer_original_step_method = dropgrad.step
-        accelerated._optimizer_patched_step_method = patch_optimizer_step(accelerated, dropgrad.step)
-    return dropgrad
+        accelerated._optimizer_original_step_method = chain.step
+        accelerated._optimizer_patched_step_method = patch_optimizer_step(accelerated, chain.step)
 
 
-def _mask_before_clipping(accelerator: "Accelerator", dropgrad: DropGrad) -> None:
-    """Make ``accelerator.clip_grad_norm_``/``clip_grad_value_`` see masked gradients.
+def _guard_accelerator_clipping(accelerator: "Accelerator", dropgrad: DropGrad | None, clipping: bool) -> None:
+    """``accelerator.clip_grad_norm_``/``clip_grad_value_``: mask first (order), or refuse (double clipping).
 
-    The DDP hook masks inside backward, before any clipping; masking here first gives the
-    step wrapper the same order, so DDP, FSDP and one process compute the same update.
+    The DDP hook masks inside backward, before any clipping; masking here first gives the step
+    wrapper the same order, so DDP, FSDP and one process compute the same update.
     """
     for name in ("clip_grad_norm_", "clip_grad_value_"):
         clip = getattr(accelerator, name)
 
-        def masked_then_clip(*args: Any, _clip=clip, **kwargs: Any) -> Any:
-            if not dropgrad.full_update_drop:
+        def guarded(*args: Any, _clip=clip, _name=name, **kwargs: Any) -> Any:
+            if clipping:
+                raise RuntimeError(f"accelerator.{_name} would clip a second time: prepare_regularizers(clipping=...) "
+                                   "already clips inside optimizer.step(); remove the accelerator call")
+            if dropgrad is not None and not dropgrad.full_update_drop:
                 dropgrad.mask_gradients_()
             return _clip(*args, **kwargs)
 
-        setattr(accelerator, name, masked_then_clip)
+        setattr(accelerator, name, guarded)
 
 
 def enable_fsdp_on_cpu(accelerator: "Accelerator", plugin: Any = None) -> None:
@@ -156,8 +231,99 @@ def enable_fsdp_on_cpu(accelerator: "Accelerator", plugin: Any = None) -> None:
 
 
 def _unsupported(distributed_type: Any) -> ValueError:
-    return ValueError(f"prepare_dropgrad does not support Accelerate's {distributed_type} setup; supported: "
+    return ValueError(f"prepare_regularizers does not support Accelerate's {distributed_type} setup; supported: "
                       "NO (CPU, one GPU, MPS), MULTI_GPU, MULTI_CPU (DDP comm hook) and FSDP (versions 1, 2)")
+
+
+def _options(value: Mapping[str, Any] | None, argument: str, allowed: frozenset[str] | None = None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{argument} must be a dict of keyword arguments, got {type(value).__name__}")
+    unknown = sorted(set(value) - allowed) if allowed is not None else []
+    if unknown:
+        raise ValueError(f"{argument}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+    return dict(value)
+
+
+def prepare_regularizers(
+    accelerator: "Accelerator",
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    dropgrad: Mapping[str, Any] | None = None,
+    clipping: Mapping[str, Any] | None = None,
+    restarts: Mapping[str, Any] | None = None,
+) -> Regularizers:
+    """Apply gradient regularizers to a prepared model and optimizer: mask, then clip, then step.
+
+    Math: ``g <- clip(m_t * g / (1 - p))``, then the optimizer's update, then (restarts) the
+    iterate average at the end of each period.
+
+    Args:
+        accelerator, model, optimizer: what ``accelerator.prepare`` returned.
+        dropgrad: :class:`~dropgrad_dist.DropGrad` options (``drop_rate``, ``params``,
+            ``drop_rate_scheduler``, ``seed``, ``full_update_drop``, ``step_skip_rate``) and
+            ``communication`` (``"dense"``/``"compact"``, the DDP hook's).
+        clipping: :class:`~dropgrad_dist.GradientClipper` options (``method``, ``clipping_level``,
+            ``beta``, ``p_autoclip``, ``history_size``, ``seed``).
+        restarts: :class:`~dropgrad_dist.Restarter` options.
+    """
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.utils import DistributedType
+
+    if not isinstance(optimizer, AcceleratedOptimizer):
+        raise ValueError("optimizer must be the optimizer returned by accelerator.prepare "
+                         f"(an AcceleratedOptimizer), got {type(optimizer).__name__}")
+    drop_options = _options(dropgrad, "dropgrad", _DROPGRAD_KEYS)
+    communication = drop_options.pop("communication", "dense")
+    if communication not in ("dense", "compact"):
+        raise ValueError(f"communication must be 'dense' or 'compact', got {communication!r}")
+    clip_options, restart_options = _options(clipping, "clipping"), _options(restarts, "restarts")
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        mode: Mode = "ddp_hook"
+    elif kind in (DistributedType.FSDP, DistributedType.NO):
+        mode = "fsdp_wrapper" if kind == DistributedType.FSDP else "wrapper"
+    else:
+        raise _unsupported(kind)
+
+    chain = optimizer.optimizer
+    restarter = Restarter(**restart_options) if restarts is not None else None
+    if restarter is not None:
+        chain = RestartingOptimizer(chain, restarter, model)
+    clipper = GradientClipper(**clip_options, model=model) if clipping is not None else None
+    if clipper is not None:
+        chain = ClippedOptimizer(chain, clipper)
+    drop = None
+    if dropgrad is not None and mode == "ddp_hook":
+        if drop_options.get("full_update_drop") or drop_options.get("step_skip_rate"):
+            raise ValueError("full_update_drop and step_skip_rate need the step wrapper; under DDP DropGrad "
+                             "masks gradients in the all-reduce hook (use FSDP or one process for them)")
+        from .ddp_hook import DropGradHookState
+
+        # The hook counts optimizer steps through torch's global step hooks (fired by the inner
+        # optimizer, not by AcceleratedOptimizer), so nothing here may advance it.
+        drop = DropGradHookState(model, **drop_options, communication=communication)
+        drop.register(model)
+    elif dropgrad is not None:
+        drop = chain = DropGrad(chain, **drop_options, model=model)
+    for wrapper in _wrappers(chain):
+        wrapper.include_state_in_state_dict = False  # the JSON file holds it (FSDP drops extra keys)
+    if chain is not optimizer.optimizer:
+        _install_step_chain(optimizer, chain)
+    _guard_accelerator_clipping(accelerator, drop if isinstance(drop, DropGrad) else None, clipper is not None)
+    handle = Regularizers(mode, model, drop, clipper, restarter)
+    handle._attach_to_checkpoints(accelerator)
+    return handle
+
+
+def _wrappers(chain: torch.optim.Optimizer):
+    from .wrapper import OptimizerWrapper
+
+    while isinstance(chain, OptimizerWrapper):
+        yield chain
+        chain = chain.optimizer
 
 
 def prepare_dropgrad(
@@ -172,41 +338,12 @@ def prepare_dropgrad(
     communication: str = "dense",
     full_update_drop: bool = False,
     step_skip_rate: float = 0.0,
-) -> DropGradHandle:
-    """Apply DropGrad (``g <- m_t * g / (1 - p)`` before each optimizer step) to a prepared model.
+) -> Regularizers:
+    """DropGrad only: ``prepare_regularizers(..., dropgrad=dict(drop_rate=..., ...))``.
 
-    ``model`` and ``optimizer`` are what ``accelerator.prepare`` returned. Rates, ``params``
-    and schedules mean what they mean for :class:`~dropgrad_dist.DropGrad`; ``communication``
-    ("dense" or "compact") applies to the DDP hook, ``full_update_drop`` and ``step_skip_rate``
-    to the step wrapper (they raise under DDP, where gradients are masked inside the all-reduce).
+    Math: ``g <- m_t * g / (1 - p)`` before each optimizer step. Arguments as for
+    :class:`~dropgrad_dist.DropGrad`; ``communication`` applies to the DDP hook.
     """
-    from accelerate.optimizer import AcceleratedOptimizer
-    from accelerate.utils import DistributedType
-
-    if not isinstance(optimizer, AcceleratedOptimizer):
-        raise ValueError("optimizer must be the optimizer returned by accelerator.prepare "
-                         f"(an AcceleratedOptimizer), got {type(optimizer).__name__}")
-    if communication not in ("dense", "compact"):
-        raise ValueError(f"communication must be 'dense' or 'compact', got {communication!r}")
-    kind = accelerator.distributed_type
-    rates = dict(drop_rate=drop_rate, params=params, drop_rate_scheduler=drop_rate_scheduler, seed=seed)
-    if kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
-        if full_update_drop or step_skip_rate:
-            raise ValueError("full_update_drop and step_skip_rate need the step wrapper; under DDP DropGrad "
-                             "masks gradients in the all-reduce hook (use FSDP or one process for them)")
-        from .ddp_hook import DropGradHookState
-
-        # The hook counts optimizer steps through torch's global step hooks (fired by the inner
-        # optimizer, not by AcceleratedOptimizer), so nothing here may advance it.
-        state = DropGradHookState(model, **rates, communication=communication)
-        state.register(model)
-        handle = DropGradHandle("ddp_hook", state)
-    elif kind in (DistributedType.FSDP, DistributedType.NO):
-        dropgrad = _wrap_accelerated_optimizer(optimizer, **rates, model=model,
-                                               full_update_drop=full_update_drop, step_skip_rate=step_skip_rate)
-        _mask_before_clipping(accelerator, dropgrad)
-        handle = DropGradHandle("fsdp_wrapper" if kind == DistributedType.FSDP else "wrapper", dropgrad)
-    else:
-        raise _unsupported(kind)
-    handle._attach_to_checkpoints(accelerator)
-    return handle
+    return prepare_regularizers(accelerator, model, optimizer, dropgrad=dict(
+        drop_rate=drop_rate, params=params, drop_rate_scheduler=drop_rate_scheduler, seed=seed,
+        communication=communication, full_update_drop=full_update_drop, step_skip_rate=step_skip_rate))

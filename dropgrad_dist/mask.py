@@ -58,6 +58,7 @@ class MaskStream(IntEnum):
     GRAD = 1  # which gradient coordinates are dropped
     UPDATE = 2  # which update coordinates are dropped (full_update_drop)
     SKIP = 3  # whether the whole step is skipped (step_skip_rate)
+    CLIP = 4  # whether a random clipping method clips at this step
 
 
 def _signed32(value: int) -> int:

@@ -21,7 +21,7 @@ from .checks import check_count, check_rate, check_seed
 from .ddp_hook import refuse_double_masking
 from .params import DropPlan, RateSpec, named_params_of_optimizer
 from .schedules import DropRateScheduler
-from .shards import drop_local_, flat_param_starts, local_tensor
+from .shards import drop_local_, flat_param_pieces, local_tensor
 from .wrapper import OptimizerWrapper
 
 __all__ = ["DropGrad"]
@@ -82,7 +82,8 @@ class DropGrad(OptimizerWrapper):
         self.plan = DropPlan(named_params_of_optimizer(optimizer.param_groups, model), drop_rate, params,
                              drop_rate_scheduler, names_allowed=model is not None)
         # FSDP1 (use_orig_params=True): where each parameter's local flat piece starts.
-        self._starts = flat_param_starts((entry.param for entry in self.plan.entries), model)
+        pieces = flat_param_pieces((entry.param for entry in self.plan.entries), model)
+        self._starts = {param: piece.start for param, piece in pieces.items()}
         self.full_update_drop = bool(full_update_drop)
         self.step_skip_rate = check_rate(step_skip_rate, "step_skip_rate")
         self.step_index = 0  # optimizer steps taken: the ``t`` of the masks

@@ -6,7 +6,7 @@ its *segments*: contiguous local pieces, each with the global flat index of its 
 Supported layouts:
 
 - dense tensors (one segment, start 0), or a flat piece of a parameter with a known start
-  (FSDP1 with ``use_orig_params=True``: ``start`` from :func:`flat_param_starts`);
+  (FSDP1 with ``use_orig_params=True``: ``start`` from :func:`flat_param_pieces`);
 - ``DTensor`` (FSDP2 ``fully_shard``, tensor parallel) whose local tensor is one rectangular
   block of the global tensor: any mix of ``Shard(d)``, ``Replicate()`` and ``Partial()``
   placements on any mesh, even or uneven (empty local tensors included). ``Shard(0)`` on a
@@ -21,14 +21,15 @@ from __future__ import annotations
 import itertools
 import math
 import sys
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from . import mask as _mask
 
-__all__ = ["drop_local_", "flat_param_starts", "local_segments", "local_tensor"]
+__all__ = ["FlatPiece", "drop_local_", "flat_param_pieces", "local_segments", "local_tensor"]
 
 
 def _dtensor_class() -> type | None:
@@ -134,8 +135,16 @@ def drop_local_(tensor: torch.Tensor, *, key: str, rate: float, seed: int, step:
         local.copy_(dense)
 
 
-def flat_param_starts(params: Iterable[torch.Tensor], model: nn.Module | None) -> dict[torch.Tensor, int]:
-    """For FSDP1 (``use_orig_params=True``) parameters: the global flat index of the local piece.
+@dataclass(frozen=True)
+class FlatPiece:
+    """Where an FSDP1 parameter's local piece lies: its global flat start, and the ranks sharing it."""
+
+    start: int
+    group: Any  # the FSDP shard group (torch.distributed.ProcessGroup)
+
+
+def flat_param_pieces(params: Iterable[torch.Tensor], model: nn.Module | None) -> dict[torch.Tensor, FlatPiece]:
+    """For FSDP1 (``use_orig_params=True``) parameters: the piece each rank holds, and its shard group.
 
     With ``use_orig_params=True`` each original parameter (and its ``.grad``) on a rank is the
     1-D piece ``param.flatten()[start : start + numel]`` lying in that rank's flat shard. Other
@@ -156,10 +165,11 @@ def flat_param_starts(params: Iterable[torch.Tensor], model: nn.Module | None) -
                          "model) so that DropGrad can find where each parameter's local piece starts")
     from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
 
-    starts: dict[torch.Tensor, int] = {}
+    pieces: dict[torch.Tensor, FlatPiece] = {}
     for handle in _get_fsdp_handles(model):
         flat = handle.flat_param
         for param, info in zip(flat._params, flat._shard_param_infos):
-            if info.in_shard:
-                starts[param] = info.intra_param_start_idx
-    return starts
+            # Parameters outside this rank's shard hold nothing here but still sum over the group.
+            start = info.intra_param_start_idx if info.in_shard else 0
+            pieces[param] = FlatPiece(start, handle.process_group)
+    return pieces

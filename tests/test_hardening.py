@@ -244,7 +244,7 @@ def test_accelerate_checkpoints_hold_no_pickle_and_a_tampered_file_runs_nothing(
     ours = [name for name in written if name.startswith("dropgrad_dist")]
     assert ours == ["dropgrad_dist_state_0.json"] and not any("custom_checkpoint" in n for n in written)
     state = json.loads((tmp_path / "ckpt" / ours[0]).read_text())
-    assert state["state"]["step_index"] == 2 and state["state"]["config"]["seed"] == 7
+    assert state["dropgrad"]["step_index"] == 2 and state["dropgrad"]["config"]["seed"] == 7
 
     handle.target.step_index = 0
     accelerator.load_state(str(tmp_path / "ckpt"))
@@ -267,8 +267,8 @@ def test_accelerate_load_refuses_another_configuration_unless_told(tmp_path):
     accelerator.save_state(str(tmp_path / "ckpt"))
     path = tmp_path / "ckpt" / "dropgrad_dist_state_0.json"
     state = json.loads(path.read_text())
-    state["state"]["config"]["seed"] = 8
-    state["state"]["step_index"] = 5
+    state["dropgrad"]["config"]["seed"] = 8
+    state["dropgrad"]["step_index"] = 5
     path.write_text(json.dumps(state))
     with pytest.raises(ValueError, match="seed: checkpoint 8, this run 7"):
         accelerator.load_state(str(tmp_path / "ckpt"))

@@ -31,7 +31,7 @@ def test_single_process_gets_the_step_wrapper_and_a_checkpointable_handle():
     saved = handle.state_dict()
     handle.target.step_index = 0
     handle.load_state_dict(saved)
-    assert handle.step_index == 2 and saved["state"]["config"]["seed"] == 7
+    assert handle.step_index == 2 and saved["dropgrad"]["config"]["seed"] == 7
 
 
 def test_refuses_unprepared_optimizers_and_unsupported_setups(monkeypatch):
@@ -48,3 +48,68 @@ def test_checkpoint_from_another_mode_is_refused():
     handle = prepare_dropgrad(accelerator, model, optimizer, drop_rate=0.1)
     with pytest.raises(ValueError, match="saved with DropGrad as 'ddp_hook'"):
         handle.load_state_dict({"mode": "ddp_hook", "state": {}})
+
+
+def test_one_entry_point_masks_then_clips_then_steps_then_restarts(tmp_path):
+    """prepare_regularizers in one process equals the hand-built chain DropGrad(Clipped(Restarting(opt)))."""
+    from dropgrad_dist import ClippedOptimizer, GradientClipper, Restarter, RestartingOptimizer, prepare_regularizers
+
+    accelerator, model, optimizer = _prepared()
+    handle = prepare_regularizers(accelerator, model, optimizer, dropgrad=dict(drop_rate=0.3, seed=2),
+                                  clipping=dict(method="auto_clip", p_autoclip=0.5),
+                                  restarts=dict(first_restart_steps=3))
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    base = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    chain = DropGrad(ClippedOptimizer(RestartingOptimizer(base, Restarter(3), reference),
+                                      GradientClipper("auto_clip", p_autoclip=0.5)), 0.3, seed=2, model=reference)
+    for step in range(8):  # restarts after steps 3 and 7; one snapshot summed since
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(step))
+        accelerator.backward(model(x).square().mean())
+        optimizer.step()
+        optimizer.zero_grad()
+        reference(x).square().mean().backward()
+        chain.step()
+        chain.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    assert handle.metrics()["restarts"] == 2.0 and handle.clipper.step_index == 8
+    with pytest.raises(RuntimeError, match="accelerator.clip_grad_norm_ would clip a second time"):
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    written = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("dropgrad_dist"))
+    assert written == ["dropgrad_dist_state_0.json", "dropgrad_dist_state_0_rank0.safetensors"]
+    before = (handle.clipper.state_dict(), handle.restarter.count, [s.clone() for s in handle.restarter._sums])
+    handle.clipper.history.append(123.0)
+    handle.restarter.count = 0
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    assert handle.clipper.state_dict() == before[0] and handle.restarter.count == before[1]
+    assert all(torch.equal(a, b) for a, b in zip(handle.restarter._sums, before[2]))
+
+    marker = tmp_path / "pwned"
+    payload = __import__("pickle").dumps(_Payload(str(marker)))
+    for name in written:  # every file the regularizers write
+        original = (tmp_path / "ckpt" / name).read_bytes()
+        (tmp_path / "ckpt" / name).write_bytes(payload)
+        with pytest.raises(ValueError, match="is not a (JSON|safetensors) checkpoint"):
+            accelerator.load_state(str(tmp_path / "ckpt"))
+        assert not marker.exists()
+        (tmp_path / "ckpt" / name).write_bytes(original)
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_prepare_regularizers_refuses_unknown_options():
+    from dropgrad_dist import prepare_regularizers
+
+    accelerator, model, optimizer = _prepared()
+    with pytest.raises(ValueError, match="dropgrad: unknown option\\(s\\) \\['rate'\\]"):
+        prepare_regularizers(accelerator, model, optimizer, dropgrad=dict(rate=0.1))
+    with pytest.raises(ValueError, match="method \\(clipping_type\\) must be one of"):
+        prepare_regularizers(accelerator, model, optimizer, clipping=dict(method="gradient"))

@@ -1,4 +1,7 @@
-"""`accelerate launch` of the ViT script on 2 CPU processes: DDP-hook and FSDP2 modes agree with one process."""
+"""`accelerate launch` of the ViT script on 2 CPU processes: DDP-hook and FSDP2 modes agree with one process.
+
+Every run masks (DropGrad), then clips (GradientClipper), then steps: the order of every layout.
+"""
 
 import json
 import subprocess
@@ -14,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # each step and runs can be compared parameter by parameter. SGD: no Adam sign amplification.
 TINY = ["--num_layers", "1", "--hidden_dim", "32", "--mlp_dim", "64", "--num_heads", "2", "--patch_size", "8",
         "--batch_size", "32", "--train_size", "32", "--test_size", "32", "--optimizer", "sgd",
-        "--drop_rate", "0.3", "--max_grad_norm", "0.05", "--warmup_steps", "1"]
+        "--drop_rate", "0.3", "--clipping_type", "norm", "--clipping_level", "0.05", "--warmup_steps", "1"]
 
 
 def _launch(script: str, output_dir: Path, *extra: str) -> list[dict]:
@@ -59,8 +62,16 @@ def test_fsdp2_mode_matches_one_process(single_run, tmp_path):
 
 
 def test_ddp_hook_mode_resumes_exactly_from_accelerate_checkpoint(tmp_path):
+    """Masks, AutoClip history and restart sums all resume from save_state's JSON and safetensors files."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = ["--max_steps", "6", "--checkpointing_steps", "3", "--dropout", "0.1", "--epochs", "6"]
-    _launch("cpu_ddp.sh", full, *args)
+    args = ["--max_steps", "6", "--checkpointing_steps", "3", "--dropout", "0.1", "--epochs", "6",
+            "--clipping_type", "auto_clip", "--p_autoclip", "0.5", "--restarts", "2"]
+    records = _launch("cpu_ddp.sh", full, *args)
     _launch("cpu_ddp.sh", resumed, *args, "--resume_from_checkpoint", str(full / "step_3"))
     assert _max_diff(full, resumed) == 0.0
+    saved = sorted(p.name for p in (full / "step_3").iterdir() if p.name.startswith("dropgrad_dist"))
+    assert saved == ["dropgrad_dist_state_0.json", "dropgrad_dist_state_0_rank0.safetensors",
+                     "dropgrad_dist_state_0_rank1.safetensors"]
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["restarts"] for r in train] == [0, 1, 1, 1, 2, 2]  # periods 2, then 2.5 -> 3 steps
+    assert all(r["clip_level"] > 0 and r["grad_norm"] > 0 for r in train)

@@ -352,13 +352,14 @@ def test_dropgrad_inside_accelerated_optimizer_with_grad_scaler():
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from dropgrad_dist.integration import _wrap_accelerated_optimizer
+    from dropgrad_dist.integration import _install_step_chain
 
     Accelerator(cpu=True)  # AcceleratedOptimizer reads the global Accelerate state
     model, reference = _net(), _net()
     accelerated = AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                        scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
-    dropgrad = _wrap_accelerated_optimizer(accelerated, drop_rate=0.5, model=model, seed=3)
+    dropgrad = DropGrad(accelerated.optimizer, drop_rate=0.5, model=model, seed=3)
+    _install_step_chain(accelerated, dropgrad)
     ref_opt = DropGrad(torch.optim.SGD(reference.parameters(), lr=0.1), drop_rate=0.5, model=reference, seed=3)
     for step in range(3):
         x, y = _batch(step)

@@ -18,6 +18,7 @@ BENCHMARKS = {
     "mask": "dropgrad_dist.bench.mask",
     "ddp": "dropgrad_dist.bench.ddp",
     "fsdp": "dropgrad_dist.bench.fsdp",
+    "clip": "dropgrad_dist.bench.clip",
 }
 
 

@@ -3,8 +3,8 @@
     accelerate launch examples/vit/train.py --drop_rate 0.1          # any Accelerate setup
     python examples/vit/train.py --drop_rate 0.1                     # one process
 
-DropGrad is applied where it belongs for the setup (DDP comm hook, FSDP or single-process
-step wrapper) by ``dropgrad_dist.prepare_dropgrad``. The default dataset is an embedded
+DropGrad (and clipping, restarts) are applied where they belong for the setup (DDP comm hook,
+FSDP or single-process step wrapper) by ``dropgrad_dist.prepare_regularizers``. The default dataset is an embedded
 synthetic one (no download); ``--dataset cifar10`` uses torchvision's CIFAR-10.
 """
 
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import cifar10_splits, synthetic_splits  # noqa: E402
 
-from dropgrad_dist import enable_fsdp_on_cpu, prepare_dropgrad  # noqa: E402
+from dropgrad_dist import CLIPPING_METHODS, enable_fsdp_on_cpu, prepare_regularizers  # noqa: E402
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad", "adadelta", "lion")
 
@@ -57,7 +57,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--warmup_steps", type=int, default=50)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip after unscaling; 0 disables")
+    parser.add_argument("--max_grad_norm", type=float, default=None,
+                        help="accelerator.clip_grad_norm_ after unscaling (default 1.0; 0 disables); "
+                             "the --clipping_type methods replace it")
+    parser.add_argument("--clipping_type", choices=CLIPPING_METHODS, default=None,
+                        help="dropgrad_dist.GradientClipper method (torch-clip's names), applied after DropGrad")
+    parser.add_argument("--clipping_level", type=float, default=1.0, help="clipping level eta")
+    parser.add_argument("--clip_beta", type=float, default=None, help="beta in (0, 1) of the random methods")
+    parser.add_argument("--p_autoclip", type=float, default=0.75, help="AutoClip quantile in (0, 1]")
+    parser.add_argument("--restarts", type=int, default=0,
+                        help="restart from the averaged iterate after this many steps, then every "
+                             "--restart_coeff times longer (0 disables)")
+    parser.add_argument("--restart_coeff", type=float, default=1.25)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--patch_size", type=int, default=8)
     parser.add_argument("--num_layers", type=int, default=4)
@@ -79,6 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--drop_rate must be in [0, 1], got {args.drop_rate}")
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.clipping_type is not None and args.max_grad_norm:
+        parser.error("--max_grad_norm and --clipping_type both clip: give one of them")
+    if args.max_grad_norm is None:
+        args.max_grad_norm = 0.0 if args.clipping_type is not None else 1.0
+    if args.restarts < 0:
+        parser.error(f"--restarts must be >= 0, got {args.restarts}")
     return args
 
 
@@ -102,6 +119,18 @@ def build_optimizer(args: argparse.Namespace, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "adadelta": torch.optim.Adadelta}
     return cls[args.optimizer](params, lr=lr)
+
+
+def regularizer_options(args: argparse.Namespace, total_steps: int) -> dict:
+    """prepare_regularizers' keyword arguments from the command line (None: not used)."""
+    return {
+        "dropgrad": dict(drop_rate=args.drop_rate, seed=args.seed, communication=args.communication)
+        if args.drop_rate > 0 else None,
+        "clipping": dict(method=args.clipping_type, clipping_level=args.clipping_level, beta=args.clip_beta,
+                         p_autoclip=args.p_autoclip, seed=args.seed) if args.clipping_type else None,
+        "restarts": dict(first_restart_steps=args.restarts, restart_coeff=args.restart_coeff,
+                         max_steps=max(total_steps, args.restarts)) if args.restarts else None,
+    }
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, ticks_per_step: int = 1):
@@ -223,12 +252,9 @@ def training_function(args: argparse.Namespace) -> dict:
         optimizer, warmup_cosine(total_steps, args.warmup_steps, ticks_per_step=accelerator.num_processes))
     model, optimizer, train_loader, test_loader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_loader, test_loader, lr_scheduler)
-    dropgrad = None
-    if args.drop_rate > 0:
-        dropgrad = prepare_dropgrad(accelerator, model, optimizer, drop_rate=args.drop_rate, seed=args.seed,
-                                    communication=args.communication)
-        accelerator.print(f"DropGrad p={args.drop_rate} applied as {dropgrad.mode} "
-                          f"({accelerator.distributed_type}, {accelerator.mixed_precision}, {accelerator.device})")
+    regularizers = prepare_regularizers(accelerator, model, optimizer, **regularizer_options(args, total_steps))
+    accelerator.print(f"regularizers: {regularizers.describe()} ({accelerator.distributed_type}, "
+                      f"{accelerator.mixed_precision}, {accelerator.device})")
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at optimizer step {completed_steps}")
@@ -269,8 +295,7 @@ def training_function(args: argparse.Namespace) -> dict:
             mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
             record = {"type": "train", "step": completed_steps, "epoch": epoch, "loss": mean_loss,
                       "lr": lr_scheduler.get_last_lr()[0], "step_time": time.perf_counter() - step_start}
-            if dropgrad is not None:
-                record.update(dropgrad.metrics())
+            record.update(regularizers.metrics())
             log.write(record)
             if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
                 accelerator.save_state(str(output_dir / f"step_{completed_steps}"))

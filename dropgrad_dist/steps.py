@@ -1,0 +1,61 @@
+"""Counting the optimizer steps that ran, for state that is not itself the optimizer.
+
+The DDP hook and a standalone ``GradientClipper`` act before the step but must advance their
+step count ``t`` only when the step really runs: a step that ``GradScaler`` skips never calls
+``optimizer.step()``. A :class:`StepWatch` is *armed* by the event that precedes a step (a
+synchronizing backward, a clip) and fires its callback once, after the first optimizer step
+over the watched parameters that follows (a global ``torch.optim`` step post-hook sees every
+``Optimizer.step()``); a wrapper and its inner optimizer, or two optimizers over parts of the
+model, stepping the same gradients fire it once.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Iterable
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+__all__ = ["StepWatch"]
+
+
+class StepWatch:
+    """Calls ``on_step()`` once per :meth:`arm`, after the next optimizer step over ``params``."""
+
+    def __init__(self, params: Iterable[torch.Tensor], on_step: Callable[[], None]) -> None:
+        self.armed = False
+        self._ids = {id(p) for p in params}
+        self._on_step = weakref.WeakMethod(on_step) if hasattr(on_step, "__self__") else (lambda: on_step)
+        this = weakref.ref(self)
+        handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: _stepped(this, optimizer))
+        # The hook registry is global: remove the hook when the watch goes away.
+        weakref.finalize(self, handle.remove)
+
+    def watch(self, params: Iterable[torch.Tensor]) -> None:
+        """Replace the watched parameters."""
+        self._ids = {id(p) for p in params}
+
+    def arm(self) -> None:
+        """The next optimizer step over the watched parameters fires ``on_step``."""
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def _holds_watched(self, optimizer: torch.optim.Optimizer) -> bool:
+        return any(id(p) in self._ids for group in optimizer.param_groups for p in group["params"])
+
+    def _fire(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.armed or not self._holds_watched(optimizer):
+            return
+        self.armed = False
+        callback = self._on_step()
+        if callback is not None:
+            callback()
+
+
+def _stepped(watch_ref: "weakref.ref[StepWatch]", optimizer: torch.optim.Optimizer) -> None:
+    watch = watch_ref()
+    if watch is not None:
+        watch._fire(optimizer)

@@ -398,8 +398,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"seeds per sensitivity cell (default {FULL['sensitivity_seeds']}, quick 1)")
     parser.add_argument("--drop_rate", type=_rate, default=0.3, help="DropGrad rate of the trajectory and "
                         "convergence runs (default 0.3)")
-    parser.add_argument("--sensitivity_function", choices=sorted(BENCHMARKS), default="rosenbrock",
-                        help="function of the drop rate x learning rate grid (default rosenbrock)")
+    parser.add_argument("--sensitivity_function", choices=sorted(BENCHMARKS), default="valley",
+                        help="function of the drop rate x learning rate grid (default valley: the zig-zag case)")
     parser.add_argument("--drop_rates", nargs="+", type=_rate, default=None,
                         help="sensitivity rows (default: " + " ".join(map(str, FULL["drop_rates"])) + ")")
     parser.add_argument("--lr_factors", nargs="+", type=_positive_float, default=None,

@@ -132,7 +132,7 @@ def plot_trajectories(rows: list[dict], output: Path) -> None:
     fig.legend([h for h, _ in handles.values()], [label for _, label in handles.values()], loc="upper center",
                bbox_to_anchor=(0.5, 0.975), ncol=len(handles), fontsize=9, frameon=False)
     # Fixed margins: tight_layout measures every tick label of every panel (seconds here).
-    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.03, top=0.94, wspace=0.12, hspace=0.18)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.03, top=0.925, wspace=0.12, hspace=0.18)
     fig.savefig(output, dpi=90)
     plt.close(fig)
 

@@ -31,26 +31,29 @@ def _run(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedPro
                           timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float]:
-    out = tmp_path_factory.mktemp("analysis") / "out"
+def test_quick_run_writes_complete_figures_and_csv(tmp_path, monkeypatch):
+    """One --quick run, checked from every side (one test, so pytest -n auto runs it only once)."""
+    out = tmp_path / "out"
     started = time.perf_counter()
-    done = _run("--output_dir", str(out), "--quick", cwd=tmp_path_factory.getbasetemp())
+    done = _run("--output_dir", str(out), "--quick", cwd=tmp_path)
     wall = time.perf_counter() - started
     assert done.returncode == 0, done.stderr
-    return out, done, wall
-
-
-@pytest.fixture(scope="module")
-def rows(quick) -> list[dict]:
-    with open(quick[0] / "results.csv", newline="") as f:
+    assert "wall time" in done.stdout.splitlines()[-1]
+    # The budget is 30 s on 2 idle cores; allow for a machine shared with other test workers.
+    assert wall < 120, f"--quick took {wall:.0f} s"
+    _check_pngs(out)
+    with open(out / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == COLUMNS
-        return list(reader)
+        rows = list(reader)
+    _check_trajectories(rows)
+    _check_convergence(rows)
+    _check_sensitivity(rows)
+    _check_rows_agree_across_figures(rows)
+    _check_figures_redraw_from_the_csv_alone(out / "results.csv", tmp_path / "redrawn", monkeypatch)
 
 
-def test_quick_writes_valid_pngs_and_reports_wall_time(quick):
-    out, done, wall = quick
+def _check_pngs(out: Path) -> None:
     for name in ("trajectories.png", "convergence.png", "sensitivity.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_SIGNATURE, name
@@ -59,12 +62,9 @@ def test_quick_writes_valid_pngs_and_reports_wall_time(quick):
 
     height, width, _ = matplotlib.image.imread(out / "trajectories.png").shape
     assert width > 800 and height > 600
-    assert "wall time" in done.stdout.splitlines()[-1]
-    # The budget is 30 s on 2 idle cores; allow for a machine shared with other test workers.
-    assert wall < 120, f"--quick took {wall:.0f} s"
 
 
-def test_trajectories_cover_every_function_optimizer_and_regularizer(rows):
+def _check_trajectories(rows: list[dict]) -> None:
     runs = defaultdict(list)
     for r in (r for r in rows if r["figure"] == "trajectories"):
         runs[r["function"], r["optimizer"], r["regularizer"]].append(r)
@@ -78,7 +78,7 @@ def test_trajectories_cover_every_function_optimizer_and_regularizer(rows):
         assert {r["seed"] for r in run} == ({""} if key[2] == "none" else {"0"}), key
 
 
-def test_convergence_has_ten_seeds_of_dropgrad_and_one_deterministic_baseline(rows):
+def _check_convergence(rows: list[dict]) -> None:
     seeds = defaultdict(lambda: defaultdict(list))
     for r in (r for r in rows if r["figure"] == "convergence"):
         seeds[r["function"], r["optimizer"], r["regularizer"]][r["seed"]].append(int(r["step"]))
@@ -92,7 +92,7 @@ def test_convergence_has_ten_seeds_of_dropgrad_and_one_deterministic_baseline(ro
         assert len(recorded) == 1 and recorded.pop()[-1] == QUICK_STEPS
 
 
-def test_sensitivity_grid_is_complete(rows):
+def _check_sensitivity(rows: list[dict]) -> None:
     sensitivity = [r for r in rows if r["figure"] == "sensitivity"]
     assert len({r["function"] for r in sensitivity}) == 1
     cells = defaultdict(set)
@@ -106,7 +106,7 @@ def test_sensitivity_grid_is_complete(rows):
         assert grid == {(p, lr) for p in rates for lr in lrs}, optimizer
 
 
-def test_rows_agree_across_figures(rows):
+def _check_rows_agree_across_figures(rows: list[dict]) -> None:
     """Drop rate 0 is DropGrad's exact no-op, and a trajectory is its convergence run's first seed."""
     final = {(r["function"], r["optimizer"], r["regularizer"], r["seed"]): r["loss"]
              for r in rows if r["figure"] == "convergence" and int(r["step"]) == QUICK_STEPS}
@@ -122,11 +122,12 @@ def test_rows_agree_across_figures(rows):
             assert r["loss"] == final[r["function"], r["optimizer"], r["regularizer"], r["seed"]]
 
 
-def test_figures_redraw_from_the_csv_alone(quick, tmp_path, monkeypatch):
+def _check_figures_redraw_from_the_csv_alone(csv_path: Path, out: Path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(ANALYSIS))
     import plots
 
-    written = plots.plot_all(quick[0] / "results.csv", tmp_path)
+    out.mkdir()
+    written = plots.plot_all(csv_path, out)
     assert sorted(p.name for p in written) == ["convergence.png", "sensitivity.png", "trajectories.png"]
     assert all(p.read_bytes()[:8] == PNG_SIGNATURE for p in written)
 

@@ -1,4 +1,4 @@
-"""dropgrad-dist: DropGrad and other gradient regularizers (clipping, ...) for distributed PyTorch.
+"""dropgrad-dist: DropGrad and other gradient regularizers (clipping, GNP/SAM) for distributed PyTorch.
 
 Whether a gradient coordinate is dropped depends only on (seed, step, parameter name,
 coordinate index, rate), never on rank, world size, bucket layout, shard boundaries or device.
@@ -7,6 +7,7 @@ coordinate index, rate), never on rank, world size, bucket layout, shard boundar
 from .agreement import RankDisagreement
 from .clip import CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, GradientClipper
 from .ddp_hook import DropGradHookState, dropgrad_hook, dropgrad_wrapper
+from .gnp import SAM, GradientNormPenalty
 from .integration import DropGradHandle, Regularizers, enable_fsdp_on_cpu, prepare_dropgrad, prepare_regularizers
 from .mask import MaskStream, drop_, keep_mask, keep_probability, keep_threshold, mask_backend, set_mask_backend
 from .optim import DropGrad
@@ -31,12 +32,14 @@ __all__ = [
     "DropGradHookState",
     "DropRateScheduler",
     "GradientClipper",
+    "GradientNormPenalty",
     "LinearDropRateScheduler",
     "MaskStream",
     "RankDisagreement",
     "Regularizers",
     "Restarter",
     "RestartingOptimizer",
+    "SAM",
     "StepDropRateScheduler",
     "canonical_name",
     "drop_",

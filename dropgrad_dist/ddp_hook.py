@@ -56,8 +56,9 @@ Complex parameters (DDP all-reduces them as pairs of reals) are masked per compl
 coordinate, like the wrapper does; sparse gradients are refused.
 """
 
+import contextlib
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -75,13 +76,25 @@ from .params import DropPlan, ParamEntry, RateSpec, named_parameters
 from .schedules import DropRateScheduler
 from .steps import StepWatch
 
-__all__ = ["DropGradHookState", "dropgrad_hook", "dropgrad_wrapper", "refuse_double_masking"]
+__all__ = ["DropGradHookState", "dropgrad_hook", "dropgrad_wrapper", "refuse_double_masking", "registered_hook_state"]
 
 Communication = Literal["dense", "compact"]
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
 
 # Parameter -> the state whose hook masks its gradient inside DDP's all-reduce.
 _MASKED_BY_HOOK: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def registered_hook_state(params: list[torch.Tensor]) -> "DropGradHookState | None":
+    """The registered DropGradHookState that masks any of ``params`` inside DDP's all-reduce, if one does."""
+    if not _MASKED_BY_HOOK:
+        return None
+    for param in params:
+        ref = _MASKED_BY_HOOK.get(param)
+        state = ref() if ref is not None else None
+        if state is not None and state._registered_model() is not None:
+            return state
+    return None
 
 
 def refuse_double_masking(param: torch.Tensor, key: str) -> None:
@@ -143,6 +156,7 @@ class DropGradHookState:
         self._spec: dict[str, Any] | None = None  # the plan's arguments, while unbound (unpickled)
         self._unbound_state: dict[str, Any] | None = None  # state to load once bound (unpickled)
         self._registered_on: weakref.ref | None = None
+        self._suspended = False
         self._agreement = AgreementCheck("DropGradHookState", process_group)
         self._reset_rounds()
         self._bind(model, drop_rate, params, drop_rate_scheduler)
@@ -199,6 +213,32 @@ class DropGradHookState:
         return self._registered_on() if self._registered_on is not None else None
 
     # -- rounds and steps --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Backward passes inside average gradients without masking them (e.g. SAM's first pass).
+
+        Every rank must suspend the same passes (it is part of the agreement check).
+        """
+        previous, self._suspended = self._suspended, True
+        try:
+            yield
+        finally:
+            self._suspended = previous
+
+    @torch.no_grad()
+    def mask_like_hook_(self, params: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
+        """Multiply ``tensors`` (whole gradients of ``params``, e.g. saved copies) by this step's masks.
+
+        ``tensor <- keep(seed, t, key, p) * tensor / (1 - p)``: what a round masks now, without averaging.
+        """
+        for param, tensor in zip(params, tensors):
+            entry = self.plan.entry(param)
+            if entry is None:
+                continue
+            rate = self.plan.rate_of(entry)
+            if rate > 0.0:  # drop_ masks a complex number as one coordinate, like a bucket's pairs
+                _mask.drop_(tensor, seed=self.seed, step=self.step_index, key=entry.key, rate=rate)
+
     def _reset_rounds(self) -> None:
         self._rounds_pending = 0  # synchronizing backward passes since the last optimizer step
         self._in_round = False
@@ -211,16 +251,19 @@ class DropGradHookState:
 
         Opening a round launches the agreement check; ``wait_now`` waits for it here (compact:
         what is sent depends on ``t``), otherwise the last bucket waits (dense: same sizes).
+        A suspended round (see :meth:`suspended`) averages without masking and consumes nothing.
         """
         if self._in_round:
             return
         if self.plan is None:
             raise RuntimeError("this DropGradHookState was unpickled and is not bound to a model: "
                                "call state.register(ddp_model) instead of ddp_model.register_comm_hook")
-        pending = self._agreement.start(self.agreement_fields(hook_name), bucket.buffer().device)
-        self._rounds_pending += 1
+        name = f"{hook_name} (suspended)" if self._suspended else hook_name
+        pending = self._agreement.start(self.agreement_fields(name), bucket.buffer().device)
         self._in_round = True
-        self._step_watch.arm()
+        if not self._suspended:
+            self._rounds_pending += 1
+            self._step_watch.arm()
         if wait_now and pending is not None:
             try:
                 pending.wait()
@@ -382,6 +425,7 @@ class DropGradHookState:
         self._known = set()
         self._model = None
         self._registered_on = None
+        self._suspended = False
         self._agreement = AgreementCheck("DropGradHookState", None)
         self._reset_rounds()
 
@@ -417,19 +461,22 @@ def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.fu
     kept coordinates (plus one non-finite flag element) and scatter them back; dropped
     coordinates become zero.
     """
-    state._enter(bucket, "dropgrad_hook", wait_now=state.communication == "compact")
+    state._enter(bucket, "dropgrad_hook", wait_now=state.communication == "compact" and not state._suspended)
     try:
         world_size = _group_size(state)
         buffer = bucket.buffer()
         nbytes = buffer.numel() * buffer.element_size()
         state.bytes_dense_equivalent += nbytes
-        if state.communication == "dense":
-            state._mask_bucket_(bucket, world_size, keep=None)
+        if state.communication == "compact" and not state._suspended:
+            future = _compact_all_reduce(state, bucket, world_size)
+        else:
+            if state._suspended:
+                buffer.div_(world_size)  # a plain average (e.g. SAM's perturbation pass)
+            else:
+                state._mask_bucket_(bucket, world_size, keep=None)
             state.bytes_communicated += nbytes
             work = dist.all_reduce(buffer, group=state.process_group, async_op=True)
             future = work.get_future().then(lambda fut: fut.value()[0])
-        else:
-            future = _compact_all_reduce(state, bucket, world_size)
     except BaseException:
         state._abort_round()
         raise
@@ -491,7 +538,8 @@ def dropgrad_wrapper(hook: Hook) -> Hook:
                              "build the state with communication='dense' (compact is dropgrad_hook's own)")
         state._enter(bucket, name, wait_now=False)
         try:
-            state._mask_bucket_(bucket, 1, keep=None)
+            if not state._suspended:
+                state._mask_bucket_(bucket, 1, keep=None)
             future = hook(state.process_group, bucket)
         except BaseException:
             state._abort_round()

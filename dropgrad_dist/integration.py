@@ -1,12 +1,14 @@
 """Accelerate integration: one call after ``accelerator.prepare`` applies every regularizer where it belongs.
 
-``prepare_regularizers(accelerator, model, optimizer, dropgrad={...}, clipping={...}, restarts={...})``:
+``prepare_regularizers(accelerator, model, optimizer, dropgrad={...}, clipping={...}, restarts={...}, gnp={...})``:
 
 - DropGrad: under DDP (``MULTI_GPU``, ``MULTI_CPU``) the DDP communication hook masks the
   all-reduced buckets; under FSDP (1 and 2) and in one process (CPU, one GPU, MPS) the
   :class:`~dropgrad_dist.DropGrad` wrapper masks the (sharded) gradients;
 - clipping (:class:`~dropgrad_dist.GradientClipper`) and restarts (:class:`~dropgrad_dist.Restarter`)
-  become part of the optimizer step.
+  become part of the optimizer step;
+- the gradient norm penalty / SAM (:class:`~dropgrad_dist.GradientNormPenalty`) wraps the gradient
+  computation: step with ``regularizers.step(closure)``.
 
 The gradient the optimizer steps on is built the same way in every layout: **DropGrad mask,
 then clipping (on unscaled gradients under a GradScaler), then the step**, then the restart
@@ -21,13 +23,14 @@ through Accelerate's save/load state hooks, never pickled, so a tampered checkpo
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import torch
 from torch import nn
 
 from . import checkpoint as _checkpoint
 from .clip import ClippedOptimizer, GradientClipper
+from .gnp import GradientNormPenalty
 from .mask import keep_probability
 from .optim import DropGrad
 from .params import RateSpec
@@ -53,12 +56,16 @@ class Regularizers:
     """
 
     def __init__(self, mode: Mode, model: nn.Module, dropgrad: Any = None, clipper: GradientClipper | None = None,
-                 restarter: Restarter | None = None) -> None:
+                 restarter: Restarter | None = None, gnp: GradientNormPenalty | None = None,
+                 accelerator: "Accelerator | None" = None, optimizer: Any = None) -> None:
         self.mode = mode
         self.model = model
         self.dropgrad = dropgrad
         self.clipper = clipper
         self.restarter = restarter
+        self.gnp = gnp
+        self._accelerator = accelerator
+        self._optimizer = optimizer  # the AcceleratedOptimizer
         # accelerator.load_state takes no options: set False to resume with a changed configuration.
         self.strict_load = True
 
@@ -78,6 +85,26 @@ class Regularizers:
         """The default drop rate at the current step."""
         return self.dropgrad.plan.default_rate() if self.dropgrad is not None else None
 
+    def step(self, closure: Callable[[], Any]) -> Any:
+        """One optimizer step with gradient norm penalty / SAM: ``closure`` runs twice (see ``GradientNormPenalty``).
+
+        The closure computes the loss, calls ``accelerator.backward(loss)`` and returns the loss; to
+        accumulate, it loops over micro-batches itself (``accelerator.no_sync(model)`` on all but the
+        last), with the Accelerator's ``gradient_accumulation_steps`` left at 1. Under fp16 the
+        accelerator's GradScaler steps (a non-finite pass skips the step); the LR scheduler sees the skip.
+        """
+        if self.gnp is None:
+            raise ValueError("Regularizers.step(closure) runs the gradient norm penalty; without gnp= call "
+                             "optimizer.step() as usual")
+        if not self._accelerator.sync_gradients:
+            raise ValueError("GNP/SAM accumulates inside its closure: create the Accelerator with "
+                             "gradient_accumulation_steps=1 and loop over micro-batches in the closure")
+        before = self.gnp.step_index
+        loss = self.gnp.step(closure, scaler=self._accelerator.scaler)
+        # AcceleratedOptimizer.step_was_skipped: what its schedulers read to skip their step too.
+        self._optimizer._is_overflow = self.gnp.step_index == before
+        return loss
+
     def describe(self) -> str:
         """One line: what runs, and how."""
         parts = []
@@ -87,6 +114,9 @@ class Regularizers:
             parts.append(f"clipping {self.clipper.method}")
         if self.restarter is not None:
             parts.append(f"restarts from {self.restarter.first_restart_steps} steps x{self.restarter.restart_coeff}")
+        if self.gnp is not None:
+            parts.append(f"gradient norm penalty alpha={self.gnp.alpha} r={self.gnp.r} ({self.gnp.perturbation}, "
+                         f"warmup {self.gnp.warmup})")
         return "; ".join(parts) or "none"
 
     def metrics(self) -> dict[str, float]:
@@ -105,6 +135,8 @@ class Regularizers:
                 out["clip_coefficient"] = stats["coefficient"]
         if self.restarter is not None:
             out["restarts"] = float(self.restarter.restarts)
+        if self.gnp is not None:
+            out["gnp_alpha"], out["gnp_r"] = self.gnp.coefficients(self.gnp.step_index - 1)
         return out
 
     # -- checkpointing (rules: dropgrad_dist.checkpoint) ------------------------------------------
@@ -118,6 +150,8 @@ class Regularizers:
             state["clipping"] = self.clipper.state_dict()
         if self.restarter is not None:
             state["restarts"] = {k: v for k, v in self.restarter.state_dict().items() if k != "sums"}
+        if self.gnp is not None:
+            state["gnp"] = self.gnp.own_state_dict()
         return state
 
     def restart_sums(self) -> dict[str, torch.Tensor]:
@@ -133,7 +167,8 @@ class Regularizers:
         if mode != self.mode:
             raise ValueError(f"checkpoint was saved with DropGrad as {mode!r}, this run applies it as {self.mode!r}")
         applies = []
-        for name, present in (("dropgrad", self.dropgrad), ("clipping", self.clipper), ("restarts", self.restarter)):
+        for name, present in (("dropgrad", self.dropgrad), ("clipping", self.clipper), ("restarts", self.restarter),
+                              ("gnp", self.gnp)):
             if (name in state_dict) != (present is not None):
                 raise ValueError(f"checkpoint {'has' if name in state_dict else 'has no'} {name} state, this run "
                                  f"{'uses' if present is not None else 'does not use'} {name}")
@@ -145,6 +180,8 @@ class Regularizers:
         if self.restarter is not None:
             full = {**state_dict["restarts"], "sums": dict(restart_sums or {})}
             applies.append(self.restarter.prepare_state(full, self.model, strict))
+        if self.gnp is not None:
+            applies.append(self.gnp.prepare_own_state(state_dict["gnp"], strict))
         for apply in applies:
             apply()
 
@@ -254,11 +291,13 @@ def prepare_regularizers(
     dropgrad: Mapping[str, Any] | None = None,
     clipping: Mapping[str, Any] | None = None,
     restarts: Mapping[str, Any] | None = None,
+    gnp: Mapping[str, Any] | None = None,
 ) -> Regularizers:
     """Apply gradient regularizers to a prepared model and optimizer: mask, then clip, then step.
 
     Math: ``g <- clip(m_t * g / (1 - p))``, then the optimizer's update, then (restarts) the
-    iterate average at the end of each period.
+    iterate average at the end of each period; with ``gnp``, ``g`` is first the penalized
+    gradient ``(1 - alpha) grad L(theta) + alpha grad L(theta + r grad L / ||grad L||)``.
 
     Args:
         accelerator, model, optimizer: what ``accelerator.prepare`` returned.
@@ -268,6 +307,9 @@ def prepare_regularizers(
         clipping: :class:`~dropgrad_dist.GradientClipper` options (``method``, ``clipping_level``,
             ``beta``, ``p_autoclip``, ``history_size``, ``seed``).
         restarts: :class:`~dropgrad_dist.Restarter` options.
+        gnp: :class:`~dropgrad_dist.GradientNormPenalty` options (``alpha``, ``r``, ``warmup``,
+            ``warmup_steps``, ``perturbation``); SAM is ``alpha=1, r=rho``. Step with
+            ``regularizers.step(closure)``.
     """
     from accelerate.optimizer import AcceleratedOptimizer
     from accelerate.utils import DistributedType
@@ -280,6 +322,7 @@ def prepare_regularizers(
     if communication not in ("dense", "compact"):
         raise ValueError(f"communication must be 'dense' or 'compact', got {communication!r}")
     clip_options, restart_options = _options(clipping, "clipping"), _options(restarts, "restarts")
+    gnp_options = _options(gnp, "gnp")
     kind = accelerator.distributed_type
     if kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
         mode: Mode = "ddp_hook"
@@ -308,12 +351,15 @@ def prepare_regularizers(
         drop.register(model)
     elif dropgrad is not None:
         drop = chain = DropGrad(chain, **drop_options, model=model)
+    penalty = GradientNormPenalty(chain, **gnp_options, model=model) if gnp is not None else None
+    if penalty is not None:
+        chain = penalty  # outermost: it computes the gradient that the rest masks, clips and steps on
     for wrapper in _wrappers(chain):
         wrapper.include_state_in_state_dict = False  # the JSON file holds it (FSDP drops extra keys)
     if chain is not optimizer.optimizer:
         _install_step_chain(optimizer, chain)
     _guard_accelerator_clipping(accelerator, drop if isinstance(drop, DropGrad) else None, clipper is not None)
-    handle = Regularizers(mode, model, drop, clipper, restarter)
+    handle = Regularizers(mode, model, drop, clipper, restarter, penalty, accelerator, optimizer)
     handle._attach_to_checkpoints(accelerator)
     return handle
 

@@ -113,3 +113,45 @@ def test_prepare_regularizers_refuses_unknown_options():
         prepare_regularizers(accelerator, model, optimizer, dropgrad=dict(rate=0.1))
     with pytest.raises(ValueError, match="method \\(clipping_type\\) must be one of"):
         prepare_regularizers(accelerator, model, optimizer, clipping=dict(method="gradient"))
+
+
+def test_gnp_through_the_entry_point_accumulates_inside_its_closure(tmp_path):
+    """regularizers.step(closure) with micro-batches (no_sync on all but the last) equals the whole-batch chain."""
+    from dropgrad_dist import ClippedOptimizer, GradientClipper, GradientNormPenalty, prepare_regularizers
+
+    accelerator, model, optimizer = _prepared()
+    handle = prepare_regularizers(accelerator, model, optimizer, dropgrad=dict(drop_rate=0.3, seed=2),
+                                  clipping=dict(method="norm", clipping_level=0.5),
+                                  gnp=dict(alpha=0.7, r=0.05, warmup="lambda", warmup_steps=2))
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    chain = GradientNormPenalty(
+        DropGrad(ClippedOptimizer(torch.optim.AdamW(reference.parameters(), lr=1e-2), GradientClipper("norm", 0.5)),
+                 0.3, seed=2, model=reference), alpha=0.7, r=0.05, warmup="lambda", warmup_steps=2, model=reference)
+    for step in range(4):
+        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(step))
+
+        def micro_batches():
+            with accelerator.no_sync(model):
+                accelerator.backward(model(x[:3]).square().mean() / 2)
+            accelerator.backward(model(x[3:]).square().mean() / 2)
+            return torch.tensor(0.0)
+
+        def whole():
+            loss = reference(x).square().mean()
+            loss.backward()
+            return loss
+
+        handle.step(micro_batches)
+        optimizer.zero_grad()
+        chain.step(whole)
+        chain.zero_grad()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert handle.gnp.step_index == 4 and handle.metrics()["gnp_alpha"] == 0.7
+    with pytest.raises(ValueError, match="needs a closure"):
+        optimizer.step()
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    handle.gnp.step_index = 0
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    assert handle.gnp.step_index == 4

@@ -1,6 +1,7 @@
 """`accelerate launch` of the ViT script on 2 CPU processes: DDP-hook and FSDP2 modes agree with one process.
 
-Every run masks (DropGrad), then clips (GradientClipper), then steps: the order of every layout.
+Every run computes the penalized gradient (GNP, two passes), masks it (DropGrad), clips it
+(GradientClipper), then steps: the order of every layout.
 """
 
 import json
@@ -17,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # each step and runs can be compared parameter by parameter. SGD: no Adam sign amplification.
 TINY = ["--num_layers", "1", "--hidden_dim", "32", "--mlp_dim", "64", "--num_heads", "2", "--patch_size", "8",
         "--batch_size", "32", "--train_size", "32", "--test_size", "32", "--optimizer", "sgd",
-        "--drop_rate", "0.3", "--clipping_type", "norm", "--clipping_level", "0.05", "--warmup_steps", "1"]
+        "--drop_rate", "0.3", "--clipping_type", "norm", "--clipping_level", "0.05", "--warmup_steps", "1",
+        "--gnp_alpha", "0.5", "--gnp_r", "0.05"]
 
 
 def _launch(script: str, output_dir: Path, *extra: str) -> list[dict]:
@@ -49,7 +51,8 @@ def test_ddp_hook_mode_matches_one_process_and_ranks_agree(single_run, tmp_path)
     train = [r for r in records if r["type"] == "train"]
     assert len(train) == 6
     sent = [r["bytes_communicated"] / r["bytes_dense_equivalent"] for r in train]
-    assert all(abs(ratio - 0.7) < 0.02 for ratio in sent)  # compact: only kept coordinates travel
+    # GNP's first pass is averaged unmasked (all bytes); the second, compact, sends the kept 70%.
+    assert all(abs(ratio - (1.0 + 0.7) / 2) < 0.02 for ratio in sent)
     assert len(set(final["rank_param_digests"])) == 1  # both ranks hold the same parameters
     assert _max_diff(single_run[0], tmp_path) < 1e-6  # same masks as the single-process wrapper
 

@@ -69,6 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="restart from the averaged iterate after this many steps, then every "
                              "--restart_coeff times longer (0 disables)")
     parser.add_argument("--restart_coeff", type=float, default=1.25)
+    parser.add_argument("--gnp_alpha", type=float, default=0.0,
+                        help="gradient norm penalty weight alpha = lambda / r in [0, 1] (0 disables)")
+    parser.add_argument("--gnp_r", type=float, default=0.05, help="gradient norm penalty radius r")
+    parser.add_argument("--gnp_warmup", choices=["none", "lambda", "r", "zero"], default="none",
+                        help="GNP warmup over --warmup_steps (the learning-rate warmup)")
+    parser.add_argument("--sam_rho", type=float, default=0.0, help="SAM radius rho (= --gnp_alpha 1 --gnp_r rho)")
+    parser.add_argument("--perturbation", choices=["global", "local"], default="global",
+                        help="GNP/SAM first gradient: rank-averaged (global) or per replica (local, DDP)")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--patch_size", type=int, default=8)
     parser.add_argument("--num_layers", type=int, default=4)
@@ -96,6 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_grad_norm = 0.0 if args.clipping_type is not None else 1.0
     if args.restarts < 0:
         parser.error(f"--restarts must be >= 0, got {args.restarts}")
+    if args.sam_rho:
+        if args.gnp_alpha:
+            parser.error("--sam_rho is --gnp_alpha 1 --gnp_r rho: give one of them")
+        args.gnp_alpha, args.gnp_r = 1.0, args.sam_rho
+    if args.gnp_alpha and args.gradient_accumulation_steps > 1:
+        parser.error("GNP/SAM evaluate every micro-batch twice: use --gradient_accumulation_steps 1 "
+                     "(accumulate inside the closure when calling the library directly)")
     return args
 
 
@@ -130,6 +145,9 @@ def regularizer_options(args: argparse.Namespace, total_steps: int) -> dict:
                          p_autoclip=args.p_autoclip, seed=args.seed) if args.clipping_type else None,
         "restarts": dict(first_restart_steps=args.restarts, restart_coeff=args.restart_coeff,
                          max_steps=max(total_steps, args.restarts)) if args.restarts else None,
+        # The GNP warmup is tied to the learning-rate warmup.
+        "gnp": dict(alpha=args.gnp_alpha, r=args.gnp_r, warmup=args.gnp_warmup, perturbation=args.perturbation,
+                    warmup_steps=args.warmup_steps if args.gnp_warmup != "none" else 0) if args.gnp_alpha else None,
     }
 
 
@@ -278,12 +296,24 @@ def training_function(args: argparse.Namespace) -> dict:
         step_start = time.perf_counter()
         for images, labels in batches:
             with accelerator.accumulate(model):
-                logits = model(images)
-                loss = torch.nn.functional.cross_entropy(logits, labels)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+                if regularizers.gnp is not None:
+                    outputs = []
+
+                    def closure():  # evaluated at theta and at the perturbed point
+                        outputs.append(model(images))
+                        loss = torch.nn.functional.cross_entropy(outputs[-1], labels)
+                        accelerator.backward(loss)
+                        return loss
+
+                    loss = regularizers.step(closure)
+                    logits = outputs[0]
+                else:
+                    logits = model(images)
+                    loss = torch.nn.functional.cross_entropy(logits, labels)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
             correct += (logits.argmax(dim=-1) == labels).sum().item()

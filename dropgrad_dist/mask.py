@@ -31,6 +31,7 @@ How masks are computed (all bitwise identical; :func:`set_mask_backend` chooses)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -39,7 +40,7 @@ import threading
 import types
 import warnings
 from enum import IntEnum
-from typing import Callable, Literal, NamedTuple, Sequence
+from typing import Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -95,12 +96,19 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+_SPLITMIX_NP = tuple(np.uint64(c) for c in (0x9E3779B97F4A7C15, 30, 0xBF58476D1CE4E5B9, 27, 0x94D049BB133111EB, 31))
+
+
 def _splitmix64_np(x: np.ndarray) -> np.ndarray:
-    # The same mix on uint64 arrays (numpy wraps modulo 2**64): one pass salts every piece of a call.
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+    # The same mix on a uint64 array, in place (numpy wraps modulo 2**64): one pass salts every piece.
+    add, s1, m1, s2, m2, s3 = _SPLITMIX_NP
+    x += add
+    x ^= x >> s1
+    x *= m1
+    x ^= x >> s2
+    x *= m2
+    x ^= x >> s3
+    return x
 
 
 def key_hash(key: str) -> int:
@@ -129,9 +137,14 @@ def _salt(seed: int, step: int, key: int, stream: MaskStream, block: int) -> int
 
 def _salts(seed: int, step: int, stream: MaskStream, keys: np.ndarray, blocks: np.ndarray) -> np.ndarray:
     """:func:`_salt` of many (key, block) pairs at once (uint64 arrays)."""
-    h = _splitmix64_np(np.uint64(_step_word(seed, step)) ^ keys)
-    h = _splitmix64_np(h ^ np.uint64(int(stream)))
-    return _splitmix64_np(h ^ blocks)
+    if keys.size <= 8:  # a numpy call costs ~1 us, a Python salt ~2 us: few pieces are faster one by one
+        return np.array([_salt(seed, step, key, stream, block) for key, block in zip(keys.tolist(), blocks.tolist())],
+                        dtype=np.uint64)
+    h = _splitmix64_np(keys ^ np.uint64(_step_word(seed, step)))
+    h ^= np.uint64(int(stream))
+    h = _splitmix64_np(h)
+    h ^= blocks
+    return _splitmix64_np(h)
 
 
 def uniform_u32(seed: int, step: int, stream: MaskStream, key: int = 0) -> int:
@@ -292,6 +305,7 @@ _compile_failed: set[str] = set()  # device types where torch.compile of the per
 _native: dict[tuple, object] = {}  # (device type, dtype) -> checked native kernel, or None (dtype not covered)
 _MISSING = object()
 _native_failed: set[str] = set()  # device types whose native kernels failed to build or to check
+_native_off = False
 _NATIVE_BUILDERS = {"cpu": _mask_kernels.cpu_kernel, "cuda": _mask_kernels.cuda_kernel}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # subclasses (DTensor, fake tensors) take the torch-op path
 _lanes: dict[torch.device, torch.Tensor] = {}
@@ -363,9 +377,20 @@ def _run(name: str, eager: Callable, *args) -> None:
     eager(*args)
 
 
+@contextlib.contextmanager
+def _native_kernels_off() -> Iterator[None]:
+    """Within: the torch-op paths only (benchmarks compare them with the native kernels)."""
+    global _native_off
+    previous, _native_off = _native_off, True
+    try:
+        yield
+    finally:
+        _native_off = previous
+
+
 def _native_kernel(tensor: torch.Tensor):
     """The native kernel for ``tensor``'s device and dtype, checked against the eager path on first use; or None."""
-    if _backend == "eager":
+    if _backend == "eager" or _native_off:
         return None
     key = ("cpu" if tensor.is_cpu else tensor.device.type, tensor.dtype)  # is_cpu: 20x cheaper than .device
     kernel = _native.get(key, _MISSING)
@@ -401,15 +426,15 @@ def _self_check(kernel, device: torch.device, dtype: torch.dtype) -> None:
     results = []
     for use_kernel in (True, False):
         out, keep = values.clone(), torch.empty(values.numel(), dtype=torch.bool, device=device)
-        batch, offset = _Batch(), 0
+        batch: list[_Piece] = []
         for n, key, start, rate in cases:
-            batch.add(out, offset, n, _key_hash(key), start, rate, out.data_ptr() + offset * out.element_size())
-            offset += n
+            offset = sum(piece[2] for piece in batch)
+            batch.append((out, offset, n, _key_hash(key), start, rate, out.data_ptr() + offset * out.element_size()))
         if use_kernel:
             kernel.many(_table(batch, keep.view(torch.uint8), 1, 2, MaskStream.GRAD, 0.5), device)
         else:
-            for item in batch.items():
-                _drop_item_torch(item, keep.view(torch.uint8), 1, 2, MaskStream.GRAD, 0.5, eager=True)
+            for piece in batch:
+                _drop_piece_torch(piece, keep.view(torch.uint8), 1, 2, MaskStream.GRAD, 0.5, eager=True)
         results.append((out.view(_BITS[out.element_size()]), keep))
     if not (torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])):
         raise RuntimeError(f"the native {device.type} mask kernel for {dtype} disagrees with the eager "
@@ -423,67 +448,58 @@ _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Batches: what one call masks, on one device and dtype.
 
 
-class _Batch:
-    """Pieces ``i``: coordinates ``[starts[i], starts[i] + counts[i])`` of the key hashed to ``words[i]``,
-    stored contiguously from element ``offsets[i]`` of ``tensors[i]`` (byte address ``ptrs[i]``)."""
-
-    __slots__ = ("tensors", "offsets", "ptrs", "counts", "words", "starts", "rates")
-
-    def __init__(self) -> None:
-        self.tensors: list[torch.Tensor] = []
-        self.offsets: list[int] = []
-        self.ptrs: list[int] = []
-        self.counts: list[int] = []
-        self.words: list[int] = []
-        self.starts: list[int] = []
-        self.rates: list[float] = []
-
-    def add(self, tensor: torch.Tensor, offset: int, count: int, word: int, start: int, rate: float,
-            ptr: int) -> None:
-        # ptr: tensor.data_ptr() + offset * itemsize for plain tensors (0 for subclasses: never used)
-        self.tensors.append(tensor)
-        self.offsets.append(offset)
-        self.ptrs.append(ptr)
-        self.counts.append(count)
-        self.words.append(word)
-        self.starts.append(start)
-        self.rates.append(rate)
-
-    def items(self):
-        return zip(self.tensors, self.offsets, self.counts, self.words, self.starts, self.rates)
+# A piece: (tensor, offset, count, key word, start, rate, pointer) = global coordinates
+# [start, start + count) of the key hashed to ``word``, stored contiguously from element
+# ``offset`` of ``tensor``, whose byte address is ``pointer`` (0 where the torch ops mask it).
+# A batch is a list of pieces of one device and dtype, masked by one call.
+_Piece = tuple
 
 
-def _table(batch: _Batch, mask: torch.Tensor | None, seed: int, step: int, stream: MaskStream,
+def _table(batch: list[_Piece], mask: torch.Tensor | None, seed: int, step: int, stream: MaskStream,
            extra_scale: float) -> np.ndarray:
     """The native kernels' int64 piece table: pieces split at salt blocks, all salted in one numpy pass.
 
     ``mask`` (flat uint8) belongs to the batch's one tensor (a bucket, or a single tensor): the
-    piece at element ``o`` writes ``mask[o:o + n]``.
+    piece at element ``o`` writes ``mask[o:o + count]``.
     """
-    counts = np.array(batch.counts, dtype=np.int64)
+    tensors, offsets, counts, words, starts, rates, ptrs = zip(*batch)
+    ptrs = np.array(ptrs, dtype=np.int64)
+    counts = np.array(counts, dtype=np.int64)
+    words = np.array(words, dtype=np.uint64)
+    masks = None if mask is None else mask.data_ptr() + np.array(offsets, dtype=np.int64)
     try:
-        starts = np.array(batch.starts, dtype=np.int64)
-        blocks, within = (starts >> 31).astype(np.uint64), starts & (_BLOCK - 1)
+        start_array = np.array(starts, dtype=np.int64)
+        blocks, within = (start_array >> 31).astype(np.uint64), start_array & (_BLOCK - 1)
     except OverflowError:  # a start beyond 2**63: legal, if useless
-        blocks = np.array([(s >> 31) & _MASK64 for s in batch.starts], dtype=np.uint64)
-        within = np.array([s & (_BLOCK - 1) for s in batch.starts], dtype=np.int64)
-    # Split each entry into the salt blocks it touches (almost always one piece per entry).
-    pieces = np.where(counts > 0, (within + counts - 1) // _BLOCK + 1, 0)
-    rows = np.repeat(np.arange(counts.size), pieces)
-    k = np.arange(rows.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-    first = np.where(k == 0, 0, k * _BLOCK - within[rows])  # the piece's first coordinate in its entry
-    piece_within = np.where(k == 0, within[rows], 0)
-    rates, inverse = np.unique(np.array(batch.rates, dtype=np.float64), return_inverse=True)
-    codes = np.array([_rate_code(float(rate), extra_scale) for rate in rates], dtype=np.float64).reshape(-1, 2)
-    table = np.empty((rows.size, _mask_kernels.TABLE_COLUMNS), dtype=np.int64)
-    table[:, 0] = np.array(batch.ptrs, dtype=np.int64)[rows] + first * batch.tensors[0].element_size()
-    table[:, 1] = 0 if mask is None else mask.data_ptr() + np.array(batch.offsets, dtype=np.int64)[rows] + first
-    table[:, 2] = np.minimum(counts[rows] - first, _BLOCK - piece_within)
-    salt = _salts(seed, step, stream, np.array(batch.words, dtype=np.uint64)[rows], blocks[rows] + k.astype(np.uint64))
-    table[:, 3] = (salt + piece_within.astype(np.uint64)) & np.uint64(_MASK32)
-    table[:, 4] = codes[inverse[rows], 0]
-    table[:, 5] = codes[inverse[rows], 1].view(np.int64)
+        blocks = np.array([(s >> 31) & _MASK64 for s in starts], dtype=np.uint64)
+        within = np.array([s & (_BLOCK - 1) for s in starts], dtype=np.int64)
+    codes = {rate: _rate_code(rate, extra_scale) for rate in set(rates)}
+    thresholds = np.array([codes[rate][0] for rate in rates], dtype=np.int64)
+    scales = np.array([codes[rate][1] for rate in rates], dtype=np.float64)
+    if (within + counts).max() > _BLOCK:  # rare: split the pieces at salt-block boundaries
+        ptrs, masks, counts, words, blocks, within, thresholds, scales = _split_at_blocks(
+            tensors[0].element_size(), ptrs, masks, counts, words, blocks, within, thresholds, scales)
+    table = np.empty((counts.size, _mask_kernels.TABLE_COLUMNS), dtype=np.int64)
+    table[:, 0] = ptrs
+    table[:, 1] = 0 if masks is None else masks
+    table[:, 2] = counts
+    table[:, 3] = (_salts(seed, step, stream, words, blocks) + within.astype(np.uint64)) & np.uint64(_MASK32)
+    table[:, 4] = thresholds
+    table[:, 5] = scales.view(np.int64)
     return table
+
+
+def _split_at_blocks(size: int, ptrs: np.ndarray, masks: np.ndarray | None, counts: np.ndarray, *columns):
+    """Columns of the pieces cut where they cross a salt block: ``[start, start + n)`` at multiples of 2**31."""
+    words, blocks, within, thresholds, scales = columns
+    parts = np.where(counts > 0, (within + counts - 1) // _BLOCK + 1, 0)
+    rows = np.repeat(np.arange(counts.size), parts)
+    k = np.arange(rows.size) - np.repeat(np.cumsum(parts) - parts, parts)  # part number within its piece
+    first = np.where(k == 0, 0, k * _BLOCK - within[rows])  # the part's first coordinate in its piece
+    part_within = np.where(k == 0, within[rows], 0)
+    return (ptrs[rows] + first * size, None if masks is None else masks[rows] + first,
+            np.minimum(counts[rows] - first, _BLOCK - part_within), words[rows],
+            blocks[rows] + k.astype(np.uint64), part_within, thresholds[rows], scales[rows])
 
 
 def _pieces(start: int, numel: int):
@@ -496,19 +512,19 @@ def _pieces(start: int, numel: int):
         offset += length
 
 
-def _mask_batch(batch: _Batch, mask: torch.Tensor | None, seed: int, step: int, stream: MaskStream,
+def _mask_batch(batch: list[_Piece], mask: torch.Tensor | None, seed: int, step: int, stream: MaskStream,
                 extra_scale: float) -> None:
     """Mask a batch: one native kernel call, else piece by piece through the torch ops."""
-    first = batch.tensors[0]
+    first = batch[0][0]
     kernel = _native_kernel(first) if _addressable(first) else None
     if kernel is not None:
         kernel.many(_table(batch, mask, seed, step, stream, extra_scale), first.device)
         # The kernel wrote through pointers: tell autograd, as an in-place torch op would.
-        _bump_versions([first] if batch.tensors[-1] is first else batch.tensors)
+        _bump_versions([first] if batch[-1][0] is first else [piece[0] for piece in batch])
         return
     with torch.no_grad():
-        for item in batch.items():
-            _drop_item_torch(item, mask, seed, step, stream, extra_scale)
+        for piece in batch:
+            _drop_piece_torch(piece, mask, seed, step, stream, extra_scale)
 
 
 def _mask_tensor(tensor: torch.Tensor, word: int, start: int, rate: float, mask: torch.Tensor | None,
@@ -518,7 +534,7 @@ def _mask_tensor(tensor: torch.Tensor, word: int, start: int, rate: float, mask:
     kernel = _native_kernel(tensor) if _addressable(tensor) else None
     if kernel is None:
         with torch.no_grad():
-            _drop_item_torch((tensor, 0, n, word, start, rate), mask, seed, step, stream, extra_scale)
+            _drop_piece_torch((tensor, 0, n, word, start, rate, 0), mask, seed, step, stream, extra_scale)
         return
     within = start & (_BLOCK - 1)
     if tensor.is_cpu and within + n <= _BLOCK:
@@ -526,8 +542,7 @@ def _mask_tensor(tensor: torch.Tensor, word: int, start: int, rate: float, mask:
         base = (_salt(seed, step, word, stream, start >> 31) + within) & _MASK32
         kernel.one(tensor.data_ptr(), 0 if mask is None else mask.data_ptr(), n, base, threshold, scale)
     else:
-        batch = _Batch()
-        batch.add(tensor, 0, n, word, start, rate, tensor.data_ptr())
+        batch = [(tensor, 0, n, word, start, rate, tensor.data_ptr())]
         kernel.many(_table(batch, mask, seed, step, stream, extra_scale), tensor.device)
     _bump_versions((tensor,))
 
@@ -538,10 +553,10 @@ def _addressable(tensor: torch.Tensor) -> bool:
     return type(tensor) in _PLAIN and not torch.compiler.is_compiling()
 
 
-def _drop_item_torch(item: tuple, mask: torch.Tensor | None, seed: int, step: int, stream: MaskStream,
-                     extra_scale: float, eager: bool = False) -> None:
-    """One item through the torch-op definition (torch.compile per piece, or eager)."""
-    tensor, offset, n, word, start, rate = item
+def _drop_piece_torch(piece: _Piece, mask: torch.Tensor | None, seed: int, step: int, stream: MaskStream,
+                      extra_scale: float, eager: bool = False) -> None:
+    """One piece through the torch-op definition (torch.compile per salt block piece, or eager)."""
+    tensor, offset, n, word, start, rate, _ = piece
     flat = tensor.view(-1)[offset:offset + n]
     flat_mask = None if mask is None else mask[offset:offset + n]
     threshold = keep_threshold(rate)
@@ -659,29 +674,35 @@ def drop_tensors_(
     count = len(tensors)
     _check_common(seed, step, extra_scale)
     keys = _sequence(keys, count, "keys")
-    if isinstance(rates, (int, float)) and not isinstance(rates, bool):
-        rate_list = [check_rate(rates, "rates")] * count
-    else:
-        rate_list = [check_rate(rate, f"rates[{k}]") for k, rate in enumerate(_sequence(rates, count, "rates"))]
+    rate_list = _rates(rates, count)
     start_list = [0] * count if starts is None else _sequence(starts, count, "starts")
-    batches: dict[tuple, _Batch] = {}
+    raw = not torch.compiler.is_compiling()  # traced by torch.compile: the torch ops only
+    batches: dict[object, list[_Piece]] = {}
     complex_ = []
     for k, tensor in enumerate(tensors):
-        dtype = _checked_dtype(tensor, f"tensors[{k}]")
-        word = _check_key(keys[k], f"keys[{k}]")
-        start = start_list[k]
+        try:  # the common case in one expression; anything else gets _check_tensor's messages
+            plain = (type(tensor) in _PLAIN and tensor.layout is torch.strided and tensor.dtype in _REAL_DTYPES
+                     and tensor.is_contiguous())
+        except RuntimeError:  # a sparse layout without is_contiguous
+            plain = False
+        if not plain:
+            _check_tensor(tensor, f"tensors[{k}]")
+            if tensor.is_complex():  # a complex number is one coordinate: masked through a real factor
+                complex_.append(k)
+                continue
+        key, start = keys[k], start_list[k]
+        if type(key) is not str:
+            _check_key(key, f"keys[{k}]")
         if type(start) is not int or start < 0:
             check_int_in(start, f"starts[{k}]", 0)
-        if dtype is None:  # complex: a number is one coordinate, masked through a real factor
-            complex_.append(k)
-            continue
-        plain = _addressable(tensor)
-        group = dtype if plain and tensor.is_cpu else (plain, tensor.device, dtype)
+        plain = plain and raw
+        group = (plain, tensor.dtype) if plain and tensor.is_cpu else (plain, tensor.device, tensor.dtype)
         batch = batches.get(group)
         if batch is None:
-            batch = batches[group] = _Batch()
-        batch.add(tensor, 0, tensor.numel(), word, start, rate_list[k], tensor.data_ptr() if plain else 0)
-    _check_disjoint(batches.values())
+            batch = batches[group] = []
+        batch.append((tensor, 0, tensor.numel(), _key_hash(key), start, rate_list[k],
+                      tensor.data_ptr() if plain else 0))
+    _check_disjoint([batch for group, batch in batches.items() if group[0]])
     for batch in batches.values():
         _mask_batch(batch, None, seed, step, stream, extra_scale)
     for k in complex_:
@@ -692,25 +713,27 @@ def drop_tensors_(
 _REAL_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16))
 
 
-def _checked_dtype(tensor: torch.Tensor, name: str) -> torch.dtype | None:
-    """``tensor``'s dtype after :func:`_check_tensor` (None for complex), with a fast path for the common case."""
-    try:
-        if tensor.layout is torch.strided and tensor.dtype in _REAL_DTYPES and tensor.is_contiguous():
-            return tensor.dtype
-    except (AttributeError, RuntimeError):  # not a tensor, or a layout without is_contiguous
-        pass
-    _check_tensor(tensor, name)
-    return None if tensor.is_complex() else tensor.dtype
+def _rates(rates: object, count: int) -> list[float]:
+    """One checked rate per tensor, from one number or a sequence of them."""
+    if isinstance(rates, (int, float)) and not isinstance(rates, bool):
+        return [check_rate(rates, "rates")] * count
+    rate_list = _sequence(rates, count, "rates")
+    if not all(type(rate) is float and 0.0 <= rate <= 1.0 for rate in rate_list):
+        rate_list = [check_rate(rate, f"rates[{k}]") for k, rate in enumerate(rate_list)]
+    return rate_list
 
 
-def _check_disjoint(batches) -> None:
+def _check_disjoint(batches: list[list[_Piece]]) -> None:
     # Overlapping tensors would be masked twice, concurrently by a multi-threaded kernel: refuse them.
+    if sum(map(len, batches)) < 2:
+        return
     spans: dict[torch.device, list[np.ndarray]] = {}
     for batch in batches:
-        if _addressable(batch.tensors[0]):
-            ptrs = np.array(batch.ptrs, dtype=np.int64)
-            ends = ptrs + np.array(batch.counts, dtype=np.int64) * batch.tensors[0].element_size()
-            spans.setdefault(batch.tensors[0].device, []).append(np.stack([ptrs, ends], axis=1)[ends > ptrs])
+        first = batch[0][0]
+        _, _, counts, _, _, _, ptrs = zip(*batch)
+        begins = np.array(ptrs, dtype=np.int64)
+        ends = begins + np.array(counts, dtype=np.int64) * first.element_size()
+        spans.setdefault(first.device, []).append(np.stack([begins, ends], axis=1)[ends > begins])
     for device_spans in spans.values():
         both = np.concatenate(device_spans)
         order = np.argsort(both[:, 0], kind="stable")
@@ -753,22 +776,23 @@ def drop_segments_(
     flat_mask = _check_mask_out(mask_out, buffer, "buffer")
     if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence):
         raise ValueError(f"segments must be a sequence of (numel, key, start, rate), got {type(segments).__name__}")
-    batch, offset = _Batch(), 0
+    batch: list[_Piece] = []
+    offset = 0
     ptr, size = (buffer.data_ptr(), buffer.element_size()) if _addressable(buffer) else (0, 0)
     for k, segment in enumerate(segments):
         numel, word, start, rate = _checked_segment(segment, k)
-        batch.add(buffer, offset, numel, word, start, rate, ptr + offset * size)
+        batch.append((buffer, offset, numel, word, start, rate, ptr + offset * size))
         offset += numel
     if offset != buffer.numel():
         raise ValueError(f"segments must cover the buffer exactly: they hold {offset} elements, "
                          f"the buffer {buffer.numel()}")
     if buffer.is_complex():
         flat = buffer.view(-1)
-        for k, (_, at, n, _, start, rate) in enumerate(batch.items()):
+        for k, (_, at, n, _, start, rate, _) in enumerate(batch):
             piece_mask = None if mask_out is None else mask_out.view(-1)[at:at + n]
             _drop_complex_(flat[at:at + n], seed=seed, step=step, key=segments[k][1] or "", rate=rate, start=start,
                            stream=stream, extra_scale=extra_scale, mask_out=piece_mask)
-    elif batch.counts:
+    elif batch:
         _mask_batch(batch, flat_mask, seed, step, stream, extra_scale)
     return buffer
 
@@ -778,11 +802,15 @@ def _checked_segment(segment: object, k: int) -> tuple[int, int, int, float]:
     if not isinstance(segment, tuple) or len(segment) != 4:
         raise ValueError(f"segments[{k}] must be a (numel, key, start, rate) tuple, got {segment!r}")
     numel, key, start, rate = segment
-    check_int_in(numel, f"segments[{k}].numel", 0)
-    check_int_in(start, f"segments[{k}].start", 0)
+    if type(numel) is not int or numel < 0:
+        check_int_in(numel, f"segments[{k}].numel", 0)
+    if type(start) is not int or start < 0:
+        check_int_in(start, f"segments[{k}].start", 0)
     if rate is None:
         return numel, 0, start, 0.0
-    return numel, _check_key(key, f"segments[{k}].key"), start, check_rate(rate, f"segments[{k}].rate")
+    if type(rate) is not float or not 0.0 <= rate <= 1.0:
+        rate = check_rate(rate, f"segments[{k}].rate")
+    return numel, _check_key(key, f"segments[{k}].key"), start, rate
 
 
 def keep_mask(

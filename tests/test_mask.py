@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -479,3 +480,15 @@ def test_triton_kernel_logic_under_the_triton_interpreter():
     done = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_vectorised_salts_equal_the_python_chain():
+    gen = torch.Generator().manual_seed(4)
+    words = [0, (1 << 64) - 1] + torch.randint(0, 1 << 62, (30,), generator=gen).tolist()
+    blocks = [0, (1 << 33) + 5] + torch.randint(0, 1 << 40, (30,), generator=gen).tolist()
+    for seed, step in [(0, 0), ((1 << 64) - 1, 12345)]:
+        for count in (3, 32):  # one by one in Python, or vectorised in numpy
+            got = mask._salts(seed, step, MaskStream.UPDATE, np.array(words[:count], dtype=np.uint64),
+                              np.array(blocks[:count], dtype=np.uint64))
+            want = [mask._salt(seed, step, w, MaskStream.UPDATE, b) for w, b in zip(words[:count], blocks[:count])]
+            assert got.tolist() == want

@@ -12,8 +12,9 @@ float64) rounded back to the dtype; ``mask[j] = keep``. The threshold column ``2
 cover any number of separate tensors, like PyTorch's multi-tensor-apply kernels.
 
 - CPU: a small C file compiled once with the system C compiler (the toolchain torch.compile
-  also needs on CPU), cached on disk, called through ctypes; OpenMP splits the coordinates
-  evenly among ``torch.get_num_threads()`` threads.
+  also needs on CPU), cached on disk (``$DROPGRAD_CACHE_DIR``, default ``~/.cache/dropgrad_dist``),
+  called through ctypes (which releases the GIL); OpenMP splits the coordinates evenly among up
+  to ``torch.get_num_threads()`` threads with at least :data:`PARALLEL_GRAIN` coordinates each.
 - CUDA: a Triton kernel (Triton ships with CUDA torch); a host-built block list maps each
   program to its piece.
 
@@ -38,9 +39,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["KEEP_ALL", "cpu_kernel", "cuda_kernel"]
+__all__ = ["KEEP_ALL", "PARALLEL_GRAIN", "cpu_kernel", "cuda_kernel"]
 
 KEEP_ALL = 1 << 31  # threshold column for T = 2**32: every coordinate kept (does not fit int32)
+# Coordinates per CPU thread below which fewer threads are used: a parallel region costs ~10 us
+# on idle cores but milliseconds on shared ones, so a thread must have ~1 ms of work to pay off.
+PARALLEL_GRAIN = 1 << 21
 TABLE_COLUMNS = 6
 
 # dtype -> (C name, storage type, compute type, load, store)
@@ -60,9 +64,6 @@ _C_HEADER = r"""
 #endif
 
 #define KEEP_ALL {keep_all}LL /* threshold column: every coordinate kept */
-/* Coordinates per thread below which one thread does the whole call: a parallel region costs
-   ~10 us on idle cores but milliseconds on shared ones, so threads only pay for ~1 ms of work. */
-#define GRAIN 2097152
 #define ROW 6       /* int64 columns of the piece table */
 
 typedef void (*seg_fn)(const int64_t* row, int64_t a, int64_t b);
@@ -119,8 +120,8 @@ static void run_range(seg_fn fn, const int64_t* table, const int64_t* ends, int6
     }}
 }}
 
-/* All pieces, their coordinates split evenly among up to `threads` threads. */
-static void run(seg_fn fn, const int64_t* table, int64_t count, int threads) {{
+/* All pieces, their coordinates split evenly among up to `threads` threads of >= `grain` each. */
+static void run(seg_fn fn, const int64_t* table, int64_t count, int threads, int64_t grain) {{
     int64_t* ends = (int64_t*)malloc((size_t)(count > 0 ? count : 1) * sizeof(int64_t));
     int64_t total = 0;
     if (!ends) {{ /* no memory for the index: one piece at a time, one thread */
@@ -128,7 +129,7 @@ static void run(seg_fn fn, const int64_t* table, int64_t count, int threads) {{
         return;
     }}
     for (int64_t s = 0; s < count; ++s) ends[s] = total += table[ROW * s + 2];
-    if (threads > total / GRAIN) threads = (int)(total / GRAIN);
+    if (threads > total / grain) threads = (int)(total / grain);
 #ifdef _OPENMP
     if (threads > 1) {{
         #pragma omp parallel num_threads(threads)
@@ -180,11 +181,14 @@ static void seg_{name}(const int64_t* row, int64_t a, int64_t b) {{
         }}
     }}
 }}
-void dg_mask_{name}(const int64_t* table, int64_t count, int threads) {{ run(seg_{name}, table, count, threads); }}
-void dg_mask1_{name}(int64_t ptr, int64_t mptr, int64_t n, int64_t base, int64_t thr, double scale, int threads) {{
+void dg_mask_{name}(const int64_t* table, int64_t count, int threads, int64_t grain) {{
+    run(seg_{name}, table, count, threads, grain);
+}}
+void dg_mask1_{name}(int64_t ptr, int64_t mptr, int64_t n, int64_t base, int64_t thr, double scale, int threads,
+                     int64_t grain) {{
     int64_t row[6] = {{ptr, mptr, n, base, thr, 0}};
     memcpy(&row[5], &scale, sizeof scale);
-    run(seg_{name}, row, 1, threads);
+    run(seg_{name}, row, 1, threads, grain);
 }}
 """
 
@@ -282,10 +286,10 @@ def _cpu_library(multipliers: tuple[int, int], shifts: tuple[int, int, int]) -> 
             library = ctypes.CDLL(_compile(_c_source(multipliers, shifts)))
             for name, *_ in _C_DTYPES.values():
                 many = getattr(library, f"dg_mask_{name}")
-                many.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+                many.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
                 many.restype = None
                 one = getattr(library, f"dg_mask1_{name}")
-                one.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_double, ctypes.c_int]
+                one.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_double, ctypes.c_int, ctypes.c_int64]
                 one.restype = None
             _library = library
         return _library
@@ -300,10 +304,10 @@ class CpuKernel:
         self._one = getattr(library, f"dg_mask1_{name}")
 
     def many(self, table: np.ndarray, device: torch.device) -> None:
-        self._many(table.ctypes.data, table.shape[0], torch.get_num_threads())
+        self._many(table.ctypes.data, table.shape[0], torch.get_num_threads(), PARALLEL_GRAIN)
 
     def one(self, ptr: int, mptr: int, n: int, base: int, thr: int, scale: float) -> None:
-        self._one(ptr, mptr, n, base, thr, scale, torch.get_num_threads())
+        self._one(ptr, mptr, n, base, thr, scale, torch.get_num_threads(), PARALLEL_GRAIN)
 
 
 def cpu_kernel(dtype: torch.dtype, multipliers: tuple[int, int], shifts: tuple[int, int, int]) -> CpuKernel | None:

@@ -492,3 +492,25 @@ def test_vectorised_salts_equal_the_python_chain():
                               np.array(blocks[:count], dtype=np.uint64))
             want = [mask._salt(seed, step, w, MaskStream.UPDATE, b) for w, b in zip(words[:count], blocks[:count])]
             assert got.tolist() == want
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_split_pieces_anywhere(threads, backend, monkeypatch):
+    # A tiny grain makes the CPU kernel cut pieces (and a salt-block crossing) between threads.
+    from dropgrad_dist import _mask_kernels
+
+    tensors = _tensors(torch.float32)
+    keys = [f"t{k}" for k in range(len(tensors))]
+    want = _reference_drop(tensors, keys, RATES, STARTS, 1.0, backend)
+    backend("compiled")
+    monkeypatch.setattr(_mask_kernels, "PARALLEL_GRAIN", 500)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    got = [t.clone() for t in tensors]
+    mask.drop_tensors_(got, keys=keys, rates=RATES, starts=STARTS, seed=9, step=4)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    buffer, segments = _bucket()
+    keep, want_keep = torch.empty(buffer.numel(), dtype=torch.bool), torch.empty(buffer.numel(), dtype=torch.bool)
+    got = mask.drop_segments_(buffer.clone(), segments, seed=9, step=4, mask_out=keep)
+    monkeypatch.setattr(_mask_kernels, "PARALLEL_GRAIN", 1 << 40)
+    want = mask.drop_segments_(buffer.clone(), segments, seed=9, step=4, mask_out=want_keep)
+    assert torch.equal(got, want) and torch.equal(keep, want_keep)

@@ -514,3 +514,23 @@ def test_threads_split_pieces_anywhere(threads, backend, monkeypatch):
     monkeypatch.setattr(_mask_kernels, "PARALLEL_GRAIN", 1 << 40)
     want = mask.drop_segments_(buffer.clone(), segments, seed=9, step=4, mask_out=want_keep)
     assert torch.equal(got, want) and torch.equal(keep, want_keep)
+
+
+def test_triton_kernel_compiles_for_a_gpu():
+    # No GPU here: compile the CUDA kernel for sm_90 (types, pointer casts, rounding modes).
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dropgrad_dist import _mask_kernels
+
+    kernel = _mask_kernels._triton_kernel()
+    signature = {name: "*i64" if name in ("table", "blocks") else "constexpr" for name in kernel.arg_names}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        constants = dict(_mask_kernels.CudaKernel(dtype, mask._HASH_MULTIPLIERS, mask._HASH_SHIFTS)._constants,
+                         HAS_MASK=dtype == torch.bfloat16)
+        ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                             target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+        assert "shr.u32" in ptx and "mul.lo.s32" in ptx  # logical shifts, wrapping 32-bit products
+        if dtype == torch.bfloat16:
+            assert "cvt.rn.bf16.f32" in ptx  # round to nearest even, as torch

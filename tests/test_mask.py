@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -251,3 +252,285 @@ def test_unknown_backend_in_the_environment_is_refused():
                           env={**os.environ, "DROPGRAD_MASK_BACKEND": "bogus"})
     assert done.returncode != 0
     assert "$DROPGRAD_MASK_BACKEND must be one of 'auto', 'compiled', 'eager', got 'bogus'" in done.stderr
+
+
+# ---- many tensors in one call: drop_tensors_ and drop_segments_ ---------------------------
+BLOCK_EDGE = (1 << 31) - 700  # a start whose coordinates cross the salt-block boundary at 2**31
+SIZES = [0, 1, 7, 1023, 1024, 1025, 2048, 3000, 0, 4097]
+STARTS = [0, 5, (1 << 31) - 3, 0, 1 << 31, 1000, BLOCK_EDGE - 300, 3, 0, (3 << 31) - 2000]
+RATES = [0.3, 0.0, 0.5, 1.0, 0.1, 1e-12, 1 - 1e-12, 0.9, 0.3, 0.25]  # 1e-12: all kept, scale != 1
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.int64}[t.element_size()]) \
+        if not t.is_complex() else torch.view_as_real(t).view(torch.int32 if t.element_size() == 8 else torch.int64)
+
+
+def _tensors(dtype, generator_seed=5):
+    gen = torch.Generator().manual_seed(generator_seed)
+    return [torch.randn(n, generator=gen).to(dtype) for n in SIZES]
+
+
+def _reference_drop(tensors, keys, rates, starts, extra_scale, backend):
+    backend("eager")
+    out = [t.clone() for t in tensors]
+    for t, key, rate, start in zip(out, keys, rates, starts):
+        drop_(t, seed=9, step=4, key=key, rate=rate, start=start, extra_scale=extra_scale)
+    return out
+
+
+@pytest.mark.parametrize("backend_name", ["compiled", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_drop_tensors_equals_drop_per_tensor(dtype, backend_name, backend):
+    tensors = _tensors(dtype)
+    keys = [f"layer.{k}.weight" for k in range(len(tensors))]
+    for extra_scale in (1.0, 1 / 3):
+        want = _reference_drop(tensors, keys, RATES, STARTS, extra_scale, backend)
+        backend(backend_name)
+        got = [t.clone() for t in tensors]
+        mask.drop_tensors_(got, keys=keys, rates=RATES, starts=STARTS, seed=9, step=4, extra_scale=extra_scale)
+        for k, (g, w) in enumerate(zip(got, want)):
+            assert torch.equal(_bits(g), _bits(w)), f"tensor {k} (n={SIZES[k]}, start={STARTS[k]}, rate={RATES[k]})"
+
+
+def test_drop_tensors_mixes_dtypes_shapes_and_complex(backend):
+    gen = torch.Generator().manual_seed(6)
+    tensors = [torch.randn(33, 65, generator=gen), torch.randn(2, 3, 4, generator=gen).double(),
+               torch.randn(1500, generator=gen).bfloat16(), torch.randn(700, dtype=torch.complex64, generator=gen),
+               torch.randn(64, 64, generator=gen)]
+    keys = ["a", "b", "c", "d", "e"]
+    want = _reference_drop(tensors, keys, [0.4] * 5, [0, 7, 0, 100, 0], 1.0, backend)
+    backend("auto")
+    got = [t.clone() for t in tensors]
+    mask.drop_tensors_(got, keys=keys, rates=0.4, starts=[0, 7, 0, 100, 0], seed=9, step=4)
+    for g, w in zip(got, want):
+        assert torch.equal(_bits(g), _bits(w))
+
+
+def _bucket(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(8)
+    segments = [mask.Segment(n, f"p.{k}", start, None if k == 3 else rate)
+                for k, (n, start, rate) in enumerate(zip(SIZES, STARTS, RATES))]
+    return torch.randn(sum(SIZES), generator=gen).to(dtype), segments
+
+
+@pytest.mark.parametrize("backend_name", ["compiled", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drop_segments_equals_drop_on_views(dtype, backend_name, backend):
+    buffer, segments = _bucket(dtype)
+    extra_scale = 0.5
+    backend("eager")
+    want, want_mask, offset = buffer.clone(), torch.empty(buffer.numel(), dtype=torch.bool), 0
+    for numel, key, start, rate in segments:
+        view, keep_view = want[offset:offset + numel], want_mask[offset:offset + numel]
+        drop_(view, seed=9, step=4, key=key, rate=0.0 if rate is None else rate, start=start,
+              extra_scale=extra_scale, mask_out=keep_view)
+        offset += numel
+    backend(backend_name)
+    got, got_mask = buffer.clone(), torch.zeros(buffer.numel(), dtype=torch.bool)
+    assert mask.drop_segments_(got, segments, seed=9, step=4, extra_scale=extra_scale, mask_out=got_mask) is got
+    assert torch.equal(_bits(got), _bits(want))
+    assert torch.equal(got_mask, want_mask)
+    unmasked = slice(sum(SIZES[:3]), sum(SIZES[:4]))
+    assert got_mask[unmasked].all()  # rate None: kept, only scaled
+
+
+def test_drop_segments_on_a_2d_buffer_and_without_mask(backend):
+    backend("auto")
+    buffer = torch.randn(4, 1000, generator=torch.Generator().manual_seed(3))
+    got = buffer.clone()
+    mask.drop_segments_(got, [(1500, "w", 0, 0.5), (2500, "b", 10, 0.2)], seed=9, step=4)
+    want = buffer.clone().view(-1)
+    drop_(want[:1500], seed=9, step=4, key="w", rate=0.5)
+    drop_(want[1500:], seed=9, step=4, key="b", rate=0.2, start=10)
+    assert torch.equal(got.view(-1), want)
+
+
+def test_native_kernel_is_one_call_and_bumps_versions(backend, monkeypatch):
+    backend("compiled")
+    tensors = _tensors(torch.float32)
+    calls = []
+    kernel = mask._native_kernel(tensors[1])
+    monkeypatch.setattr(type(kernel), "many", lambda self, table, device: calls.append(table.shape[0]))
+    versions = [t._version for t in tensors]
+    mask.drop_tensors_(tensors, keys=[str(k) for k in range(10)], rates=RATES, starts=STARTS, seed=1, step=2)
+    # One call; empty tensors are left out, the three that cross a salt-block boundary are split in two.
+    crossing = sum(n > 0 and start % (1 << 31) + n > 1 << 31 for n, start in zip(SIZES, STARTS))
+    assert crossing == 3 and calls == [sum(n > 0 for n in SIZES) + crossing]
+    assert all(t._version > v for t, v in zip(tensors, versions))
+
+
+def test_torch_compile_path_equals_eager(backend, monkeypatch):
+    # Devices without a native kernel (or tensor subclasses) compile the torch ops piece by piece.
+    monkeypatch.setattr(mask, "_native_kernel", lambda tensor: None)
+    tensors = _tensors(torch.float32)[:6]
+    keys = [f"k{k}" for k in range(6)]
+    want = _reference_drop(tensors, keys, RATES[:6], STARTS[:6], 0.5, backend)
+    backend("compiled")
+    got = [t.clone() for t in tensors]
+    mask.drop_tensors_(got, keys=keys, rates=RATES[:6], starts=STARTS[:6], seed=9, step=4, extra_scale=0.5)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_a_native_kernel_that_disagrees_with_the_definition_is_refused(backend, monkeypatch):
+    class Broken:
+        def many(self, table, device):
+            pass
+
+        def one(self, *args):
+            pass
+
+    monkeypatch.setattr(mask, "_NATIVE_BUILDERS", {"cpu": lambda dtype, *constants: Broken()})
+    monkeypatch.setattr(mask, "_native", {})
+    monkeypatch.setattr(mask, "_native_failed", set())
+    backend("compiled")
+    with pytest.raises(RuntimeError, match="disagrees with the eager definition"):
+        drop_(torch.ones(100), **CFG)
+    backend("auto")
+    with pytest.warns(RuntimeWarning, match="native mask kernel failed on cpu"):
+        out = drop_(torch.ones(5000), **CFG)
+    assert torch.equal(out != 0, keep_mask(5000, **CFG))
+
+
+def test_multi_tensor_calls_leave_the_global_rng_alone(backend):
+    backend("auto")
+    tensors = _tensors(torch.float32)
+    buffer, segments = _bucket()
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    mask.drop_tensors_(tensors, keys=[str(k) for k in range(10)], rates=RATES, starts=STARTS, seed=1, step=2)
+    mask.drop_segments_(buffer, segments, seed=1, step=2, mask_out=torch.empty(buffer.numel(), dtype=torch.bool))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_bad_multi_tensor_arguments_raise_clear_errors():
+    ok = dict(seed=0, step=0)
+    t = [torch.ones(10), torch.ones(5)]
+    for kwargs, message in [
+        (dict(keys=["a"], rates=0.1), r"keys must have one entry per tensor \(2\), got 1"),
+        (dict(keys="ab", rates=0.1), "keys must be a sequence"),
+        (dict(keys=["a", "b"], rates=[0.1]), r"rates must have one entry per tensor"),
+        (dict(keys=["a", "b"], rates=[0.1, 1.5]), r"rates\[1\] must be a number in \[0, 1\]"),
+        (dict(keys=["a", "b"], rates=True), r"rates must be a sequence"),
+        (dict(keys=["a", "b"], rates=float("nan")), r"rates must be a number in \[0, 1\]"),
+        (dict(keys=["a", "b"], rates=0.1, starts=[0, -1]), r"starts\[1\] must be an int >= 0"),
+        (dict(keys=["a", "b"], rates=0.1, starts=[True, 0]), r"starts\[0\] must be an int >= 0"),
+        (dict(keys=["a", "b"], rates=0.1, starts=[0]), "starts must have one entry per tensor"),
+        (dict(keys=["a", "b"], rates=0.1, seed=-1), "seed must be an int in"),
+        (dict(keys=["a", "b"], rates=0.1, step=1 << 64), "step must be an int in"),
+        (dict(keys=["a", "b"], rates=0.1, extra_scale=float("inf")), "extra_scale must be a finite number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            mask.drop_tensors_(t, **{**ok, **kwargs})
+    with pytest.raises(TypeError, match=r"keys\[1\] must be a str"):
+        mask.drop_tensors_(t, keys=["a", 3], rates=0.1, **ok)
+    for bad, message in [(torch.ones(4, 4).t(), r"tensors\[1\] must be contiguous"),
+                         (torch.ones(4, dtype=torch.int64), r"tensors\[1\] must be floating point or complex"),
+                         (torch.ones(4, 4).to_sparse(), r"tensors\[1\] must be dense"),
+                         (torch.ones(4, 4).to_sparse_csr(), r"tensors\[1\] must be dense")]:
+        with pytest.raises(ValueError, match=message):
+            mask.drop_tensors_([t[0], bad], keys=["a", "b"], rates=0.1, **ok)
+    with pytest.raises(ValueError, match="tensors must be a sequence of tensors"):
+        mask.drop_tensors_(torch.ones(3), keys=["a"], rates=0.1, **ok)
+    base = torch.ones(100)
+    with pytest.raises(ValueError, match="tensors overlap in memory"):
+        mask.drop_tensors_([base[:60], base[50:]], keys=["a", "b"], rates=0.1, **ok)
+    assert torch.equal(base, torch.ones(100))  # refused before anything was masked
+
+
+def test_bad_segment_arguments_raise_clear_errors():
+    buffer = torch.ones(30)
+    ok = dict(seed=0, step=0)
+    for segments, kwargs, message in [
+        ([(10, "a", 0, 0.1), (10, "b", 0, 0.1)], {}, "segments must cover the buffer exactly: they hold 20"),
+        ([(10, "a", 0, 0.1), (25, "b", 0, 0.1)], {}, "they hold 35 elements, the buffer 30"),
+        ([(30, "a", 0, 2.0)], {}, r"segments\[0\].rate must be a number in \[0, 1\]"),
+        ([(30, "a", -5, 0.1)], {}, r"segments\[0\].start must be an int >= 0"),
+        ([(-1, "a", 0, 0.1), (31, "b", 0, 0.1)], {}, r"segments\[0\].numel must be an int >= 0"),
+        ([(30, "a", 0)], {}, r"segments\[0\] must be a \(numel, key, start, rate\) tuple"),
+        ("abc", {}, "segments must be a sequence"),
+        ([(30, "a", 0, 0.1)], dict(mask_out=torch.empty(29, dtype=torch.bool)), "mask_out must be a bool tensor"),
+        ([(30, "a", 0, 0.1)], dict(mask_out=torch.empty(30)), "mask_out must be a bool tensor"),
+        ([(30, "a", 0, 0.1)], dict(mask_out=torch.empty(60, dtype=torch.bool)[::2]), "mask_out must be contiguous"),
+        ([(30, "a", 0, 0.1)], dict(extra_scale=float("nan")), "extra_scale must be a finite number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            mask.drop_segments_(buffer, segments, **{**ok, **kwargs})
+    with pytest.raises(TypeError, match=r"segments\[0\].key must be a str"):
+        mask.drop_segments_(buffer, [(30, None, 0, 0.1)], **ok)
+    with pytest.raises(ValueError, match="buffer must be floating point"):
+        mask.drop_segments_(torch.ones(30, dtype=torch.int32), [(30, "a", 0, 0.1)], **ok)
+    assert torch.equal(buffer, torch.ones(30))
+
+
+TRITON_CHECK = """
+import torch
+from dropgrad_dist import mask, _mask_kernels
+for dtype in (torch.float32, torch.float16, torch.float64):  # the interpreter truncates to bfloat16
+    kernel = _mask_kernels.CudaKernel(dtype, mask._HASH_MULTIPLIERS, mask._HASH_SHIFTS)
+    mask._self_check(kernel, torch.device("cpu"), dtype)
+print("ok")
+"""
+
+
+def test_triton_kernel_logic_under_the_triton_interpreter():
+    # No GPU here: run the CUDA kernel's code on CPU pointers through Triton's interpreter.
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_vectorised_salts_equal_the_python_chain():
+    gen = torch.Generator().manual_seed(4)
+    words = [0, (1 << 64) - 1] + torch.randint(0, 1 << 62, (30,), generator=gen).tolist()
+    blocks = [0, (1 << 33) + 5] + torch.randint(0, 1 << 40, (30,), generator=gen).tolist()
+    for seed, step in [(0, 0), ((1 << 64) - 1, 12345)]:
+        for count in (3, 32):  # one by one in Python, or vectorised in numpy
+            got = mask._salts(seed, step, MaskStream.UPDATE, np.array(words[:count], dtype=np.uint64),
+                              np.array(blocks[:count], dtype=np.uint64))
+            want = [mask._salt(seed, step, w, MaskStream.UPDATE, b) for w, b in zip(words[:count], blocks[:count])]
+            assert got.tolist() == want
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_split_pieces_anywhere(threads, backend, monkeypatch):
+    # A tiny grain makes the CPU kernel cut pieces (and a salt-block crossing) between threads.
+    from dropgrad_dist import _mask_kernels
+
+    tensors = _tensors(torch.float32)
+    keys = [f"t{k}" for k in range(len(tensors))]
+    want = _reference_drop(tensors, keys, RATES, STARTS, 1.0, backend)
+    backend("compiled")
+    monkeypatch.setattr(_mask_kernels, "PARALLEL_GRAIN", 500)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    got = [t.clone() for t in tensors]
+    mask.drop_tensors_(got, keys=keys, rates=RATES, starts=STARTS, seed=9, step=4)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    buffer, segments = _bucket()
+    keep, want_keep = torch.empty(buffer.numel(), dtype=torch.bool), torch.empty(buffer.numel(), dtype=torch.bool)
+    got = mask.drop_segments_(buffer.clone(), segments, seed=9, step=4, mask_out=keep)
+    monkeypatch.setattr(_mask_kernels, "PARALLEL_GRAIN", 1 << 40)
+    want = mask.drop_segments_(buffer.clone(), segments, seed=9, step=4, mask_out=want_keep)
+    assert torch.equal(got, want) and torch.equal(keep, want_keep)
+
+
+def test_triton_kernel_compiles_for_a_gpu():
+    # No GPU here: compile the CUDA kernel for sm_90 (types, pointer casts, rounding modes).
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dropgrad_dist import _mask_kernels
+
+    kernel = _mask_kernels._triton_kernel()
+    signature = {name: "*i64" if name in ("table", "blocks") else "constexpr" for name in kernel.arg_names}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        constants = dict(_mask_kernels.CudaKernel(dtype, mask._HASH_MULTIPLIERS, mask._HASH_SHIFTS)._constants,
+                         HAS_MASK=dtype == torch.bfloat16)
+        ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                             target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+        assert "shr.u32" in ptx and "mul.lo.s32" in ptx  # logical shifts, wrapping 32-bit products
+        if dtype == torch.bfloat16:
+            assert "cvt.rn.bf16.f32" in ptx  # round to nearest even, as torch

@@ -164,19 +164,24 @@ def keep_probability(rate: float) -> float:
     return keep_threshold(rate) / 4294967296.0
 
 
+def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision of the kept coordinates' factor: float64 for float64 values, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @functools.lru_cache(maxsize=4096)
-def _rate_code(rate: float, extra_scale: float) -> tuple[int, float]:
+def _rate_code(rate: float, extra_scale: float, dtype: torch.dtype = torch.float32) -> tuple[int, float]:
     """``(threshold column, scale)`` of a kernel table row for ``rate`` (see :mod:`._mask_kernels`).
 
-    Masked: ``T - 2**31`` and ``extra_scale / (1 - p)`` rounded to float32 (as the torch ops below
-    round it); all kept: ``2**31`` and the float64 factor; none kept: ``-2**31`` and 0.
+    Masked: ``T - 2**31`` and ``extra_scale / (1 - p)`` rounded to :func:`_scale_dtype` (as the torch
+    ops below round it); all kept: ``2**31`` and the float64 factor; none kept: ``-2**31`` and 0.
     """
     threshold = keep_threshold(rate)
     if threshold >= 1 << 32:
         return _mask_kernels.KEEP_ALL, extra_scale / (1.0 - rate)
     if threshold == 0:
         return -(1 << 31), 0.0
-    return threshold - (1 << 31), torch.tensor(extra_scale / (1.0 - rate), dtype=torch.float32).item()
+    return threshold - (1 << 31), torch.tensor(extra_scale / (1.0 - rate), dtype=_scale_dtype(dtype)).item()
 
 
 # --------------------------------------------------------------------------------------
@@ -479,7 +484,7 @@ def _table(batch: list[_Piece], mask: torch.Tensor | None, seed: int, step: int,
     except OverflowError:  # a start beyond 2**63: legal, if useless
         blocks = np.array([(s >> 31) & _MASK64 for s in starts], dtype=np.uint64)
         within = np.array([s & (_BLOCK - 1) for s in starts], dtype=np.int64)
-    codes = {rate: _rate_code(rate, extra_scale) for rate in set(rates)}
+    codes = {rate: _rate_code(rate, extra_scale, tensors[0].dtype) for rate in set(rates)}
     thresholds = np.array([codes[rate][0] for rate in rates], dtype=np.int64)
     scales = np.array([codes[rate][1] for rate in rates], dtype=np.float64)
     if (within + counts).max() > _BLOCK:  # rare: split the pieces at salt-block boundaries
@@ -544,7 +549,7 @@ def _mask_tensor(tensor: torch.Tensor, word: int, start: int, rate: float, mask:
         return
     within = start & (_BLOCK - 1)
     if tensor.is_cpu and within + n <= _BLOCK:
-        threshold, scale = _rate_code(rate, extra_scale)
+        threshold, scale = _rate_code(rate, extra_scale, tensor.dtype)
         base = (_salt(seed, step, word, stream, start >> 31) + within) & _MASK32
         kernel.one(tensor.data_ptr(), 0 if mask is None else mask.data_ptr(), n, base, threshold, scale)
     else:
@@ -573,7 +578,7 @@ def _drop_piece_torch(piece: _Piece, mask: torch.Tensor | None, seed: int, step:
         if flat_mask is not None:
             flat_mask.fill_(threshold != 0)
         return
-    scale = torch.tensor(extra_scale / (1.0 - rate), dtype=torch.float32).to(flat.device)
+    scale = torch.tensor(extra_scale / (1.0 - rate), dtype=_scale_dtype(flat.dtype)).to(flat.device)
     for at, length, block, within in _pieces(start, n):
         base = _salt(seed, step, word, stream, block) + within
         piece_mask = None if flat_mask is None else flat_mask[at:at + length]

@@ -534,3 +534,11 @@ def test_triton_kernel_compiles_for_a_gpu():
         assert "shr.u32" in ptx and "mul.lo.s32" in ptx  # logical shifts, wrapping 32-bit products
         if dtype == torch.bfloat16:
             assert "cvt.rn.bf16.f32" in ptx  # round to nearest even, as torch
+
+
+@pytest.mark.parametrize("backend_name", ["compiled", "eager"])
+def test_float64_values_get_a_float64_scale(backend_name, backend):
+    # 1/(1-p) rounded to float32 would bias float64 gradients by ~2e-8: kept values scale exactly.
+    backend(backend_name)
+    values = drop_(torch.ones(4096, dtype=torch.float64), **CFG)
+    assert set(values.unique().tolist()) == {0.0, 1.0 / (1.0 - CFG["rate"])}

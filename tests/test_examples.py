@@ -42,3 +42,12 @@ def test_clipping_example_clips_heavy_tails_better_than_no_clipping():
     assert losses["norm"] < losses["no_clip"] and losses["layer_wise"] < losses["no_clip"]
     assert int(re.search(r"restarts: (\d+)", out).group(1)) >= 3
     assert "DropGrad + auto_clip Adam" in out
+
+
+def test_gnp_sam_example_runs_every_variant():
+    out = _run("gnp_sam.py")
+    rows = re.findall(r"^(.+?)\s+test loss (\d+\.\d+)\s+accuracy (\d+\.\d+)$", out, flags=re.M)
+    assert [name.strip() for name, _, _ in rows] == [
+        "Adam", "Adam + GNP (alpha 0.8, r 0.05)", "Adam + GNP + zero-warmup (30)", "SGD + SAM (rho 0.05)",
+        "Adam + GNP + DropGrad (p 0.1)"]
+    assert all(float(accuracy) > 0.4 for _, _, accuracy in rows)  # 5 classes: 0.2 is chance

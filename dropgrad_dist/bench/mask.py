@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
 import torch
 
 from .. import mask as _mask
-from . import interleaved_timings, median_ratio
+from . import best_device, device_sync, interleaved_timings, median_ratio, peak_extra_bytes
 
 RATE = 0.1
 SEED, STEP = 0, 0
@@ -38,51 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--cases", default="25M,ViT-B/16,small,per-call",
                         help="comma-separated cases to run (default: all)")
-
-
-def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _sync(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return torch.cuda.synchronize
-    if device.type == "mps":
-        return torch.mps.synchronize
-    return lambda: None
-
-
-def _peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
-    """Peak memory ``fn`` allocates beyond what is live before it (None where unmeasurable)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    if device.type == "cpu" and sys.platform.startswith("linux"):
-        # Writing 5 to clear_refs resets the resident-set high-water mark (VmHWM).
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _proc_status_kib("VmRSS")
-        fn()
-        return max(0, _proc_status_kib("VmHWM") - before) * 1024
-    return None
-
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _with_backend(backend: str, fn: Callable[[], Any], native: bool = True) -> Callable[[], None]:
@@ -103,11 +57,11 @@ def _with_backend(backend: str, fn: Callable[[], Any], native: bool = True) -> C
 def _rows(case: str, candidates: dict[str, Callable[[], Any]], floor: str, rounds: int, device: torch.device,
           numel: int, slow: tuple[str, ...] = (), peer: str | None = None) -> list[dict[str, Any]]:
     """Time ``candidates`` (``slow`` ones in fewer rounds) and report each against ``floor``."""
-    sync = _sync(device)
+    sync = device_sync(device)
     for fn in candidates.values():  # warm-up: compilation, kernel self-checks, allocator, page faults
         fn()
     sync()
-    memory = {name: _peak_extra_bytes(fn, device) for name, fn in candidates.items()}
+    memory = {name: peak_extra_bytes(fn, device) for name, fn in candidates.items()}
     fast = {k: v for k, v in candidates.items() if k not in slow}
     times = interleaved_timings(fast, rounds, sync)
     if slow:
@@ -209,12 +163,12 @@ def _first_use_ms(device: torch.device, dtype: torch.dtype) -> float:
     """Milliseconds of the first native call of this process (kernel build or cache load, self-check)."""
     start = time.perf_counter()
     _mask.drop_(torch.ones(8, device=device, dtype=dtype), seed=0, step=0, key="first", rate=0.5)
-    _sync(device)()
+    device_sync(device)()
     return (time.perf_counter() - start) * 1e3
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = _device(args.device)
+    device = best_device(args.device)
     dtype = getattr(torch, args.dtype)
     cases = {c.strip() for c in args.cases.split(",")}
     first_use = _first_use_ms(device, dtype)

@@ -330,14 +330,22 @@ class DropGradHookState:
         return segments
 
     def _mask_bucket_(self, bucket: dist.GradBucket, world_size: int, keep: torch.Tensor | None) -> None:
-        """In place: masked coordinates times ``keep / (1 - p) / world_size``, others ``/ world_size``."""
-        buffer = bucket.buffer()
-        for offset, length, entry, is_complex in self._segments(bucket):
+        """In place: masked coordinates times ``keep / (1 - p) / world_size``, others ``/ world_size``.
+
+        One engine call for the whole bucket, whatever the number of parameters in it.
+        """
+        buffer, segments = bucket.buffer(), self._segments(bucket)
+        if not any(is_complex for *_, is_complex in segments):
+            _mask.drop_segments_(buffer, [(length, None if entry is None else entry.key, 0,
+                                           None if entry is None else self.plan.rate_of(entry))
+                                          for _, length, entry, _ in segments],
+                                 seed=self.seed, step=self.step_index, extra_scale=1.0 / world_size, mask_out=keep)
+            return
+        for offset, length, entry, is_complex in segments:  # rare: complex numbers are one coordinate
             view = buffer[offset:offset + length]
             keep_view = None if keep is None else keep[offset:offset + length]
             if entry is None:
-                if world_size != 1:
-                    view.div_(world_size)
+                view.mul_(1.0 / world_size)
                 if keep_view is not None:
                     keep_view.fill_(True)
                 continue

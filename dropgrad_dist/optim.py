@@ -21,7 +21,7 @@ from .checks import check_count, check_rate, check_seed
 from .ddp_hook import refuse_double_masking
 from .params import DropPlan, RateSpec, named_params_of_optimizer
 from .schedules import DropRateScheduler
-from .shards import drop_local_, flat_param_pieces, local_tensor
+from .shards import drop_locals_, flat_param_pieces, local_tensor
 from .wrapper import OptimizerWrapper
 
 __all__ = ["DropGrad"]
@@ -130,27 +130,28 @@ class DropGrad(OptimizerWrapper):
         place, say) is not masked again, so calling it first makes clipping see the masked
         gradient, as under the DDP hook. ``zero_grad()`` and ``step()`` forget what was masked.
         """
+        todo = []
         for entry, grad, rate in self._masked_entries("grad"):
             local = local_tensor(grad)
             masked = self._masked_grads.get(id(entry.param))
             if masked is not None and masked() is local:
                 continue
             refuse_double_masking(entry.param, entry.key)
-            drop_local_(grad, key=entry.key, rate=rate, seed=self.seed, step=self.step_index,
-                        start=self._starts.get(entry.param, 0))
+            todo.append((grad, entry.key, rate, self._starts.get(entry.param, 0)))
             self._masked_grads[id(entry.param)] = weakref.ref(local)
+        drop_locals_(todo, seed=self.seed, step=self.step_index)  # one engine call for every gradient
 
     def _step_and_drop_update(self, closure: Callable[[], Any] | None) -> Any:
         before = [(entry, param, rate, param.detach().clone())
                   for entry, param, rate in self._masked_entries("param")]
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         with torch.no_grad():
-            for entry, param, rate, old in before:
-                update = param.detach()
-                update.sub_(old)
-                drop_local_(update, key=entry.key, rate=rate, seed=self.seed, step=self.step_index,
-                            stream=_mask.MaskStream.UPDATE, start=self._starts.get(entry.param, 0))
-                update.add_(old)
+            updates = [param.detach() for _, param, _, _ in before]
+            torch._foreach_sub_(updates, [old for *_, old in before])
+            drop_locals_([(update, entry.key, rate, self._starts.get(entry.param, 0))
+                          for update, (entry, _, rate, _) in zip(updates, before)],
+                         seed=self.seed, step=self.step_index, stream=_mask.MaskStream.UPDATE)
+            torch._foreach_add_(updates, [old for *_, old in before])
         return loss
 
     def _masked_step(self, closure: Callable[[], Any] | None, pending: PendingCheck | None) -> Any:

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import mask as _mask
 
-__all__ = ["FlatPiece", "drop_local_", "flat_param_pieces", "local_segments", "local_tensor"]
+__all__ = ["FlatPiece", "drop_local_", "drop_locals_", "flat_param_pieces", "local_segments", "local_tensor"]
 
 
 def _dtensor_class() -> type | None:
@@ -125,13 +125,31 @@ def drop_local_(tensor: torch.Tensor, *, key: str, rate: float, seed: int, step:
     ``local[j] *= keep(g(j)) / (1 - rate)`` where ``g(j)`` is the global row-major index of local
     element ``j`` (see :func:`local_segments` for ``start``).
     """
-    # A DTensor is masked through its local tensor: the storage the optimizer steps on.
-    local = _dense(local_tensor(tensor))
-    # Coordinates are row-major indices, not memory order (e.g. channels_last grads).
-    dense = local if local.is_contiguous() else local.contiguous()
-    for piece, piece_start in _segments_over(tensor, dense, start):
-        _mask.drop_(piece, seed=seed, step=step, key=key, rate=rate, start=piece_start, stream=stream)
-    if dense is not local:
+    drop_locals_([(tensor, key, rate, start)], seed=seed, step=step, stream=stream)
+
+
+def drop_locals_(items: Iterable[tuple[torch.Tensor, str, float, int]], *, seed: int, step: int,
+                 stream: _mask.MaskStream = _mask.MaskStream.GRAD) -> None:
+    """:func:`drop_local_` for many ``(tensor, key, rate, start)`` at once: one engine call per dtype.
+
+    The cost follows the number of elements, not of tensors (:func:`dropgrad_dist.mask.drop_tensors_`).
+    """
+    pieces, keys, rates, starts, copies = [], [], [], [], []
+    for tensor, key, rate, start in items:
+        # A DTensor is masked through its local tensor: the storage the optimizer steps on.
+        local = _dense(local_tensor(tensor))
+        # Coordinates are row-major indices, not memory order (e.g. channels_last grads).
+        dense = local if local.is_contiguous() else local.contiguous()
+        if dense is not local:
+            copies.append((local, dense))
+        for piece, piece_start in _segments_over(tensor, dense, start):
+            pieces.append(piece)
+            keys.append(key)
+            rates.append(rate)
+            starts.append(piece_start)
+    if pieces:
+        _mask.drop_tensors_(pieces, keys=keys, rates=rates, starts=starts, seed=seed, step=step, stream=stream)
+    for local, dense in copies:
         local.copy_(dense)
 
 

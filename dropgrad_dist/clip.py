@@ -164,7 +164,7 @@ class GradientClipper:
         model: the model; needed for FSDP1 (``use_orig_params=True``) to find each shard's group.
         process_group: the ranks that must agree on seed, step and history (default: the world).
 
-    ``clip_(params)`` returns ``{"norm", "clipped", "coefficient", "level"}``. The step count ``t``
+    ``clip_(params)`` returns ``{"norm", "clipped", "coefficient", "level", "norm_after"}``. The step count ``t``
     advances after each optimizer step over the clipped parameters that ran; the norm of that
     step then joins the history (when finite).
     """
@@ -234,7 +234,7 @@ class GradientClipper:
 
     @torch.no_grad()
     def clip_(self, parameters: Iterable[torch.Tensor]) -> dict[str, Any]:
-        """Clip the gradients of ``parameters`` in place; returns ``{"norm", "clipped", "coefficient", "level"}``.
+        """Clip the gradients of ``parameters`` in place; returns ``{"norm", "clipped", "coefficient", "level", "norm_after"}``.
 
         Call it after ``GradScaler.unscale_`` (on unscaled gradients), after DropGrad has masked,
         before the optimizer step. Every rank must pass the same parameters in the same order.
@@ -249,16 +249,18 @@ class GradientClipper:
         pending = self._agreement.start(self.agreement_fields(norm))
         level = self._level(norm)
         grads = [local_tensor(p.grad) for p in params if p.grad is not None]
-        stats = {"norm": norm, "clipped": False, "coefficient": None, "level": level}
+        stats = {"norm": norm, "clipped": False, "coefficient": None, "level": level, "norm_after": norm}
         if self.method == "layer_wise":
-            stats["clipped"] = self._clip_layers(params, norms.per_param)
+            stats["clipped"], stats["norm_after"] = self._clip_layers(params, norms.per_param)
         elif self.method == "coordinate_wise":
             stats["clipped"] = bool(norms.above is not None and bool((norms.above > 0).any()))
             for grad in grads:  # one pass each; the foreach pair of clamps makes two
                 grad.clamp_(-self.clipping_level, self.clipping_level)
+            if stats["clipped"]:  # the clamped norm needs a pass of its own (and, sharded, a collective)
+                stats["norm_after"] = float(grad_norms(params, self._pieces).total)
         elif self.method != "no_clip":
             clipped, coefficient = self._decide(norm, level)
-            stats.update(clipped=clipped, coefficient=coefficient)
+            stats.update(clipped=clipped, coefficient=coefficient, norm_after=norm * coefficient)
             if clipped:
                 torch._foreach_mul_(grads, coefficient)
         if pending is not None:
@@ -268,14 +270,15 @@ class GradientClipper:
         self.last_stats = stats
         return stats
 
-    def _clip_layers(self, params: list[torch.Tensor], per_param: torch.Tensor) -> bool:
+    def _clip_layers(self, params: list[torch.Tensor], per_param: torch.Tensor) -> tuple[bool, float]:
+        """Scale each gradient by ``min(1, eta / ||g_l||)``; returns (any clipped, the global norm after)."""
         level = torch.tensor(self.clipping_level, dtype=per_param.dtype, device=per_param.device)
-        # min(1, eta / ||g_l||): a zero norm gives inf, clamped to 1; a non-finite norm is left alone.
+        # A zero norm gives inf, clamped to 1; a non-finite norm is left alone.
         factors = torch.where(torch.isfinite(per_param), (level / per_param).clamp(max=1.0), 1.0)
         scaled = [(local_tensor(p.grad), f) for p, f in zip(params, factors.unbind()) if p.grad is not None]
         if scaled:
             torch._foreach_mul_([g for g, _ in scaled], [f.to(g.dtype) for g, f in scaled])
-        return bool((factors < 1.0).any())
+        return bool((factors < 1.0).any()), float((per_param * factors).square().sum().sqrt())
 
     def _committed(self) -> None:
         """An optimizer step over the clipped parameters ran: count it, remember its finite norm."""

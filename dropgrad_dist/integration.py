@@ -32,10 +32,12 @@ from . import checkpoint as _checkpoint
 from .clip import ClippedOptimizer, GradientClipper
 from .gnp import GradientNormPenalty
 from .mask import keep_probability
+from .norms import grad_norms
 from .optim import DropGrad
 from .params import RateSpec
 from .restarts import Restarter, RestartingOptimizer
 from .schedules import DropRateScheduler
+from .shards import flat_param_pieces
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -105,6 +107,20 @@ class Regularizers:
         self._optimizer._is_overflow = self.gnp.step_index == before
         return loss
 
+    def gradient_norm(self) -> float:
+        """The global L2 norm of the gradient as clipping would see it now: masked, unscaled, all shards.
+
+        Call it after ``accelerator.backward`` and before ``optimizer.step()`` (e.g. to log the norm
+        of a run without clipping). In wrapper modes it masks first (the step will not mask again);
+        under a GradScaler it unscales first (``accelerator.unscale_gradients``, as ``clip_grad_norm_`` does).
+        """
+        if isinstance(self.dropgrad, DropGrad) and not self.dropgrad.full_update_drop:
+            self.dropgrad.mask_gradients_()
+        if self._accelerator is not None and self._accelerator.scaler is not None:
+            self._accelerator.unscale_gradients()
+        params = [p for group in self._optimizer.param_groups for p in group["params"]]
+        return float(grad_norms(params, flat_param_pieces(params, self.model)).total)
+
     def describe(self) -> str:
         """One line: what runs, and how."""
         parts = []
@@ -130,7 +146,8 @@ class Regularizers:
                 out["bytes_dense_equivalent"] = float(self.dropgrad.bytes_dense_equivalent)
         stats = self.clipper.last_stats if self.clipper is not None else None
         if stats is not None:
-            out.update(grad_norm=stats["norm"], clipped=float(stats["clipped"]), clip_level=stats["level"])
+            out.update(grad_norm=stats["norm"], grad_norm_clipped=stats["norm_after"], clipped=float(stats["clipped"]),
+                       clip_level=stats["level"])
             if stats["coefficient"] is not None:
                 out["clip_coefficient"] = stats["coefficient"]
         if self.restarter is not None:

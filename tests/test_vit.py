@@ -1,5 +1,6 @@
 """The ViT example: synthetic data, CIFAR-10 path, single-process training, resume, plots, bad input."""
 
+import csv
 import hashlib
 import json
 import pickle
@@ -136,21 +137,54 @@ def test_bad_input_ends_with_a_one_line_error(argv, message, tmp_path):
     assert message in done.stderr.strip().splitlines()[-1]
 
 
-def test_plot_writes_png_and_summary(tmp_path):
-    for run, slope in (("adamw-baseline", 0.1), ("adamw-dropgrad", 0.2)):
-        folder = tmp_path / run
-        folder.mkdir()
-        records = [{"type": "eval", "step": s, "train_loss": 2 - slope * s, "test_loss": 2.1 - slope * s,
-                    "train_accuracy": 0.1 + slope * s / 2, "test_accuracy": 0.1 + slope * s / 3} for s in (1, 2, 3)]
-        records.append({"type": "final", "wall_time": 12.5})
-        (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
-    assert plot.main([str(tmp_path)]) == 0
-    png = tmp_path / "curves.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def _is_png(path: Path, min_width: int = 500) -> bool:
     from PIL import Image
 
-    with Image.open(png) as image:
-        assert image.size[0] > 500 and image.size[1] > 300
-    summary = (tmp_path / "summary.md").read_text()
-    assert "| adamw-dropgrad | 3 | 0.3 |" in summary
-    assert (tmp_path / "summary.csv").read_text().startswith("run,steps,final_test_accuracy")
+    if path.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    with Image.open(path) as image:
+        return image.size[0] > min_width and image.size[1] > 250
+
+
+def test_plot_groups_seeds_into_bands_and_writes_every_file(tmp_path):
+    for optimizer in ("adamw", "sgd"):
+        for scenario, slope in (("baseline", 0.1), ("dropgrad", 0.2), ("clip_norm", 0.15)):
+            for seed in range(3):
+                folder = tmp_path / f"{optimizer}-{scenario}-seed{seed}"
+                folder.mkdir()
+                evals = [{"type": "eval", "step": s, "train_loss": 2 - slope * s, "test_loss": 2.1 - slope * s,
+                          "train_accuracy": 0.1 + slope * s / 2, "test_accuracy": 0.1 + slope * s / 3 + seed / 100}
+                         for s in (1, 2, 3)]
+                train_records = [{"type": "train", "step": s, "grad_norm": 10.0 ** (s + seed / 3),
+                                  "grad_norm_clipped": min(10.0 ** (s + seed / 3), 30.0)} for s in range(1, 30)]
+                records = train_records + evals + [{"type": "final", "wall_time": 12.5 + seed}]
+                (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+    (tmp_path / "sgd-dropgrad-seed9").mkdir()  # an unfinished run: no final record, left out
+    (tmp_path / "sgd-dropgrad-seed9" / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 1}) + "\n")
+    assert plot.main([str(tmp_path)]) == 0
+    assert _is_png(tmp_path / "curves.png") and _is_png(tmp_path / "grad_norms.png")
+    summary = (tmp_path / "summary.md").read_text().splitlines()
+    assert summary[0].startswith("| optimizer | scenario | seeds | final test acc | best test acc |")
+    assert "| adamw | dropgrad | 3 | 0.310 ± 0.010 | 0.310 ± 0.010 |" in "\n".join(summary)
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert len(rows) == 6 and {r["seeds"] for r in rows} == {"3"}
+    assert [r["final_accuracy_vs_baseline"] for r in rows if r["scenario"] == "baseline"] == ["", ""]
+    assert {round(float(r["final_accuracy_vs_baseline"]), 3) for r in rows if r["scenario"] == "dropgrad"} == {0.1}
+
+
+def test_sweep_runs_the_grid_resumes_and_reports_a_failed_run(tmp_path):
+    """Two cells finish; a third (SAM with accumulation, refused by train.py) fails without stopping them."""
+    out = tmp_path / "sweep"
+    argv = [sys.executable, str(VIT / "sweep.py"), "--scenarios", "baseline", "dropgrad", "sam", "--optimizers", "sgd",
+            "--seeds", "0", "--output_dir", str(out), "--", *TINY, "--cpu", "--max_steps", "2",
+            "--gradient_accumulation_steps", "2", "--batch_size", "64"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "FAILED sgd-sam-seed0: exit code 2" in done.stderr
+    assert "2 runs done, 1 failed" in done.stdout
+    for run in ("sgd-baseline-seed0", "sgd-dropgrad-seed0"):
+        assert _records(out / run, "final")
+    assert _is_png(out / "curves.png", min_width=300) and _is_png(out / "grad_norms.png", min_width=300)
+    assert (out / "summary.md").is_file() and (out / "summary.csv").is_file()
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert "3 runs, 2 already finished, 1 to go" in again.stdout

@@ -136,6 +136,22 @@ def build_optimizer(args: argparse.Namespace, params) -> torch.optim.Optimizer:
     return cls[args.optimizer](params, lr=lr)
 
 
+def record_gradient_norm(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module,
+                         regularizers) -> dict:
+    """The global gradient norm before and after clipping, for runs the GradientClipper does not log.
+
+    With --max_grad_norm, accelerator.clip_grad_norm_ clips (masked, unscaled gradients) and returns
+    the norm before; without any clipping the library computes it (all shards, all ranks).
+    """
+    if args.max_grad_norm > 0:
+        norm = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+        return {"grad_norm": norm, "grad_norm_clipped": min(norm, args.max_grad_norm)}
+    if regularizers.clipper is not None:
+        return {}  # the clipper logs both (regularizers.metrics())
+    norm = regularizers.gradient_norm()
+    return {"grad_norm": norm, "grad_norm_clipped": norm}
+
+
 def regularizer_options(args: argparse.Namespace, total_steps: int) -> dict:
     """prepare_regularizers' keyword arguments from the command line (None: not used)."""
     return {
@@ -311,8 +327,8 @@ def training_function(args: argparse.Namespace) -> dict:
                     logits = model(images)
                     loss = torch.nn.functional.cross_entropy(logits, labels)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if accelerator.sync_gradients:
+                        norms = record_gradient_norm(args, accelerator, model, regularizers)
                     optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
@@ -326,6 +342,8 @@ def training_function(args: argparse.Namespace) -> dict:
             record = {"type": "train", "step": completed_steps, "epoch": epoch, "loss": mean_loss,
                       "lr": lr_scheduler.get_last_lr()[0], "step_time": time.perf_counter() - step_start}
             record.update(regularizers.metrics())
+            if regularizers.gnp is None and regularizers.clipper is None:
+                record.update(norms)
             log.write(record)
             if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
                 accelerator.save_state(str(output_dir / f"step_{completed_steps}"))

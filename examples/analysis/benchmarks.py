@@ -46,7 +46,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from dropgrad_dist import DropGrad, set_mask_backend
+from dropgrad_dist import SAM, ClippedOptimizer, DropGrad, GradientClipper, set_mask_backend
 
 # ----------------------------------------------------------------------------------------
 # Benchmark functions. Each is written once with + - * ** only, so the same expression
@@ -188,10 +188,20 @@ class Regularizer(NamedTuple):
     wrap: Callable[[torch.optim.Optimizer, nn.Module, float, int], torch.optim.Optimizer]
     stochastic: bool  # False: one run per configuration (the seed is not used)
     strength_name: str  # what the ``strength`` column means for it
+    strength: float | None = None  # its value in the trajectory and convergence runs (DropGrad: --drop_rate)
 
 
 def _dropgrad(optimizer: torch.optim.Optimizer, model: nn.Module, strength: float, seed: int) -> torch.optim.Optimizer:
     return DropGrad(optimizer, drop_rate=strength, seed=seed, model=model)
+
+
+def _clip_norm(optimizer: torch.optim.Optimizer, model: nn.Module, level: float, seed: int) -> torch.optim.Optimizer:
+    # On 2 coordinates norm clipping caps the step length far from the minimum (Rosenbrock's walls).
+    return ClippedOptimizer(optimizer, GradientClipper("norm", clipping_level=level, seed=seed, model=model))
+
+
+def _sam(optimizer: torch.optim.Optimizer, model: nn.Module, rho: float, seed: int) -> torch.optim.Optimizer:
+    return SAM(optimizer, rho=rho, model=model)  # evaluates the closure at x and at x + rho g/|g|
 
 
 # A new entry needs only a wrap function, e.g. "sam": lambda opt, model, rho, seed: SAM(opt, rho=rho),
@@ -201,6 +211,8 @@ REGULARIZERS: dict[str, Regularizer] = {
     for r in (
         Regularizer("none", lambda optimizer, model, strength, seed: optimizer, False, ""),
         Regularizer("dropgrad", _dropgrad, True, "drop_rate"),
+        Regularizer("clip_norm", _clip_norm, False, "clipping_level", 1.0),
+        Regularizer("sam", _sam, False, "rho", 0.05),
     )
 }
 
@@ -299,7 +311,7 @@ def convergence_specs(functions: Sequence[str], optimizers: Sequence[str], regul
             lr = LEARNING_RATES[function][optimizer]
             for name in regularizers:
                 regularizer = REGULARIZERS[name]
-                strength = drop_rate if regularizer.strength_name else None
+                strength = drop_rate if name == "dropgrad" else regularizer.strength
                 for seed in range(seeds) if regularizer.stochastic else [None]:
                     specs.append(Spec(function, optimizer, name, lr, strength, seed, steps))
     return specs

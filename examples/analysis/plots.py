@@ -28,7 +28,7 @@ FLOOR = 1e-16  # f - f* below this is drawn at it: log axes cannot show 0, and f
 CEILING = 1e100  # f - f* above this is not drawn (a run on its way to diverge)
 STYLES = {"none": {"color": "black", "linestyle": "-"}, "dropgrad": {"color": "tab:red", "linestyle": "--"}}
 EXTRA_STYLES = [{"color": c, "linestyle": ":"} for c in ("tab:blue", "tab:green", "tab:purple", "tab:brown")]
-LABELS = {"none": "no regularizer", "dropgrad": "DropGrad"}
+LABELS = {"none": "no regularizer", "dropgrad": "DropGrad", "clip_norm": "norm clipping", "sam": "SAM"}
 
 
 def _float(text: str) -> float | None:

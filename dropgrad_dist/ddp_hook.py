@@ -32,9 +32,11 @@ sync per parameter, and only in that rare situation, e.g. right after a GradScal
 The optimizer must be a ``torch.optim.Optimizer`` whose ``step()`` runs the global step hooks
 (every subclass calling ``Optimizer.__init__`` does). Non-finite gradients on any rank make
 every rank's GradScaler skip: masking multiplies (``inf * 0 = NaN``) and, in compact mode,
-one extra element (``0``, or ``NaN`` when the bucket's minimum or maximum is not finite, taken
-in the bucket's own dtype) carries dropped non-finite values to every rank, where it is added
-to the first element of the bucket.
+one extra element (``sum(v * 0)`` over the masked bucket ``v``: ``0``, or ``NaN`` when any value
+is not finite; it cannot overflow) carries dropped non-finite values to every rank, where it is
+added to the first element of the bucket. Real buckets are packed and unpacked by the mask engine
+(:func:`~dropgrad_dist.mask.pack_segments`: no bool mask, no index array); buckets holding complex
+parameters go through a mask and an index.
 
 Registration, agreement, checkpoints
 ------------------------------------

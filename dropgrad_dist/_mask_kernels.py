@@ -61,6 +61,14 @@ _C_BITS = {
     "float": ("uint32_t", 31, "0x7FC00000u"),
     "double": ("uint64_t", 63, "0x7FF8000000000000ull"),
 }
+# C name -> the fused AVX2 loops that start its pack and unpack of a masked piece (the staged loops finish)
+_C_FAST = {
+    "f32": ("""#ifdef __AVX2__
+        start += pack8_f32(p + a, base + (uint32_t)a, (uint32_t)(b - a), t, s, out, &k, c->k_end, &nan_acc, &neg_acc);
+#endif""", """#ifdef __AVX2__
+    start += unpack8_f32(p + a, base + (uint32_t)a, (uint32_t)(b - a), t, in, &k, c->k_end);
+#endif"""),
+}
 # C name -> (unsigned type of the stored bits, exponent mask, sign bit)
 _C_STORED_BITS = {
     "f32": ("uint32_t", "0x7F800000u", 31),
@@ -86,6 +94,11 @@ static inline uint32_t hash32(uint32_t x) {{
     x ^= x >> {s1}; x *= {c1}u; x ^= x >> {s2}; x *= {c2}u; x ^= x >> {s3};
     return x;
 }}
+#define HASH_C1 {c1}u
+#define HASH_C2 {c2}u
+#define HASH_S1 {s1}
+#define HASH_S2 {s2}
+#define HASH_S3 {s3}
 
 static inline float from_bits(uint32_t u) {{ float f; memcpy(&f, &u, 4); return f; }}
 static inline uint32_t to_bits(float f) {{ uint32_t u; memcpy(&u, &f, 4); return u; }}
@@ -271,6 +284,66 @@ DEFINE_MOVES(16, uint16_t)
 DEFINE_MOVES(32, uint32_t)
 DEFINE_MOVES(64, uint64_t)
 
+#ifdef __AVX2__
+/* float32, the common gradient dtype, fused in registers: hash, mask, flag and move per 8 lanes,
+   nothing staged. The same operations as the scalar path (one multiply by s or 0), so the same bits. */
+static inline __m256i hash8(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, HASH_S1));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int32_t)HASH_C1));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, HASH_S2));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int32_t)HASH_C2));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, HASH_S3));
+}
+
+/* Lanes' keep decisions (all ones where int32(hash32(first + lane)) < t). */
+static inline __m256i keep8(uint32_t first, int32_t t) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(t), hash8(_mm256_add_epi32(_mm256_set1_epi32((int32_t)first), lane)));
+}
+
+/* Packs whole groups of 8 while their 8-lane stores stay below k_end; returns the coordinates done. */
+static uint32_t pack8_f32(const float* x, uint32_t first, uint32_t len, int32_t t, float s, float* out, int64_t* kp,
+                          int64_t k_end, uint32_t* nan_acc, uint32_t* neg_acc) {
+    const __m256 scale = _mm256_set1_ps(s);
+    const __m256i exponent = _mm256_set1_epi32(0x7F800000);
+    __m256i nan = _mm256_setzero_si256(), neg = _mm256_set1_epi32(-1);
+    int64_t k = *kp;
+    uint32_t j = 0;
+    for (; j + 8 <= len && k + 8 <= k_end; j += 8) {
+        const __m256i keep = keep8(first + j, t);
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + j), _mm256_and_ps(scale, _mm256_castsi256_ps(keep)));
+        const __m256i bits = _mm256_castps_si256(v);
+        nan = _mm256_or_si256(nan, _mm256_cmpeq_epi32(_mm256_and_si256(bits, exponent), exponent));
+        neg = _mm256_and_si256(neg, bits);
+        const int m = _mm256_movemask_ps(_mm256_castsi256_ps(keep));
+        _mm256_storeu_ps(out + k, _mm256_permutevar8x32_ps(v, _mm256_load_si256((const __m256i*)PACK32[m])));
+        k += __builtin_popcount((unsigned)m);
+    }
+    *kp = k;
+    if (_mm256_movemask_ps(_mm256_castsi256_ps(nan))) *nan_acc |= 1u;
+    if (_mm256_movemask_ps(_mm256_castsi256_ps(neg)) != 0xFF) *neg_acc = 0;
+    return j;
+}
+
+/* Unpacks whole groups of 8 while their 8-lane reads stay below in_len; returns the coordinates done. */
+static uint32_t unpack8_f32(float* x, uint32_t first, uint32_t len, int32_t t, const float* in, int64_t* kp,
+                            int64_t in_len) {
+    int64_t k = *kp;
+    uint32_t j = 0;
+    for (; j + 8 <= len && k + 8 <= in_len; j += 8) {
+        const __m256i keep = keep8(first + j, t);
+        const int m = _mm256_movemask_ps(_mm256_castsi256_ps(keep));
+        const __m256 got = _mm256_permutevar8x32_ps(_mm256_loadu_ps(in + k),
+                                                    _mm256_load_si256((const __m256i*)EXPAND32[m]));
+        const __m256 zero = _mm256_mul_ps(_mm256_loadu_ps(x + j), _mm256_setzero_ps());  /* x * 0 */
+        _mm256_storeu_ps(x + j, _mm256_blendv_ps(zero, got, _mm256_castsi256_ps(keep)));
+        k += __builtin_popcount((unsigned)m);
+    }
+    *kp = k;
+    return j;
+}
+#endif
+
 /* Kept coordinates [a, b) of a piece: the hash only (the counting pass of parallel scans). */
 static void count_piece(const int64_t* row, int64_t a, int64_t b, scan_ctx* c) {
     if (row[4] >= KEEP_ALL) { c->k += b - a; return; }
@@ -387,7 +460,9 @@ static void pack_{name}(const int64_t* row, int64_t a, int64_t b, scan_ctx* c) {
         const uint32_t base = (uint32_t)row[3];
         uint8_t keep[SUB];
         {storage} val[SUB];
-        for (int64_t lo = a; lo < b; lo += SUB) {{
+        int64_t start = a;
+        {fast_pack}
+        for (int64_t lo = start; lo < b; lo += SUB) {{
             const uint32_t len = (uint32_t)(b - lo < SUB ? b - lo : SUB), first = base + (uint32_t)lo;
             const {storage}* x = p + lo;
             uint32_t cnt = 0;
@@ -424,7 +499,9 @@ static void unpack_{name}(const int64_t* row, int64_t a, int64_t b, scan_ctx* c)
     const uint32_t base = (uint32_t)row[3];
     uint8_t keep[SUB];
     {storage} got[SUB];
-    for (int64_t lo = a; lo < b; lo += SUB) {{
+    int64_t start = a;
+    {fast_unpack}
+    for (int64_t lo = start; lo < b; lo += SUB) {{
         const uint32_t len = (uint32_t)(b - lo < SUB ? b - lo : SUB), first = base + (uint32_t)lo;
         {storage}* x = p + lo;
         for (uint32_t j = 0; j < len; ++j) keep[j] = (uint8_t)((int32_t)hash32(first + j) < t);
@@ -525,9 +602,10 @@ def _c_source(multipliers: tuple[int, int], shifts: tuple[int, int, int]) -> str
         parts.append(_C_DTYPE_TEMPLATE.format(name=name, storage=storage, compute=compute, load=load, store=store))
         bits, top, nan_bits = _C_BITS[compute]
         ubits, exp, sign = _C_STORED_BITS[name]
+        fast = _C_FAST.get(name, ("", ""))
         parts.append(_C_SCAN_TEMPLATE.format(name=name, storage=storage, compute=compute, load=load, store=store,
                                              bits=bits, top=top, nan_bits=nan_bits, ubits=ubits, exp=exp, sign=sign,
-                                             width=sign + 1))
+                                             width=sign + 1, fast_pack=fast[0], fast_unpack=fast[1]))
     return "".join(parts)
 
 

@@ -133,6 +133,10 @@ class DropGradHookState:
     public counters; ``state_dict()``/``load_state_dict()`` resume the masks exactly.
     """
 
+    # Compact all-reduce through a bool mask and an index array for every bucket, as before the pack
+    # kernels (the same results; for before/after benchmarks). Complex buckets always take it.
+    _compact_via_index = False
+
     def __init__(
         self,
         model: nn.Module,
@@ -511,7 +515,7 @@ def _compact_all_reduce(state: DropGradHookState, bucket: dist.GradBucket,
     index array) and unpacks (recomputes the mask from the hash). Complex buckets: a mask and indices.
     """
     buffer, segments = bucket.buffer(), state._segments(bucket)
-    if any(is_complex for *_, is_complex in segments):
+    if state._compact_via_index or any(is_complex for *_, is_complex in segments):
         return _compact_all_reduce_indexed(state, bucket, world_size)
     pieces = [(length, None, 0, None) if entry is None else (length, entry.key, 0, state.plan.rate_of(entry))
               for _, length, entry, _ in segments]

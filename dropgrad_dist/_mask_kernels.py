@@ -801,35 +801,167 @@ def _triton_kernel() -> Callable:
     return mask_kernel
 
 
+_triton_block_keep: Callable | None = None  # set with the kernels below
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_compaction_kernels() -> tuple[Callable, Callable, Callable]:
+    """``(count, pack, unpack)``: Triton kernels over the piece table, one program per block of a piece.
+
+    Programs run in coordinate order, so an exclusive prefix sum of the per-block kept counts gives
+    each block its first send position; within a block, a cumulative sum of the keep bits.
+    """
+    import triton
+    import triton.language as tl
+
+    global _triton_block_keep  # Triton resolves helpers among module globals, not closures
+
+    @triton.jit
+    def block_keep(table, blocks, BLOCK: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, S1: tl.constexpr,
+                   S2: tl.constexpr, S3: tl.constexpr):
+        pid = tl.program_id(0)
+        row = table + 6 * tl.load(blocks + 2 * pid)
+        idx = tl.load(blocks + 2 * pid + 1) + tl.arange(0, BLOCK)
+        valid = idx < tl.load(row + 2)
+        x = (tl.load(row + 3) + idx).to(tl.uint32)
+        x = x ^ (x >> S1)
+        x = x * C1
+        x = x ^ (x >> S2)
+        x = x * C2
+        x = x ^ (x >> S3)
+        keep = (x.to(tl.int32, bitcast=True).to(tl.int64) < tl.load(row + 4)) & valid
+        return row, idx, valid, keep
+
+    _triton_block_keep = block_keep
+
+    @triton.jit
+    def count_kernel(table, blocks, counts, BLOCK: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+                     S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr):
+        _, _, _, keep = _triton_block_keep(table, blocks, BLOCK, C1, C2, S1, S2, S3)
+        tl.store(counts + tl.program_id(0), tl.sum(keep.to(tl.int32), axis=0))
+
+    @triton.jit
+    def pack_kernel(table, blocks, offsets, out, flags, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+                    BITS: tl.constexpr, BLOCK: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, S1: tl.constexpr,
+                    S2: tl.constexpr, S3: tl.constexpr):
+        pid = tl.program_id(0)
+        row, idx, valid, keep = _triton_block_keep(table, blocks, BLOCK, C1, C2, S1, S2, S3)
+        factor = tl.where(keep, tl.load(row + 5).to(tl.float64, bitcast=True).to(COMPUTE), 0.0).to(COMPUTE)
+        values = tl.load(row).to(tl.pointer_type(DTYPE)) + idx
+        v = (tl.load(values, mask=valid).to(COMPUTE) * factor).to(DTYPE, fp_downcast_rounding="rtne")
+        kept = keep.to(tl.int32)
+        tl.store(out + tl.load(offsets + pid) + tl.cumsum(kept, axis=0) - kept, v, mask=keep)
+        c = v.to(COMPUTE)  # the flag's facts on the stored value: not finite, sign bit
+        bad = (~(tl.abs(c) < float("inf"))) & valid
+        neg = (c.to(BITS, bitcast=True) < 0) | ~valid
+        tl.store(flags + 2 * pid, tl.max(bad.to(tl.int32), axis=0))
+        tl.store(flags + 2 * pid + 1, tl.min(neg.to(tl.int32), axis=0))
+
+    @triton.jit
+    def unpack_kernel(table, blocks, offsets, received, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+                      BLOCK: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, S1: tl.constexpr,
+                      S2: tl.constexpr, S3: tl.constexpr):
+        row, idx, valid, keep = _triton_block_keep(table, blocks, BLOCK, C1, C2, S1, S2, S3)
+        values = tl.load(row).to(tl.pointer_type(DTYPE)) + idx
+        x = tl.load(values, mask=valid)
+        kept = keep.to(tl.int32)
+        got = tl.load(received + tl.load(offsets + tl.program_id(0)) + tl.cumsum(kept, axis=0) - kept, mask=keep)
+        zero = (x.to(COMPUTE) * 0.0).to(DTYPE, fp_downcast_rounding="rtne")  # what masking leaves there
+        tl.store(values, tl.where(keep, got, zero), mask=valid)
+
+    return count_kernel, pack_kernel, unpack_kernel
+
+
 class CudaKernel:
-    """The Triton kernel for one dtype; ``many(table, device)`` launches it once for all rows."""
+    """The Triton kernels for one dtype: ``many(table, device)`` masks every row in one launch;
+    ``pack``/``unpack`` as :class:`CpuKernel`'s (a count launch first: the send size reaches the host)."""
 
     def __init__(self, dtype: torch.dtype, multipliers: tuple[int, int], shifts: tuple[int, int, int]) -> None:
         import triton.language as tl
 
         self._kernel = _triton_kernel()
+        self._dtype = dtype
         storage = {torch.float32: tl.float32, torch.float64: tl.float64,
                    torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
         self._constants = dict(DTYPE=storage, COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
                                BLOCK=_BLOCK, C1=multipliers[0], C2=multipliers[1], S1=shifts[0],
                                S2=shifts[1], S3=shifts[2], KEEP=KEEP_ALL)
+        self._hash = dict(BLOCK=_BLOCK, C1=multipliers[0], C2=multipliers[1], S1=shifts[0], S2=shifts[1],
+                          S3=shifts[2])
+        self._types = dict(DTYPE=storage, COMPUTE=self._constants["COMPUTE"])
 
-    def many(self, table: np.ndarray, device: torch.device) -> None:
+    def _blocks(self, table: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The table and its block list ``(piece, first coordinate)`` per program, on ``device``."""
         counts = -(-table[:, 2] // _BLOCK)
         pieces = np.repeat(np.arange(table.shape[0], dtype=np.int64), counts)
-        if pieces.size == 0:
-            return
         firsts = (np.arange(pieces.size, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)) * _BLOCK
         host = np.concatenate([table.reshape(-1), np.stack([pieces, firsts], axis=1).reshape(-1)])
-        # From pageable memory the copy has read `host` when it returns; the kernel runs in stream order.
+        # From pageable memory the copy has read `host` when it returns; kernels run in stream order.
         blob = torch.from_numpy(host).to(device, non_blocking=True)
+        return blob, blob[table.size:], int(pieces.size)
+
+    def _launch(self, device: torch.device):
         # Triton launches on the current device: make it the tensors' one (CPU: the Triton interpreter, in tests).
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            self._kernel[(pieces.size,)](blob, blob[table.size:], HAS_MASK=bool(table[:, 1].any()),
-                                         enable_fp_fusion=False, **self._constants)
+        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+    def many(self, table: np.ndarray, device: torch.device) -> None:
+        blob, blocks, programs = self._blocks(table, device)
+        if programs == 0:
+            return
+        with self._launch(device):
+            self._kernel[(programs,)](blob, blocks, HAS_MASK=bool(table[:, 1].any()), enable_fp_fusion=False,
+                                      **self._constants)
 
     def one(self, ptr: int, mptr: int, n: int, base: int, thr: int, scale: float) -> None:
         raise NotImplementedError  # CUDA pieces always go through many(): the table must reach the device
+
+    def _offsets(self, blob: torch.Tensor, blocks: torch.Tensor, programs: int,
+                 device: torch.device) -> tuple[torch.Tensor, int]:
+        """Each program's first send position, and the kept count (a device-to-host copy: a sync)."""
+        count, _, _ = _triton_compaction_kernels()
+        counts = torch.zeros(max(programs, 1), dtype=torch.int32, device=device)
+        if programs:
+            with self._launch(device):
+                count[(programs,)](blob, blocks, counts, **self._hash)
+        ends = torch.cumsum(counts, 0)
+        return ends - counts, int(ends[-1]) if programs else 0
+
+    def pack(self, table: np.ndarray, buffer: torch.Tensor) -> torch.Tensor:
+        """As :meth:`CpuKernel.pack`; ``send`` is sized exactly (the count launch gives the size)."""
+        _, pack, _ = _triton_compaction_kernels()
+        device = buffer.device
+        blob, blocks, programs = self._blocks(table, device)
+        offsets, kept = self._offsets(blob, blocks, programs, device)
+        out = torch.empty(kept + 1, dtype=self._dtype, device=device)
+        flags = torch.zeros(2 * max(programs, 1), dtype=torch.int32, device=device)
+        flags[1] = 1  # no program: every (no) value "negative", as the C kernel's empty AND
+        if programs:
+            bits = {8: "int64"}.get(torch.empty(0, dtype=self._dtype).element_size(), "int32")
+            import triton.language as tl
+
+            with self._launch(device):
+                pack[(programs,)](blob, blocks, offsets, out, flags, BITS=getattr(tl, bits),
+                                  enable_fp_fusion=False, **self._types, **self._hash)
+        nan = torch.full((), float("nan"), dtype=self._dtype, device=device)
+        signed = torch.where(flags[1::2].bool().all(), -0.0, 0.0).to(self._dtype)
+        out[kept:].copy_(torch.where(flags[0::2].bool().any(), nan, signed).reshape(1))
+        return out
+
+    def unpack(self, table: np.ndarray, buffer: torch.Tensor, received: torch.Tensor) -> int:
+        """As :meth:`CpuKernel.unpack`; the size is checked before anything is written."""
+        _, _, unpack = _triton_compaction_kernels()
+        device = buffer.device
+        blob, blocks, programs = self._blocks(table, device)
+        offsets, kept = self._offsets(blob, blocks, programs, device)
+        if kept + 1 != received.numel():
+            return -1
+        if programs:
+            with self._launch(device):
+                unpack[(programs,)](blob, blocks, offsets, received, enable_fp_fusion=False, **self._types,
+                                    **self._hash)
+        if buffer.numel():
+            buffer.view(-1)[:1].add_(received[-1:])  # + the summed flag
+        return kept
 
 
 def cuda_kernel(dtype: torch.dtype, multipliers: tuple[int, int], shifts: tuple[int, int, int]) -> CudaKernel | None:

@@ -470,6 +470,7 @@ from dropgrad_dist import mask, _mask_kernels
 for dtype in (torch.float32, torch.float16, torch.float64):  # the interpreter truncates to bfloat16
     kernel = _mask_kernels.CudaKernel(dtype, mask._HASH_MULTIPLIERS, mask._HASH_SHIFTS)
     mask._self_check(kernel, torch.device("cpu"), dtype)
+    mask._check_packer(kernel, torch.device("cpu"), dtype)  # count, pack and unpack (finite, then inf/NaN)
 print("ok")
 """
 
@@ -534,6 +535,30 @@ def test_triton_kernel_compiles_for_a_gpu():
         assert "shr.u32" in ptx and "mul.lo.s32" in ptx  # logical shifts, wrapping 32-bit products
         if dtype == torch.bfloat16:
             assert "cvt.rn.bf16.f32" in ptx  # round to nearest even, as torch
+
+
+def test_triton_compaction_kernels_compile_for_a_gpu():
+    # No GPU here: compile the count, pack and unpack kernels for sm_90 for every dtype.
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dropgrad_dist import _mask_kernels
+
+    count, pack, unpack = _mask_kernels._triton_compaction_kernels()
+    pointers = dict(table="*i64", blocks="*i64", counts="*i32", offsets="*i64", flags="*i32")
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"),
+                        (torch.float64, "fp64")):
+        cuda = _mask_kernels.CudaKernel(dtype, mask._HASH_MULTIPLIERS, mask._HASH_SHIFTS)
+        for kernel, extra in ((count, {}), (pack, dict(BITS=tl.int64 if name == "fp64" else tl.int32, **cuda._types)),
+                              (unpack, cuda._types)):
+            constants = {**cuda._hash, **extra}
+            signature = {arg: pointers.get(arg, f"*{name}") if arg not in constants else "constexpr"
+                         for arg in kernel.arg_names}
+            ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                 target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+            assert "shr.u32" in ptx and "mul.lo.s32" in ptx  # logical shifts, wrapping 32-bit products
 
 
 @pytest.mark.parametrize("backend_name", ["compiled", "eager"])

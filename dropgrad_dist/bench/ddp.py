@@ -137,6 +137,7 @@ def _agreement_seconds(repeats: int = 50) -> float:
     """Median time of one agreement check waited at once (the hook starts it asynchronously instead)."""
     check, fields, times = AgreementCheck("bench"), {"seed": 1, "step_index": 0}, []
     for _ in range(repeats):
+        dist.barrier()  # time the collective, not the other rank's lateness
         start = time.perf_counter()
         pending = check.start(fields, torch.device("cpu"))
         if pending is not None:

@@ -893,6 +893,7 @@ class CudaKernel:
         self._hash = dict(BLOCK=_BLOCK, C1=multipliers[0], C2=multipliers[1], S1=shifts[0], S2=shifts[1],
                           S3=shifts[2])
         self._types = dict(DTYPE=storage, COMPUTE=self._constants["COMPUTE"])
+        self._bits = tl.int64 if dtype == torch.float64 else tl.int32  # the compute type's bits (sign tests)
 
     def _blocks(self, table: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The table and its block list ``(piece, first coordinate)`` per program, on ``device``."""
@@ -940,12 +941,9 @@ class CudaKernel:
         flags = torch.zeros(2 * max(programs, 1), dtype=torch.int32, device=device)
         flags[1] = 1  # no program: every (no) value "negative", as the C kernel's empty AND
         if programs:
-            bits = {8: "int64"}.get(torch.empty(0, dtype=self._dtype).element_size(), "int32")
-            import triton.language as tl
-
             with self._launch(device):
-                pack[(programs,)](blob, blocks, offsets, out, flags, BITS=getattr(tl, bits),
-                                  enable_fp_fusion=False, **self._types, **self._hash)
+                pack[(programs,)](blob, blocks, offsets, out, flags, BITS=self._bits, enable_fp_fusion=False,
+                                  **self._types, **self._hash)
         nan = torch.full((), float("nan"), dtype=self._dtype, device=device)
         signed = torch.where(flags[1::2].bool().all(), -0.0, 0.0).to(self._dtype)
         out[kept:].copy_(torch.where(flags[0::2].bool().any(), nan, signed).reshape(1))

@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .. import mask as _mask
 from ..agreement import AgreementCheck
 from ..ddp_hook import DropGradHookState
 from ..testing import run_on_ranks
@@ -130,7 +131,8 @@ def _measure_model(model: str, rank: int, args: dict[str, Any]) -> dict[str, Any
     numel = sum(p.numel() for p in params)
     sent = {name: ((s.bytes_communicated - before[name]) / timed_steps) if s else numel * 4.0
             for name, (_, _, s) in runs.items()}
-    return {"times": times, "bytes_per_step": sent, "numel": numel, "tensors": len(params)}
+    return {"times": times, "bytes_per_step": sent, "numel": numel, "tensors": len(params),
+            "sizes": [p.numel() for p in params]}
 
 
 def _agreement_seconds(repeats: int = 50) -> float:
@@ -146,9 +148,34 @@ def _agreement_seconds(repeats: int = 50) -> float:
     return statistics.median(times)
 
 
+def _kernel_seconds(sizes: list[int], rate: float, repeats: int = 9) -> dict[str, float]:
+    """Median seconds of pack + unpack and of the dense mask over one buffer holding every gradient."""
+    buffer = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(0))
+    segments = [(n, f"p{k}", 0, rate) for k, n in enumerate(sizes)]
+    send = _mask.pack_segments(buffer, segments, seed=1, step=1, extra_scale=0.5)
+    runs = {"pack_unpack": lambda: _mask.unpack_segments_(buffer, segments, _mask.pack_segments(
+                buffer, segments, seed=1, step=1, extra_scale=0.5), seed=1, step=1),
+            "mask": lambda: _mask.drop_segments_(buffer, segments, seed=1, step=1, extra_scale=0.5)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            buffer.normal_(generator=torch.Generator().manual_seed(0))
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    del send
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _rank(rank: int, world_size: int, args: dict[str, Any]) -> dict[str, Any]:
     results = {model: _measure_model(model, rank, args) for model in args["models"]}
-    return {"models": results, "agreement_s": _agreement_seconds()}
+    kernels = {}
+    for model in args["models"]:  # rank 0 alone, the other waiting: the kernels' own cost
+        dist.barrier()
+        if rank == 0:
+            kernels[model] = _kernel_seconds(results[model]["sizes"], 0.5)
+        dist.barrier()
+    return {"models": results, "kernels": kernels, "agreement_s": _agreement_seconds()}
 
 
 def crossover_gbit_s(bytes_dense: float, bytes_compact: float, extra_seconds: float, ranks: int) -> float:
@@ -173,15 +200,22 @@ def _rows(model: str, results: list[dict[str, Any]], names: list[str]) -> list[d
         row = {"model": model, "candidate": name, "median_ms": statistics.median(times[name]) * 1e3,
                "x_allreduce": median_ratio(times[name], times["allreduce_hook"]), "MB_per_step": sent[name] / 1e6,
                "bytes_ratio": sent[name] / sent["allreduce_hook"], "extra_ms_vs_dense": None,
-               "crossover_Gbit_s": None}
+               "crossover_Gbit_s": None, "crossover_kernels_Gbit_s": None}
         if name.startswith("dropgrad compact"):
             # Paired per round: the difference of two noisy medians would be noisier.
             extra = statistics.median(c - d for c, d in zip(times[name], times[DENSE]))
-            crossover = crossover_gbit_s(sent[DENSE], sent[name], extra, 2)
             row["extra_ms_vs_dense"] = extra * 1e3
-            row["crossover_Gbit_s"] = "any" if crossover == float("inf") else crossover
+            row["crossover_Gbit_s"] = _shown(crossover_gbit_s(sent[DENSE], sent[name], extra, 2))
+        if name == COMPACT:
+            kernels = results[0]["kernels"][model]
+            row["crossover_kernels_Gbit_s"] = _shown(crossover_gbit_s(
+                sent[DENSE], sent[name], kernels["pack_unpack"] - kernels["mask"], 2))
         rows.append(row)
     return rows
+
+
+def _shown(gbit_s: float) -> float | str:
+    return "any" if gbit_s == float("inf") else gbit_s
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -214,6 +248,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "extra_ms_vs_dense. Assumes bandwidth-bound all-reduces (no latency term), the extra compute not "
             "hidden behind communication, and loopback transfer costs negligible next to the link's; "
             "'any': compact is not slower even on loopback. Target: >= 25 Gbit/s for compact p=0.5",
+            "crossover_kernels_Gbit_s: the same model with the extra compute taken from the kernels alone "
+            "(pack_segments + unpack_segments_ - drop_segments_ over one buffer of the model's gradients, p=0.5, "
+            "rank 0 alone): no loopback savings netted out, so a conservative figure",
             f"agreement check: every round each dropgrad_hook candidate runs one asynchronous 192-byte all-reduce "
             f"(rank agreement), included in its times; waited at once it takes {agreement_us:.0f} us here "
             f"(allreduce_hook step: {', '.join(f'{m} {ms:.1f} ms' for m, ms in step_ms.items())})",

@@ -489,3 +489,12 @@ def test_example_script_runs_under_torchrun():
     causes = [line for line in result.stderr.splitlines() if any(w in line for w in ("rror", "terminate", "what()"))]
     assert result.returncode == 0, "\n".join(causes[:30]) + result.stderr[-3000:]
     assert "bytes communicated / dense all-reduce: 0." in result.stdout
+
+
+def test_bench_crossover_follows_the_ring_all_reduce_model():
+    from dropgrad_dist.bench.ddp import crossover_gbit_s
+
+    # 2 ranks move B per rank (2(N-1)/N = 1): 5 MB saved at 1 ms extra is 40 Gbit/s; 4 ranks move 1.5 B.
+    assert crossover_gbit_s(10e6, 5e6, 1e-3, 2) == pytest.approx(40.0)
+    assert crossover_gbit_s(10e6, 5e6, 1e-3, 4) == pytest.approx(60.0)
+    assert crossover_gbit_s(10e6, 5e6, -1e-3, 2) == float("inf")  # compact not slower: it wins at any bandwidth

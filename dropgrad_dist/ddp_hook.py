@@ -32,9 +32,11 @@ sync per parameter, and only in that rare situation, e.g. right after a GradScal
 The optimizer must be a ``torch.optim.Optimizer`` whose ``step()`` runs the global step hooks
 (every subclass calling ``Optimizer.__init__`` does). Non-finite gradients on any rank make
 every rank's GradScaler skip: masking multiplies (``inf * 0 = NaN``) and, in compact mode,
-one extra element (``0``, or ``NaN`` when the bucket's minimum or maximum is not finite, taken
-in the bucket's own dtype) carries dropped non-finite values to every rank, where it is added
-to the first element of the bucket.
+one extra element (``sum(v * 0)`` over the masked bucket ``v``: ``0``, or ``NaN`` when any value
+is not finite; it cannot overflow) carries dropped non-finite values to every rank, where it is
+added to the first element of the bucket. Real buckets are packed and unpacked by the mask engine
+(:func:`~dropgrad_dist.mask.pack_segments`: no bool mask, no index array); buckets holding complex
+parameters go through a mask and an index.
 
 Registration, agreement, checkpoints
 ------------------------------------
@@ -61,7 +63,6 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -130,6 +131,10 @@ class DropGradHookState:
     :func:`dropgrad_hook`, and what a dense all-reduce of the same buckets would have sent) are
     public counters; ``state_dict()``/``load_state_dict()`` resume the masks exactly.
     """
+
+    # Compact all-reduce through a bool mask and an index array for every bucket, as before the pack
+    # kernels (the same results; for before/after benchmarks). Complex buckets always take it.
+    _compact_via_index = False
 
     def __init__(
         self,
@@ -493,18 +498,42 @@ def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.fu
 
 
 def _kept_indices(keep: torch.Tensor) -> torch.Tensor:
-    """Positions of the kept coordinates, ascending.
+    """Positions of the kept coordinates, ascending (the complex-bucket path).
 
     Indices rather than masked_select/masked_scatter_: the gather and the scatter then run
     branch-free. On CPU numpy's nonzero is branch-free too, ~10x faster than torch's on a random mask.
     """
-    if keep.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(keep.numpy()))
-    return keep.nonzero().squeeze(1)
+    return _mask._kept_positions(keep)
 
 
 def _compact_all_reduce(state: DropGradHookState, bucket: dist.GradBucket,
                         world_size: int) -> torch.futures.Future[torch.Tensor]:
+    """All-reduce the kept coordinates of ``bucket * keep / (1 - p) / world_size`` and a non-finite flag.
+
+    Real buckets: the engine packs (masks on the fly into a contiguous send buffer; no bool mask, no
+    index array) and unpacks (recomputes the mask from the hash). Complex buckets: a mask and indices.
+    """
+    buffer, segments = bucket.buffer(), state._segments(bucket)
+    if state._compact_via_index or any(is_complex for *_, is_complex in segments):
+        return _compact_all_reduce_indexed(state, bucket, world_size)
+    pieces = [(length, None, 0, None) if entry is None else (length, entry.key, 0, state.plan.rate_of(entry))
+              for _, length, entry, _ in segments]
+    step = state.step_index  # the unpack must recompute the very masks the pack used
+    # The kept count (so the send size) depends on no rank data: every rank sends the same size.
+    send = _mask.pack_segments(buffer, pieces, seed=state.seed, step=step, extra_scale=1.0 / world_size)
+    state.bytes_communicated += send.numel() * send.element_size()
+
+    def unpack(fut: torch.futures.Future) -> torch.Tensor:
+        # Kept coordinates from the sum, dropped ones x * 0, + the summed flag on the first element.
+        return _mask.unpack_segments_(buffer, pieces, fut.value()[0], seed=state.seed, step=step)
+
+    work = dist.all_reduce(send, group=state.process_group, async_op=True)
+    return work.get_future().then(unpack)
+
+
+def _compact_all_reduce_indexed(state: DropGradHookState, bucket: dist.GradBucket,
+                                world_size: int) -> torch.futures.Future[torch.Tensor]:
+    """The compact all-reduce through a bool mask and an index (buckets holding complex parameters)."""
     buffer = bucket.buffer()
     keep = torch.empty(buffer.numel(), dtype=torch.bool, device=buffer.device)
     state._mask_bucket_(bucket, world_size, keep=keep)

@@ -2,7 +2,8 @@
 
 Each spawn costs a few seconds, so one spawned run trains every configuration (module-scoped
 fixture) and the parametrized tests read its results. Ranks use the eager mask backend: it is
-bitwise identical to the compiled one (tested with the engine) and needs no compilation.
+bitwise identical to the compiled one (tested with the engine) and needs no compilation; the
+``*-native`` compact runs use the native pack/unpack kernels and must match their eager twin bitwise.
 """
 
 import io
@@ -44,7 +45,13 @@ CONFIGS = {
     "wrapper-bf16_compress_hook": dict(comm="dense", opt="sgd", wrap_bf16=True),
     "compact-bf16-grads": dict(comm="compact", opt="sgd", dtype=torch.bfloat16),
     "dense-fp16-grads": dict(comm="dense", opt="sgd", dtype=torch.float16),
+    "compact-fp16-grads": dict(comm="compact", opt="sgd", dtype=torch.float16),
+    "compact-fp64-grads": dict(comm="compact", opt="adam", dtype=torch.float64),
 }
+# Compact runs again with the native pack/unpack kernels ("compiled": a kernel failure raises): bitwise the
+# eager (torch-op) run.
+NATIVE = {f"{name}-native": name for name, cfg in CONFIGS.items() if cfg["comm"] == "compact"}
+CONFIGS.update({native: dict(CONFIGS[eager], backend="compiled") for native, eager in NATIVE.items()})
 
 
 class Net(nn.Module):
@@ -109,6 +116,14 @@ def _masks_match(state: DropGradHookState) -> bool:
 
 
 def _train_ddp(rank: int, world_size: int, cfg: dict) -> dict:
+    set_mask_backend(cfg.get("backend", "eager"))
+    try:
+        return _train_ddp_steps(rank, cfg)
+    finally:
+        set_mask_backend("eager")
+
+
+def _train_ddp_steps(rank: int, cfg: dict) -> dict:
     model = _model(cfg)
     ddp = DDP(model, bucket_cap_mb=0.001, **cfg.get("ddp", {}))  # several buckets
     state = DropGradHookState(ddp, seed=SEED, communication=cfg["comm"], **_rates(cfg))
@@ -190,6 +205,15 @@ def test_ddp_hook_matches_single_process_dropgrad(trained, name):
         assert rank0["unused_grad_is_none"]
 
 
+@pytest.mark.parametrize("name", list(NATIVE))
+def test_native_compact_is_bitwise_the_torch_op_compact(trained, name):
+    for rank in (0, 1):
+        native, eager = trained[rank][name], trained[rank][NATIVE[name]]
+        assert native["bytes"] == eager["bytes"]
+        for a, b in zip(native["params"], eager["params"]):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_dense_sends_whole_buckets_and_the_wrapper_counts_nothing(trained):
     sent, dense = trained[0]["dense-adam"]["bytes"]
     assert sent == dense == STEPS * 4 * sum(p.numel() for p in _model({}).parameters())
@@ -205,7 +229,15 @@ def _fresh(comm: str = "dense", seed: int = SEED, **kwargs) -> tuple[nn.Module, 
     return model, ddp, state
 
 
-def _scaler_skip(rank: int, comm: str, set_to_none: bool) -> dict:
+def _scaler_skip(rank: int, comm: str, set_to_none: bool, backend: str = "eager") -> dict:
+    set_mask_backend(backend)
+    try:
+        return _scaler_steps(rank, comm, set_to_none)
+    finally:
+        set_mask_backend("eager")
+
+
+def _scaler_steps(rank: int, comm: str, set_to_none: bool) -> dict:
     model, ddp, state = _fresh(comm)
     state.register()
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
@@ -350,6 +382,7 @@ def _behaviours(rank: int, world_size: int) -> dict:
     return dict(
         scaler_dense=_scaler_skip(rank, "dense", set_to_none=False),
         scaler_compact=_scaler_skip(rank, "compact", set_to_none=True),
+        scaler_compact_native=_scaler_skip(rank, "compact", set_to_none=True, backend="compiled"),
         accumulate=_accumulate_with_sync(rank),
         disagree=_disagree(rank),
         register=_register_twice(rank),
@@ -371,7 +404,7 @@ def test_compact_sends_only_kept_coordinates(behaviours, rate):
     assert abs(ratio - (1 - rate)) < 0.01 * (1 - rate), ratio
 
 
-@pytest.mark.parametrize("comm", ["dense", "compact"])
+@pytest.mark.parametrize("comm", ["dense", "compact", "compact_native"])
 def test_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(behaviours, comm):
     runs = [behaviours[rank][f"scaler_{comm}"] for rank in (0, 1)]
     for run in runs:
@@ -456,3 +489,12 @@ def test_example_script_runs_under_torchrun():
     causes = [line for line in result.stderr.splitlines() if any(w in line for w in ("rror", "terminate", "what()"))]
     assert result.returncode == 0, "\n".join(causes[:30]) + result.stderr[-3000:]
     assert "bytes communicated / dense all-reduce: 0." in result.stdout
+
+
+def test_bench_crossover_follows_the_ring_all_reduce_model():
+    from dropgrad_dist.bench.ddp import crossover_gbit_s
+
+    # 2 ranks move B per rank (2(N-1)/N = 1): 5 MB saved at 1 ms extra is 40 Gbit/s; 4 ranks move 1.5 B.
+    assert crossover_gbit_s(10e6, 5e6, 1e-3, 2) == pytest.approx(40.0)
+    assert crossover_gbit_s(10e6, 5e6, 1e-3, 4) == pytest.approx(60.0)
+    assert crossover_gbit_s(10e6, 5e6, -1e-3, 2) == float("inf")  # compact not slower: it wins at any bandwidth

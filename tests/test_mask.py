@@ -470,6 +470,7 @@ from dropgrad_dist import mask, _mask_kernels
 for dtype in (torch.float32, torch.float16, torch.float64):  # the interpreter truncates to bfloat16
     kernel = _mask_kernels.CudaKernel(dtype, mask._HASH_MULTIPLIERS, mask._HASH_SHIFTS)
     mask._self_check(kernel, torch.device("cpu"), dtype)
+    mask._check_packer(kernel, torch.device("cpu"), dtype)  # count, pack and unpack (finite, then inf/NaN)
 print("ok")
 """
 
@@ -536,9 +537,169 @@ def test_triton_kernel_compiles_for_a_gpu():
             assert "cvt.rn.bf16.f32" in ptx  # round to nearest even, as torch
 
 
+def test_triton_compaction_kernels_compile_for_a_gpu():
+    # No GPU here: compile the count, pack and unpack kernels for sm_90 for every dtype.
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dropgrad_dist import _mask_kernels
+
+    count, pack, unpack = _mask_kernels._triton_compaction_kernels()
+    pointers = dict(table="*i64", blocks="*i64", counts="*i32", offsets="*i64", flags="*i32")
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"),
+                        (torch.float64, "fp64")):
+        cuda = _mask_kernels.CudaKernel(dtype, mask._HASH_MULTIPLIERS, mask._HASH_SHIFTS)
+        for kernel, extra in ((count, {}), (pack, dict(BITS=cuda._bits, **cuda._types)),
+                              (unpack, cuda._types)):
+            constants = {**cuda._hash, **extra}
+            signature = {arg: pointers.get(arg, f"*{name}") if arg not in constants else "constexpr"
+                         for arg in kernel.arg_names}
+            ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                 target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+            assert "shr.u32" in ptx and "mul.lo.s32" in ptx  # logical shifts, wrapping 32-bit products
+
+
 @pytest.mark.parametrize("backend_name", ["compiled", "eager"])
 def test_float64_values_get_a_float64_scale(backend_name, backend):
     # 1/(1-p) rounded to float32 would bias float64 gradients by ~2e-8: kept values scale exactly.
     backend(backend_name)
     values = drop_(torch.ones(4096, dtype=torch.float64), **CFG)
     assert set(values.unique().tolist()) == {0.0, 1.0 / (1.0 - CFG["rate"])}
+
+
+# ---- compaction: pack_segments / unpack_segments_ (DDP's compact all-reduce) -----------------
+
+def _index_path(buffer, segments, received_of, extra_scale):
+    """The compact all-reduce before the pack kernels: bool mask, index gather, aminmax flag, index scatter."""
+    values, keep = buffer.clone(), torch.empty(buffer.numel(), dtype=torch.bool)
+    mask.drop_segments_(values, segments, seed=9, step=4, extra_scale=extra_scale, mask_out=keep)
+    index = keep.nonzero().squeeze(1)
+    low, high = torch.aminmax(values)
+    send = torch.cat([values[index], (low * 0 + high * 0).reshape(1)])
+    received = received_of(send)
+    values.index_copy_(0, index, received[:-1])
+    values[:1].add_(received[-1:])
+    return send, values
+
+
+def _pack_path(buffer, segments, received_of, extra_scale):
+    values = buffer.clone()
+    send = mask.pack_segments(values, segments, seed=9, step=4, extra_scale=extra_scale)
+    assert mask._same_bits(values, buffer)  # packing reads the buffer, never writes it
+    assert mask.unpack_segments_(values, segments, received_of(send), seed=9, step=4) is values
+    return send, values
+
+
+def _compaction_cases(dtype):
+    """(name, buffer, segments): mixed segments, all-negative values, non-finite values, huge finite values."""
+    buffer, segments = _bucket(dtype)
+    negative = -buffer.abs() - 0.25
+    poisoned = buffer.clone()
+    poisoned[[5, 2000, 9000]] = torch.tensor([float("inf"), float("nan"), -float("inf")]).to(dtype)
+    huge = (buffer.double().sign() * torch.finfo(dtype).max).to(dtype)  # finite: a sum of them would overflow
+    return [("mixed", buffer, segments), ("negative", negative, segments), ("non-finite", poisoned, segments),
+            ("huge", huge, [(buffer.numel(), None, 0, None)])]
+
+
+@pytest.mark.parametrize("backend_name", ["compiled", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_pack_unpack_equal_the_index_path(dtype, backend_name, backend):
+    # Unmasked segments, rates 0 and 1, empty segments, several keys, starts across 2**31; NaN == NaN.
+    for case, buffer, segments in _compaction_cases(dtype):
+        extra_scale = 1.0 if case == "huge" else 0.5
+        received_of = (lambda send: send.clone()) if case == "huge" else (lambda send: send * 3)
+        backend("eager")
+        want_send, want = _index_path(buffer, segments, received_of, extra_scale)
+        backend(backend_name)
+        got_send, got = _pack_path(buffer, segments, received_of, extra_scale)
+        assert mask._same_bits(got_send, want_send), case
+        assert mask._same_bits(got, want), case
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_pack_flag_is_zero_when_finite_and_nan_otherwise(dtype, backend):
+    for backend_name in ("compiled", "eager"):
+        backend(backend_name)
+        for case, buffer, segments in _compaction_cases(dtype):
+            flag = mask.pack_segments(buffer, segments, seed=9, step=4,
+                                      extra_scale=1.0 if case == "huge" else 0.5)[-1]
+            if case == "non-finite":
+                assert flag.isnan(), backend_name
+            else:  # -0 when every value is negative (as min * 0 + max * 0), never NaN for finite values
+                assert flag == 0 and bool(flag.signbit()) == (case == "negative"), (backend_name, case, flag)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_pack_threads_split_pieces_anywhere(threads, backend, monkeypatch):
+    # A tiny grain makes the kernels count, then pack or unpack, pieces cut between threads.
+    from dropgrad_dist import _mask_kernels
+
+    backend("compiled")
+    buffer, segments = _bucket()
+    def received_of(send):  # a sum over three ranks holding the same values
+        return send * 3
+
+    want_send, want = _pack_path(buffer, segments, received_of, 0.5)
+    monkeypatch.setattr(_mask_kernels, "PARALLEL_GRAIN", 500)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    got_send, got = _pack_path(buffer, segments, received_of, 0.5)
+    assert mask._same_bits(got_send, want_send) and mask._same_bits(got, want)
+    with pytest.raises(ValueError, match="received must hold the kept coordinates plus one flag element"):
+        mask.unpack_segments_(buffer.clone(), segments, got_send[:-1], seed=9, step=4)
+
+
+@pytest.mark.parametrize("backend_name", ["compiled", "eager"])
+def test_bad_pack_arguments_raise_clear_errors(backend_name, backend):
+    backend(backend_name)
+    buffer, segments, ok = torch.ones(30), [(30, "a", 0, 0.5)], dict(seed=0, step=0)
+    for args, kwargs, message in [
+        ((buffer, [(20, "a", 0, 0.5)]), {}, "segments must cover the buffer exactly"),
+        ((buffer, [(30, "a", 0, 2.0)]), {}, r"segments\[0\].rate must be a number in \[0, 1\]"),
+        ((buffer, [(30, "a", -1, 0.5)]), {}, r"segments\[0\].start must be an int >= 0"),
+        ((buffer, "abc"), {}, "segments must be a sequence"),
+        ((buffer, segments), dict(extra_scale=float("inf")), "extra_scale must be a finite number"),
+        ((buffer, segments), dict(seed=-1), "seed must be"),
+        ((torch.ones(30, dtype=torch.complex64), segments), {}, "buffer must be real floating point"),
+        ((torch.ones(30, dtype=torch.int32), segments), {}, "buffer must be floating point"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            mask.pack_segments(*args, **{**ok, **kwargs})
+    send = mask.pack_segments(buffer, segments, **ok)
+    for received, message in [
+        (send[:-1], "received must hold the kept coordinates plus one flag element"),
+        (torch.cat([send, send]), "received must hold the kept coordinates plus one flag element"),
+        (send.double(), "received must be a contiguous tensor of the buffer's dtype"),
+        (torch.stack([send, send], 1)[:, 0], "received must be a contiguous tensor"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            mask.unpack_segments_(buffer.clone(), segments, received, **ok)
+    with pytest.raises(ValueError, match="segments must cover the buffer exactly"):
+        mask.unpack_segments_(buffer.clone(), [(29, "a", 0, 0.5)], send, **ok)
+    assert torch.equal(buffer, torch.ones(30))
+
+
+def test_a_pack_kernel_that_disagrees_with_the_torch_ops_is_refused(backend, monkeypatch):
+    backend("auto")
+    kernel = mask._native_kernel(torch.ones(1))
+
+    class Broken:
+        def __getattr__(self, name):  # masks as the real kernel; packs one value wrong
+            return getattr(kernel, name)
+
+        def pack(self, table, buffer):
+            send = kernel.pack(table, buffer)
+            send[0] += 1
+            return send
+
+    monkeypatch.setattr(mask, "_native_kernel", lambda tensor: Broken())
+    monkeypatch.setattr(mask, "_packers", {})
+    buffer, segments = _bucket()
+    with pytest.warns(RuntimeWarning, match="the native pack/unpack kernel failed"):
+        got = mask.pack_segments(buffer, segments, seed=9, step=4)
+    assert mask._packers[("cpu", torch.float32)] is None
+    assert mask._same_bits(got, mask._pack_torch(buffer, segments, 9, 4, MaskStream.GRAD, 1.0))
+    monkeypatch.setattr(mask, "_packers", {})
+    backend("compiled")
+    with pytest.raises(RuntimeError, match="pack/unpack kernel for torch.float32 disagrees"):
+        mask.pack_segments(buffer, segments, seed=9, step=4)

@@ -9,7 +9,20 @@ from .clip import CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, GradientClippe
 from .ddp_hook import DropGradHookState, dropgrad_hook, dropgrad_wrapper
 from .gnp import SAM, GradientNormPenalty
 from .integration import DropGradHandle, Regularizers, enable_fsdp_on_cpu, prepare_dropgrad, prepare_regularizers
-from .mask import MaskStream, drop_, keep_mask, keep_probability, keep_threshold, mask_backend, set_mask_backend
+from .mask import (
+    MaskStream,
+    Segment,
+    drop_,
+    drop_segments_,
+    drop_tensors_,
+    keep_mask,
+    keep_probability,
+    keep_threshold,
+    mask_backend,
+    pack_segments,
+    set_mask_backend,
+    unpack_segments_,
+)
 from .optim import DropGrad
 from .params import canonical_name
 from .restarts import Restarter, RestartingOptimizer
@@ -40,9 +53,12 @@ __all__ = [
     "Restarter",
     "RestartingOptimizer",
     "SAM",
+    "Segment",
     "StepDropRateScheduler",
     "canonical_name",
     "drop_",
+    "drop_segments_",
+    "drop_tensors_",
     "dropgrad_hook",
     "dropgrad_wrapper",
     "enable_fsdp_on_cpu",
@@ -50,7 +66,9 @@ __all__ = [
     "keep_probability",
     "keep_threshold",
     "mask_backend",
+    "pack_segments",
     "prepare_dropgrad",
     "prepare_regularizers",
     "set_mask_backend",
+    "unpack_segments_",
 ]

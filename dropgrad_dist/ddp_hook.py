@@ -74,7 +74,7 @@ from . import mask as _mask
 from .agreement import AgreementCheck, PendingCheck
 from .checks import check_count, check_seed
 from .params import DropPlan, ParamEntry, RateSpec, named_parameters
-from .schedules import DropRateScheduler
+from .schedules import DropRateScheduler, read_schedule_state
 from .steps import StepWatch
 
 __all__ = ["DropGradHookState", "dropgrad_hook", "dropgrad_wrapper", "refuse_double_masking", "registered_hook_state"]
@@ -394,15 +394,8 @@ class DropGradHookState:
                     for name in ("bytes_communicated", "bytes_dense_equivalent")]
         saved_config = state_dict.get("config", {"seed": state_dict.get("seed")})
         _checkpoint.check_config(owner, saved_config, self._config(), strict)
-        scheduler, scheduler_state = self.plan.scheduler, state_dict.get("scheduler")
-        if (scheduler_state is None) != (scheduler is None):
-            detail = (f"checkpoint {'has' if scheduler_state is not None else 'has no'} drop_rate_scheduler state, "
-                      f"this state {'has' if scheduler is not None else 'has no'} drop_rate_scheduler")
-            if strict:
-                raise ValueError(f"{owner}: {detail}; build it like the run that saved it, or pass strict=False")
-            scheduler_state = None
-        if scheduler_state is not None and isinstance(scheduler, DropRateScheduler):
-            scheduler.check_state_dict(scheduler_state)
+        scheduler = self.plan.scheduler
+        scheduler_state = read_schedule_state(owner, state_dict, scheduler, strict)
 
         def apply() -> None:
             if scheduler_state is not None:

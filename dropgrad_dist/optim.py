@@ -20,7 +20,7 @@ from .agreement import AgreementCheck, PendingCheck
 from .checks import check_count, check_rate, check_seed
 from .ddp_hook import refuse_double_masking
 from .params import DropPlan, RateSpec, named_params_of_optimizer
-from .schedules import DropRateScheduler
+from .schedules import DropRateScheduler, read_schedule_state
 from .shards import drop_locals_, flat_param_pieces, local_tensor
 from .wrapper import OptimizerWrapper
 
@@ -246,18 +246,8 @@ class DropGrad(OptimizerWrapper):
         step_index = _checkpoint.read_field(state, "step_index", check_count, owner)
         saved_config = state.get("config", {"seed": state.get("seed")})  # dropgrad-dist 0.1 kept only the seed
         _checkpoint.check_config(owner, saved_config, self._config(), strict)
-        scheduler_state = state.get("scheduler")
         scheduler = self.plan.scheduler
-        if (scheduler_state is None) != (scheduler is None):
-            detail = (f"checkpoint {'has' if scheduler_state is not None else 'has no'} drop_rate_scheduler state, "
-                      f"this run {'has' if scheduler is not None else 'has no'} drop_rate_scheduler")
-            if strict:
-                raise ValueError(f"DropGrad: {detail}; build it like the run that saved it, or pass strict=False")
-            warnings.warn(f"DropGrad: {detail}; the schedule keeps its position (strict=False)",
-                          RuntimeWarning, stacklevel=3)
-            scheduler_state = None
-        if scheduler_state is not None and isinstance(scheduler, DropRateScheduler):
-            scheduler.check_state_dict(scheduler_state)
+        scheduler_state = read_schedule_state(owner, state, scheduler, strict)
 
         def apply() -> None:
             if scheduler_state is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import math
+import warnings
 from typing import Any, Mapping
 
 from .checkpoint import read_field
@@ -125,3 +126,23 @@ class StepDropRateScheduler(DropRateScheduler):
 
     def config(self) -> tuple:
         return (type(self).__name__, self.initial_drop_rate, tuple(self.drop_rate_schedule.items()))
+
+
+def read_schedule_state(owner: str, state_dict: Mapping[str, Any], scheduler: Any, strict: bool) -> Mapping | None:
+    """The checkpoint's schedule state for ``scheduler`` (validated, nothing assigned), or None.
+
+    A checkpoint with schedule state loaded where no schedule is set, or the reverse, raises when
+    ``strict``; otherwise it warns and the schedule (if any) keeps its position.
+    """
+    schedule_state = state_dict.get("scheduler")
+    if (schedule_state is None) != (scheduler is None):
+        detail = (f"checkpoint {'has' if schedule_state is not None else 'has no'} drop_rate_scheduler state, "
+                  f"this run {'has' if scheduler is not None else 'has no'} drop_rate_scheduler")
+        if strict:
+            raise ValueError(f"{owner}: {detail}; build it like the run that saved it, or pass strict=False")
+        warnings.warn(f"{owner}: {detail}; the schedule keeps its position (strict=False)",
+                      RuntimeWarning, stacklevel=4)
+        return None
+    if schedule_state is not None and isinstance(scheduler, DropRateScheduler):
+        scheduler.check_state_dict(schedule_state)
+    return schedule_state

@@ -11,20 +11,7 @@ from dropgrad_dist import (CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, DropG
                            keep_mask)
 from dropgrad_dist.clip import NormHistory
 
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Linear(6, 8)
-        self.decoder = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.decoder(torch.tanh(self.encoder(x)))
-
-
-def _net() -> Net:
-    torch.manual_seed(0)
-    return Net()
+from .nets import seeded_net
 
 
 def _backward(model: nn.Module, step: int, scale: float = 1.0) -> None:
@@ -63,7 +50,7 @@ def _reference_clip(grads: list[np.ndarray], method: str, level: float, beta: fl
 @pytest.mark.parametrize("method", CLIPPING_METHODS)
 def test_each_method_matches_its_formula_over_steps(method):
     beta = 0.6 if "rand" in method else None
-    model = _net()
+    model = seeded_net()
     clipper = GradientClipper(method, clipping_level=2.0, beta=beta, p_autoclip=0.6, seed=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     history, decisions = [], set()
@@ -117,7 +104,7 @@ def test_autoclip_quantile_is_exactly_torch_quantile_over_the_window():
 
 
 def test_a_grad_scaler_skipped_step_adds_nothing_and_does_not_advance():
-    model = _net()
+    model = seeded_net()
     optimizer = ClippedSGD(model.parameters(), lr=0.1, momentum=0.9, clipping_type="auto_clip", p_autoclip=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     for step in range(3):
@@ -143,7 +130,7 @@ def test_a_grad_scaler_skipped_step_adds_nothing_and_does_not_advance():
 
 def test_resume_mid_run_is_exact(tmp_path):
     def make():
-        model = _net()
+        model = seeded_net()
         return model, ClippedSGD(model.parameters(), lr=0.05, momentum=0.9, clipping_type="linear_rand_autoclip",
                                  beta=0.7, p_autoclip=0.5, seed=2)
 
@@ -165,14 +152,14 @@ def test_resume_mid_run_is_exact(tmp_path):
     assert optimizer.clipper.step_index == 5 and len(optimizer.clipper.history) == 5
     run(model, optimizer, range(5, 10))
     assert all(torch.equal(a, b) for a, b in zip(want, model.parameters()))
-    other = ClippedSGD(_net().parameters(), lr=0.05, clipping_type="auto_clip", seed=2)
+    other = ClippedSGD(seeded_net().parameters(), lr=0.05, clipping_type="auto_clip", seed=2)
     with pytest.raises(ValueError, match="method: checkpoint 'linear_rand_autoclip', this run 'auto_clip'"):
         other.load_state_dict(saved["optimizer"])
     assert other.clipper.step_index == 0
 
 
 def test_mask_then_clip_then_step_under_dropgrad():
-    model, reference = _net(), _net()
+    model, reference = seeded_net(), seeded_net()
     clipper = GradientClipper("norm", 0.01)
     optimizer = DropGrad(ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), clipper), 0.5, model=model, seed=1)
     _backward(model, 0)
@@ -211,7 +198,7 @@ def test_bad_input_raises_clear_errors(kwargs, message):
 
 def test_an_int_level_is_that_number():
     assert GradientClipper("norm", 2).clipping_level == 2.0
-    assert ClippedSGD(_net().parameters(), lr=0.1, clipping_type="layer_wise", clipping_level=1).clipper.clipping_level == 1.0
+    assert ClippedSGD(seeded_net().parameters(), lr=0.1, clipping_type="layer_wise", clipping_level=1).clipper.clipping_level == 1.0
 
 
 def test_restarter_sets_the_exact_mean_resets_the_optimizer_and_grows_the_period():

@@ -6,20 +6,7 @@ from torch import nn
 
 from dropgrad_dist import SAM, ClippedOptimizer, DropGrad, GradientClipper, GradientNormPenalty, keep_mask
 
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Linear(6, 8)
-        self.decoder = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.decoder(torch.tanh(self.encoder(x)))
-
-
-def _net() -> Net:
-    torch.manual_seed(0)
-    return Net()
+from .nets import seeded_net
 
 
 def _data(step: int = 0, n: int = 16):
@@ -59,13 +46,13 @@ def _by_hand(model, alpha, r, step=0):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8, 1.0])
 def test_combined_gradient_is_the_formula_and_theta_is_restored_bitwise(alpha):
-    model = _net()
+    model = seeded_net()
     theta = [p.detach().clone() for p in model.parameters()]
-    want = _by_hand(_net(), alpha, r=0.2)
+    want = _by_hand(seeded_net(), alpha, r=0.2)
     opt = GradientNormPenalty(torch.optim.SGD(model.parameters(), lr=0.0), alpha=alpha, r=0.2, model=model)
     calls = []
     loss = opt.step(_closure(model, calls=calls))
-    assert torch.equal(loss, _loss(_net()))  # the first evaluation's loss
+    assert torch.equal(loss, _loss(seeded_net()))  # the first evaluation's loss
     assert len(calls) == (1 if alpha == 0 else 2)
     for got, expected in zip(model.parameters(), want):
         torch.testing.assert_close(got.grad, expected, rtol=1e-5, atol=1e-7)
@@ -76,7 +63,7 @@ def test_combined_gradient_is_the_formula_and_theta_is_restored_bitwise(alpha):
 
 
 def test_sam_is_alpha_one_with_r_rho():
-    a, b = _net(), _net()
+    a, b = seeded_net(), seeded_net()
     sam = SAM(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), rho=0.05, model=a)
     gnp = GradientNormPenalty(torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9), alpha=1.0, r=0.05, model=b)
     for step in range(3):
@@ -92,7 +79,7 @@ def test_sam_is_alpha_one_with_r_rho():
     ("zero", [(0.0, 0.1)] * 4 + [(0.8, 0.1)] * 2),
 ])
 def test_warmups_give_the_stated_coefficients_and_zero_runs_one_pass(warmup, expected):
-    model = _net()
+    model = seeded_net()
     steps = 0 if warmup == "none" else 4
     opt = GradientNormPenalty(torch.optim.SGD(model.parameters(), lr=0.01), alpha=0.8, r=0.1, model=model,
                               warmup=warmup, warmup_steps=steps)
@@ -106,7 +93,7 @@ def test_warmups_give_the_stated_coefficients_and_zero_runs_one_pass(warmup, exp
 
 @pytest.mark.parametrize("bad_pass", [0, 1])
 def test_a_non_finite_pass_under_grad_scaler_skips_the_whole_step(bad_pass):
-    model = _net()
+    model = seeded_net()
     theta = [p.detach().clone() for p in model.parameters()]
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt = GradientNormPenalty(base, alpha=0.5, r=0.1, model=model)
@@ -131,7 +118,7 @@ def test_a_non_finite_pass_under_grad_scaler_skips_the_whole_step(bad_pass):
 
 
 def test_scaled_passes_give_the_unscaled_formula():
-    model, reference = _net(), _net()
+    model, reference = seeded_net(), seeded_net()
     opt = GradientNormPenalty(torch.optim.SGD(model.parameters(), lr=1.0), alpha=0.6, r=0.1, model=model)
     ref = GradientNormPenalty(torch.optim.SGD(reference.parameters(), lr=1.0), alpha=0.6, r=0.1, model=reference)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
@@ -148,7 +135,7 @@ def test_scaled_passes_give_the_unscaled_formula():
 
 
 def test_masks_and_clips_the_combined_gradient():
-    model, reference = _net(), _net()
+    model, reference = seeded_net(), seeded_net()
     clipper = GradientClipper("norm", 0.05)
     chain = DropGrad(ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), clipper), 0.5, seed=4, model=model)
     GradientNormPenalty(chain, alpha=0.7, r=0.1, model=model).step(_closure(model))
@@ -163,7 +150,7 @@ def test_masks_and_clips_the_combined_gradient():
 
 
 def test_a_closure_may_accumulate_micro_batches():
-    whole, split = _net(), _net()
+    whole, split = seeded_net(), seeded_net()
     a = GradientNormPenalty(torch.optim.SGD(whole.parameters(), lr=0.1), alpha=0.8, r=0.1, model=whole)
     b = GradientNormPenalty(torch.optim.SGD(split.parameters(), lr=0.1), alpha=0.8, r=0.1, model=split)
     x, y = _data(0)
@@ -184,7 +171,7 @@ def test_a_closure_may_accumulate_micro_batches():
 
 def test_resume_is_exact(tmp_path):
     def make():
-        model = _net()
+        model = seeded_net()
         opt = GradientNormPenalty(torch.optim.Adam(model.parameters(), lr=1e-2), alpha=0.8, r=0.05, model=model,
                                   warmup="lambda", warmup_steps=6)
         return model, opt
@@ -208,7 +195,7 @@ def test_resume_is_exact(tmp_path):
         opt.step(_closure(model, step))
         opt.zero_grad()
     assert all(torch.equal(a, b) for a, b in zip(want, model.parameters()))
-    other = GradientNormPenalty(torch.optim.Adam(_net().parameters(), lr=1e-2), alpha=0.5, r=0.05,
+    other = GradientNormPenalty(torch.optim.Adam(seeded_net().parameters(), lr=1e-2), alpha=0.5, r=0.05,
                                 warmup="lambda", warmup_steps=6)
     with pytest.raises(ValueError, match="alpha: checkpoint 0.8, this run 0.5"):
         other.load_state_dict(saved["opt"])
@@ -225,13 +212,13 @@ def test_resume_is_exact(tmp_path):
     (dict(perturbation="per_device"), "perturbation must be one of 'global', 'local'"),
 ])
 def test_bad_input_raises_clear_errors(kwargs, message):
-    model = _net()
+    model = seeded_net()
     with pytest.raises(ValueError, match=message):
         GradientNormPenalty(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
 
 
 def test_closure_missing_or_without_backward_is_refused():
-    model = _net()
+    model = seeded_net()
     opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, model=model)
     with pytest.raises(ValueError, match="needs a closure that computes the loss, calls backward"):
         opt.step()

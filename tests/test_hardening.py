@@ -10,24 +10,11 @@ from torch import nn
 
 from dropgrad_dist import DropGrad, DropGradHookState, LinearDropRateScheduler, keep_mask, prepare_dropgrad
 
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Linear(6, 8)
-        self.decoder = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.decoder(torch.tanh(self.encoder(x)))
-
-
-def _net() -> Net:
-    torch.manual_seed(0)
-    return Net()
+from .nets import Net, seeded_net
 
 
 def _trained(steps: int = 2, **kwargs) -> tuple[Net, DropGrad]:
-    model = _net()
+    model = seeded_net()
     opt = DropGrad(torch.optim.Adam(model.parameters(), lr=1e-2), model=model, **kwargs)
     for step in range(steps):
         x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
@@ -112,20 +99,20 @@ def test_a_partial_dict_changes_nothing():
 
 
 def test_hook_state_follows_the_same_checkpoint_rules():
-    model = _net()
+    model = seeded_net()
     state = DropGradHookState(model, 0.3, seed=1)
     state.step_index = 7
     saved = state.state_dict()
     assert json.loads(json.dumps(saved)) == saved  # plain data
-    other = DropGradHookState(_net(), 0.3, seed=2)
+    other = DropGradHookState(seeded_net(), 0.3, seed=2)
     with pytest.raises(ValueError, match="seed: checkpoint 1, this run 2"):
         other.load_state_dict(saved)
     assert other.step_index == 0
-    compact = DropGradHookState(_net(), 0.3, seed=1, communication="compact")
+    compact = DropGradHookState(seeded_net(), 0.3, seed=1, communication="compact")
     with pytest.raises(ValueError, match="communication: checkpoint 'dense', this run 'compact'"):
         compact.load_state_dict(saved)
     saved["step_index"] = 7.0
-    same = DropGradHookState(_net(), 0.3, seed=1)
+    same = DropGradHookState(seeded_net(), 0.3, seed=1)
     with pytest.raises(ValueError, match="field 'step_index' must be an int"):
         same.load_state_dict(saved)
     assert same.step_index == 0
@@ -133,8 +120,37 @@ def test_hook_state_follows_the_same_checkpoint_rules():
     assert same.step_index == 7
 
 
+@pytest.mark.parametrize("owner", ["DropGrad", "DropGradHookState"])
+def test_schedule_presence_mismatch_raises_or_warns_alike_in_wrapper_and_hook(owner):
+    def build(scheduler):
+        model = seeded_net()
+        rate = 0.1 if scheduler is None else None
+        if owner == "DropGrad":
+            return DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), rate, model=model,
+                            drop_rate_scheduler=scheduler)
+        return DropGradHookState(model, rate, drop_rate_scheduler=scheduler)
+
+    def schedule():
+        return LinearDropRateScheduler(0.1, 0.5, 10)
+
+    saved = build(schedule()).state_dict()
+    plain = build(None)
+    with pytest.raises(ValueError, match=r"drop_rate_scheduler: checkpoint \['LinearDropRateScheduler"):
+        plain.load_state_dict(saved)
+    with pytest.warns(RuntimeWarning, match="the schedule keeps its position"):
+        plain.load_state_dict(saved, strict=False)
+    scheduled = build(schedule())
+    scheduled.drop_rate_scheduler.step() if owner == "DropGrad" else scheduled.plan.scheduler.step()
+    without = build(None).state_dict()
+    with pytest.raises(ValueError, match="drop_rate_scheduler: checkpoint None"):
+        scheduled.load_state_dict(without)
+    with pytest.warns(RuntimeWarning, match="the schedule keeps its position"):
+        scheduled.load_state_dict(without, strict=False)
+    assert (scheduled.drop_rate_scheduler if owner == "DropGrad" else scheduled.plan.scheduler).step_count == 1
+
+
 def test_drop_rate_is_assignable_between_steps_like_dropgrad_0_3_5():
-    model = _net()
+    model = seeded_net()
     opt = DropGrad(torch.optim.SGD(model.parameters(), lr=1.0), drop_rate=0.1, model=model, seed=3)
     opt.drop_rate = 0.5
     assert opt.drop_rate == 0.5
@@ -173,7 +189,7 @@ def test_closure_optimizers_mask_every_evaluation():
             return loss
         return closure
 
-    model, reference = _net(), _net()
+    model, reference = seeded_net(), seeded_net()
     opt = DropGrad(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), drop_rate=0.5, model=model, seed=4)
     ref_opt = torch.optim.LBFGS(reference.parameters(), lr=0.5, max_iter=5)
     loss = opt.step(closure_for(model, opt, False))
@@ -207,7 +223,7 @@ def test_schedulers_without_checkpoint_support_are_refused_up_front():
         def step(self) -> None:
             pass
 
-    model = _net()
+    model = seeded_net()
     with pytest.raises(ValueError, match="RateOnly lacks state_dict, load_state_dict"):
         DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate_scheduler=RateOnly(), model=model)
 

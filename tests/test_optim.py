@@ -10,20 +10,7 @@ from torch import nn
 from dropgrad_dist import DropGrad, LinearDropRateScheduler, StepDropRateScheduler, keep_mask
 from dropgrad_dist.mask import MaskStream
 
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Linear(6, 8)
-        self.decoder = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.decoder(torch.tanh(self.encoder(x)))
-
-
-def _net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return Net()
+from .nets import seeded_net
 
 
 def _batch(step: int):
@@ -57,7 +44,7 @@ def _grads_after_backward(model, step=0):
 
 
 def test_step_applies_the_engine_mask_and_rescales():
-    model = _net()
+    model = seeded_net()
     grads = _grads_after_backward(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = DropGrad(torch.optim.SGD(model.parameters(), lr=1.0), drop_rate=0.4, seed=5, model=model)
@@ -70,7 +57,7 @@ def test_step_applies_the_engine_mask_and_rescales():
 
 
 def test_drop_rate_zero_is_bitwise_identical_to_the_bare_optimizer():
-    bare, wrapped = _net(), _net()
+    bare, wrapped = seeded_net(), seeded_net()
     _train(bare, torch.optim.Adam(bare.parameters(), lr=1e-2), 5)
     _train(wrapped, DropGrad(torch.optim.Adam(wrapped.parameters(), lr=1e-2), drop_rate=0.0), 5)
     for a, b in zip(_params(bare), _params(wrapped)):
@@ -78,19 +65,19 @@ def test_drop_rate_zero_is_bitwise_identical_to_the_bare_optimizer():
 
 
 def test_drop_rate_one_zeroes_every_gradient_without_nan():
-    model = _net()
+    model = seeded_net()
     before = _params(model)
     opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=1.0)
     _train(model, opt, 3)
     for a, b in zip(before, _params(model)):
         assert torch.equal(a, b)
-    adam_model = _net()
+    adam_model = seeded_net()
     _train(adam_model, DropGrad(torch.optim.Adam(adam_model.parameters()), drop_rate=1.0), 3)
     assert all(torch.isfinite(p).all() for p in adam_model.parameters())
 
 
 def test_per_parameter_rates_by_parameter_name_module_and_glob():
-    model = _net()
+    model = seeded_net()
     opt = DropGrad(torch.optim.SGD(model.parameters(), lr=1.0), drop_rate=0.25,
                    params={"*.bias": 0.0, "encoder": 0.5, model.decoder.weight: 0.75}, model=model)
     rates = {entry.key: opt.plan.rate_of(entry) for entry in opt.plan.entries}
@@ -99,7 +86,7 @@ def test_per_parameter_rates_by_parameter_name_module_and_glob():
 
 
 def test_seed_dict_form_leaves_unlisted_parameters_untouched():
-    model = _net()
+    model = seeded_net()
     weights = {p: 0.5 for n, p in model.named_parameters() if "weight" in n}
     grads = _grads_after_backward(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -113,10 +100,10 @@ def test_seed_dict_form_leaves_unlisted_parameters_untouched():
 
 
 def test_keys_are_canonical_names_so_wrapped_models_mask_alike():
-    plain = _net()
-    compiled = torch.compile(_net())  # parameter names gain "_orig_mod."
-    wrapped = nn.DataParallel(_net())  # a leading "module." as DDP adds it
-    both = torch.compile(nn.DataParallel(_net()))
+    plain = seeded_net()
+    compiled = torch.compile(seeded_net())  # parameter names gain "_orig_mod."
+    wrapped = nn.DataParallel(seeded_net())  # a leading "module." as DDP adds it
+    both = torch.compile(nn.DataParallel(seeded_net()))
     keys = [
         [e.key for e in DropGrad(torch.optim.SGD(m.parameters(), lr=1.0), drop_rate=0.1, model=m).plan.entries]
         for m in (plain, compiled, wrapped, both)
@@ -156,7 +143,7 @@ def test_mask_keys_are_unique_per_model():
 
 
 def test_without_model_keys_are_positions_in_param_groups():
-    model = _net()
+    model = seeded_net()
     groups = [{"params": [model.encoder.weight, model.encoder.bias]},
               {"params": [model.decoder.weight, model.decoder.bias], "lr": 0.5}]
     opt = DropGrad(torch.optim.SGD(groups, lr=1.0), drop_rate=0.1)
@@ -193,7 +180,7 @@ def test_non_contiguous_gradients_are_masked_by_logical_index():
      "'encoder.weight' is shadowed by the earlier entry 'encoder', which already gives the rate of 'encoder.weight'"),
 ])
 def test_bad_arguments_raise_value_errors_naming_them(kwargs, message):
-    model = _net()
+    model = seeded_net()
     model_arg = {"model": model} if kwargs.pop("use_model", False) else {}
     with pytest.raises(ValueError, match=message):
         DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs, **model_arg)
@@ -201,11 +188,11 @@ def test_bad_arguments_raise_value_errors_naming_them(kwargs, message):
 
 def test_non_optimizer_is_rejected():
     with pytest.raises(ValueError, match="optimizer must be a torch.optim.Optimizer"):
-        DropGrad(_net(), drop_rate=0.1)
+        DropGrad(seeded_net(), drop_rate=0.1)
 
 
 def test_scheduler_advances_once_per_step_and_drives_the_rate():
-    model = _net()
+    model = seeded_net()
     opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1),
                    drop_rate_scheduler=StepDropRateScheduler(0.5, {2: 0.1}))
     seen = []
@@ -218,7 +205,7 @@ def test_scheduler_advances_once_per_step_and_drives_the_rate():
 
 def test_lr_schedulers_on_wrapper_or_wrapped_optimizer_work_without_warnings():
     for attach_to_wrapper in (True, False):
-        model = _net()
+        model = seeded_net()
         inner = torch.optim.SGD(model.parameters(), lr=1.0)
         opt = DropGrad(inner, drop_rate=0.1)
         lr_sched = torch.optim.lr_scheduler.StepLR(opt if attach_to_wrapper else inner, step_size=1, gamma=0.5)
@@ -231,7 +218,7 @@ def test_lr_schedulers_on_wrapper_or_wrapped_optimizer_work_without_warnings():
 
 
 def test_grad_scaler_steps_and_still_skips_overflowing_steps():
-    model = _net()
+    model = seeded_net()
     opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate_scheduler=LinearDropRateScheduler(0.5, 0, 10))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     _train(model, opt, 2, scaler=scaler)
@@ -252,7 +239,7 @@ def test_grad_scaler_steps_and_still_skips_overflowing_steps():
 
 
 def test_full_update_drop_keeps_dropped_coordinates_and_rescales_kept_updates():
-    model = _net()
+    model = seeded_net()
     grads = _grads_after_backward(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.5), drop_rate=0.3, full_update_drop=True,
@@ -272,22 +259,22 @@ def test_full_update_drop_keeps_dropped_coordinates_and_rescales_kept_updates():
 
 
 def test_step_skip_rate_skips_whole_steps_by_seed_and_step():
-    model = _net()
+    model = seeded_net()
     opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.0, step_skip_rate=1.0)
     before = _params(model)
     _train(model, opt, 3)
     assert all(torch.equal(a, b) for a, b in zip(before, _params(model)))
     assert opt.step_index == 3 and opt.last_step_skipped
-    half = DropGrad(torch.optim.SGD(_net().parameters(), lr=0.1), drop_rate=0.0, step_skip_rate=0.5, seed=9)
+    half = DropGrad(torch.optim.SGD(seeded_net().parameters(), lr=0.1), drop_rate=0.0, step_skip_rate=0.5, seed=9)
     decisions = [half.should_skip_step(t) for t in range(400)]
     assert abs(sum(decisions) - 200) < 4 * math.sqrt(100)
-    again = DropGrad(torch.optim.SGD(_net().parameters(), lr=0.1), drop_rate=0.0, step_skip_rate=0.5, seed=9)
+    again = DropGrad(torch.optim.SGD(seeded_net().parameters(), lr=0.1), drop_rate=0.0, step_skip_rate=0.5, seed=9)
     assert decisions == [again.should_skip_step(t) for t in range(400)]
 
 
 def test_resume_from_checkpoint_gives_bitwise_identical_training(tmp_path):
     def make():
-        model = _net()
+        model = seeded_net()
         opt = DropGrad(torch.optim.Adam(model.parameters(), lr=1e-2), seed=4, model=model,
                        drop_rate_scheduler=LinearDropRateScheduler(0.6, 0.1, 6))
         return model, opt
@@ -313,8 +300,8 @@ def test_accelerate_prepare_accepts_the_wrapper():
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    model = _net()
-    reference = _net()
+    model = seeded_net()
+    reference = seeded_net()
     opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5, model=model)
     ref_opt = DropGrad(torch.optim.SGD(reference.parameters(), lr=0.1), drop_rate=0.5, model=reference)
     prepared_model, prepared_opt = accelerator.prepare(model, opt)
@@ -332,7 +319,7 @@ def test_accelerate_prepare_accepts_the_wrapper():
 
 def test_masking_before_clipping_masks_once():
     """mask_gradients_() then in-place clipping then step(): the clipped masked gradient is stepped."""
-    model = _net()
+    model = seeded_net()
     grads = _grads_after_backward(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = DropGrad(torch.optim.SGD(model.parameters(), lr=1.0), drop_rate=0.5, seed=1, model=model)
@@ -355,7 +342,7 @@ def test_dropgrad_inside_accelerated_optimizer_with_grad_scaler():
     from dropgrad_dist.integration import _install_step_chain
 
     Accelerator(cpu=True)  # AcceleratedOptimizer reads the global Accelerate state
-    model, reference = _net(), _net()
+    model, reference = seeded_net(), seeded_net()
     accelerated = AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                        scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
     dropgrad = DropGrad(accelerated.optimizer, drop_rate=0.5, model=model, seed=3)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The regularizer x optimizer study on 2 CPU cores, synthetic data: 9 scenarios (baseline, dropout,
 # DropGrad, dropout + DropGrad, norm clipping, AutoClip, GNP, GNP + zero-warmup, SAM) x 6 optimizers
-# x 3 seeds, two runs at a time (about 25 minutes). Resumable: finished runs are skipped.
+# x 3 seeds, two runs at a time (about 17 minutes). Resumable: finished runs are skipped.
 # Extra arguments go to sweep.py; arguments after -- go to every train.py run.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

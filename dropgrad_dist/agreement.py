@@ -24,6 +24,8 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from .collectives import SentTensors
+
 __all__ = ["AgreementCheck", "PendingCheck", "RankDisagreement", "collective_device", "fingerprint"]
 
 FIELDS = 12  # fingerprints per check; more fields are folded into the last one
@@ -86,6 +88,7 @@ class AgreementCheck:
         self.owner = owner
         self.group = group
         self._prints: dict[str, tuple[object, int]] = {}  # name -> (value, fingerprint): reuse for the same object
+        self._sent = SentTensors()  # the last check's vector (see collectives.py)
 
     @property
     def active(self) -> bool:
@@ -102,6 +105,8 @@ class AgreementCheck:
         device = device if device is not None else collective_device(self.group)
         local = torch.tensor(prints, dtype=torch.int64).to(device)
         vector = torch.cat([local, -local])
+        self._sent.release()  # an owner waits for one check before it starts the next
+        self._sent.hold(vector)
         work = dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return PendingCheck(self, items, local, vector, work)
 

@@ -73,6 +73,7 @@ from . import checkpoint as _checkpoint
 from . import mask as _mask
 from .agreement import AgreementCheck, PendingCheck
 from .checks import check_count, check_seed
+from .collectives import SentTensors, without_backward_context
 from .params import DropPlan, ParamEntry, RateSpec, named_parameters
 from .schedules import DropRateScheduler, read_schedule_state
 from .steps import StepWatch
@@ -163,6 +164,7 @@ class DropGradHookState:
         self._registered_on: weakref.ref | None = None
         self._suspended = False
         self._agreement = AgreementCheck("DropGradHookState", process_group)
+        self._sent = SentTensors()  # the last round's send buffers (see collectives.py)
         self._reset_rounds()
         self._bind(model, drop_rate, params, drop_rate_scheduler)
 
@@ -264,6 +266,7 @@ class DropGradHookState:
             raise RuntimeError("this DropGradHookState was unpickled and is not bound to a model: "
                                "call state.register(ddp_model) instead of ddp_model.register_comm_hook")
         name = f"{hook_name} (suspended)" if self._suspended else hook_name
+        self._sent.release()  # the previous round's collectives completed before its optimizer step
         pending = self._agreement.start(self.agreement_fields(name), bucket.buffer().device)
         self._in_round = True
         if not self._suspended:
@@ -433,6 +436,7 @@ class DropGradHookState:
         self._registered_on = None
         self._suspended = False
         self._agreement = AgreementCheck("DropGradHookState", None)
+        self._sent = SentTensors()
         self._reset_rounds()
 
     def __repr__(self) -> str:
@@ -460,6 +464,8 @@ def _group_size(state: DropGradHookState) -> int:
     return dist.get_world_size(state.process_group)
 
 
+
+
 def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Mask the bucket with the state's seeded masks and average it across ranks.
 
@@ -467,6 +473,11 @@ def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.fu
     kept coordinates (plus one non-finite flag element) and scatter them back; dropped
     coordinates become zero.
     """
+    with without_backward_context():
+        return _dropgrad_hook(state, bucket)
+
+
+def _dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     state._enter(bucket, "dropgrad_hook", wait_now=state.communication == "compact" and not state._suspended)
     try:
         world_size = _group_size(state)
@@ -515,6 +526,7 @@ def _compact_all_reduce(state: DropGradHookState, bucket: dist.GradBucket,
     # The kept count (so the send size) depends on no rank data: every rank sends the same size.
     send = _mask.pack_segments(buffer, pieces, seed=state.seed, step=step, extra_scale=1.0 / world_size)
     state.bytes_communicated += send.numel() * send.element_size()
+    state._sent.hold(send)
 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:
         # Kept coordinates from the sum, dropped ones x * 0, + the summed flag on the first element.
@@ -540,6 +552,7 @@ def _compact_all_reduce_indexed(state: DropGradHookState, bucket: dist.GradBucke
     low, high = torch.aminmax(buffer)
     send[kept:].copy_((low * 0 + high * 0).reshape(1))
     state.bytes_communicated += send.numel() * send.element_size()
+    state._sent.hold(send)
 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:
         received = fut.value()[0]
@@ -566,15 +579,16 @@ def dropgrad_wrapper(hook: Hook) -> Hook:
         if state.communication != "dense":
             raise ValueError("dropgrad_wrapper masks densely and lets the wrapped hook communicate: "
                              "build the state with communication='dense' (compact is dropgrad_hook's own)")
-        state._enter(bucket, name, wait_now=False)
-        try:
-            if not state._suspended:
-                state._mask_bucket_(bucket, 1, keep=None)
-            future = hook(state.process_group, bucket)
-        except BaseException:
-            state._abort_round()
-            raise
-        state._end_call(bucket)
+        with without_backward_context():
+            state._enter(bucket, name, wait_now=False)
+            try:
+                if not state._suspended:
+                    state._mask_bucket_(bucket, 1, keep=None)
+                future = hook(state.process_group, bucket)
+            except BaseException:
+                state._abort_round()
+                raise
+            state._end_call(bucket)
         return future
 
     dropgrad_wrapper_hook.__qualname__ = name

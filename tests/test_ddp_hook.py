@@ -470,6 +470,77 @@ def test_bad_inputs_raise_clear_errors():
         state.register(model)
 
 
+def _backward_context_at_hook_collectives(rank, world_size):
+    """Per hook: was backward's Python context in thread-local state when it launched collectives?"""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from .nets import seeded_net
+    launched, real_all_reduce = [], dist.all_reduce
+
+    def recording_all_reduce(*args, **kwargs):
+        launched.append(torch._C._is_key_in_tls("context"))
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_reduce = recording_all_reduce
+    hooks = {"dropgrad_hook dense": ("dense", dropgrad_hook), "dropgrad_hook compact": ("compact", dropgrad_hook),
+             "dropgrad_wrapper(allreduce_hook)": ("dense", dropgrad_wrapper(allreduce_hook))}
+    seen = {}
+    for name, (communication, hook) in hooks.items():
+        model = DDP(seeded_net())
+        DropGradHookState(model, drop_rate=0.5, seed=SEED, communication=communication).register(model, hook)
+        in_backward = []  # the control: a tensor hook in the same backward pass sees the context
+        model.module.encoder.weight.register_hook(lambda g: in_backward.append(torch._C._is_key_in_tls("context")))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        launched.clear()
+        for _ in range(2):
+            model(torch.randn(4, 6)).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        seen[name] = (list(launched), in_backward, torch._C._is_key_in_tls("context"))
+    dist.all_reduce = real_all_reduce
+    return seen
+
+
+def test_hook_collectives_do_not_capture_backward_python_context():
+    # A gloo work launched with backward's contextvars.Context in thread-local state is released on
+    # a gloo thread that must take the GIL; at interpreter exit that aborted about 1 run in 30 of
+    # examples/ddp_comm_hook.py ("terminate called without an active exception").
+    for seen in run_on_ranks(_backward_context_at_hook_collectives, 2):
+        for name, (launched, in_backward, after_backward) in seen.items():
+            assert in_backward and all(in_backward), f"{name}: backward no longer stashes its context (control)"
+            assert len(launched) >= 4, name  # per step: the agreement check and at least one bucket
+            assert not any(launched), f"{name}: collectives launched with backward's context in TLS: {launched}"
+            assert not after_backward, f"{name}: the context leaked out of backward"
+
+
+def test_without_backward_context_sets_the_context_aside_and_puts_it_back():
+    from dropgrad_dist.collectives import without_backward_context
+    marker = object()
+    torch._C._stash_obj_in_tls("context", marker)
+    try:
+        with without_backward_context():
+            assert not torch._C._is_key_in_tls("context")
+        assert torch._C._get_obj_in_tls("context") is marker
+        with pytest.raises(RuntimeError), without_backward_context():
+            raise RuntimeError("put back on error too")
+        assert torch._C._get_obj_in_tls("context") is marker
+    finally:
+        torch._C._remove_obj_from_tls("context")
+    with without_backward_context():  # outside backward: nothing to set aside
+        assert not torch._C._is_key_in_tls("context")
+    assert not torch._C._is_key_in_tls("context")
+
+
+def test_sent_tensors_hold_a_cpp_reference_until_released():
+    # The gloo worker must never drop the last C++ reference of a tensor created in Python.
+    from dropgrad_dist.collectives import SentTensors
+    sent, tensor = SentTensors(), torch.zeros(4)
+    before = tensor._use_count()
+    sent.hold(tensor, torch.zeros(2, device="meta"))  # only CPU tensors are held
+    assert tensor._use_count() == before + 1 and len(sent._views) == 1
+    sent.release()
+    assert tensor._use_count() == before
+
+
 def test_hooks_are_valid_ddp_comm_hooks():
     # DDP inspects annotations at registration: they must be real classes, not strings.
     import inspect

@@ -9,16 +9,21 @@ script on a loaded machine). Two rules keep the library's own collectives out of
 without backward's Context (:func:`without_backward_context`), and keep a reference to every CPU
 tensor handed to gloo until the owner's next launch (:class:`SentTensors`), so that the last
 reference is dropped by the owner's thread, or never for owners that live to the end.
+Collectives the library does not launch (Accelerate's gathers, FSDP's reduce-scatters) stay exposed;
+a distributed script that has written everything can end with :func:`exit_skipping_finalization`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
+from typing import NoReturn
 
 import torch
 
-__all__ = ["SentTensors", "without_backward_context"]
+__all__ = ["SentTensors", "exit_skipping_finalization", "without_backward_context"]
 
 # The key under which torch's backward stashes a contextvars.Context in C++ thread-local state.
 _BACKWARD_CONTEXT_KEY = "context"
@@ -60,3 +65,14 @@ class SentTensors:
     def release(self) -> None:
         """Drop the references: call when the previous collectives have completed."""
         self._views.clear()
+
+
+def exit_skipping_finalization(code: int = 0) -> NoReturn:
+    """Flush stdout and stderr, then end the process with ``code`` without interpreter finalization.
+
+    For the very end of a distributed script, once every file is written and closed and the process
+    group destroyed: no gloo worker thread can then abort the exit. ``atexit`` handlers do not run.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -541,6 +541,15 @@ def test_sent_tensors_hold_a_cpp_reference_until_released():
     assert tensor._use_count() == before
 
 
+def test_exit_skipping_finalization_flushes_and_exits_with_the_code():
+    script = ("import atexit, sys; from dropgrad_dist.collectives import exit_skipping_finalization; "
+              "atexit.register(lambda: print('finalized')); print('written', end=''); "
+              "print('err', end='', file=sys.stderr); exit_skipping_finalization(3)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert (done.returncode, done.stdout, done.stderr) == (3, "written", "err")
+
+
 def test_hooks_are_valid_ddp_comm_hooks():
     # DDP inspects annotations at registration: they must be real classes, not strings.
     import inspect

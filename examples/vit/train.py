@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import cifar10_splits, synthetic_splits  # noqa: E402
 
 from dropgrad_dist import CLIPPING_METHODS, enable_fsdp_on_cpu, prepare_regularizers  # noqa: E402
+from dropgrad_dist.collectives import exit_skipping_finalization  # noqa: E402
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad", "adadelta", "lion")
 
@@ -388,11 +389,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Everything is written and flushed, and the process group is gone. Exit without interpreter
-    # finalization: a gloo worker thread still releasing a finished collective's Python tensor
-    # (Accelerate's last gathers) would abort the process there ("terminate called without an
-    # active exception": twice in about 20 runs of the launch tests on 2 loaded cores).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # Everything is written and the process group is gone: end without interpreter finalization,
+    # where a gloo worker still releasing Accelerate's last gather tensors would abort the process
+    # (twice in about 20 runs of the launch tests on 2 loaded cores).
+    exit_skipping_finalization(main())

@@ -464,8 +464,6 @@ def _group_size(state: DropGradHookState) -> int:
     return dist.get_world_size(state.process_group)
 
 
-
-
 def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Mask the bucket with the state's seeded masks and average it across ranks.
 

@@ -1,12 +1,18 @@
-"""First contact: the README stays a short front door, every relative link in the docs opens, and the
-command line lists every benchmark."""
+"""First contact: the README stays a short front door, every relative link in the docs opens, the
+command line lists every benchmark, and the package declares what it imports."""
 
+import ast
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest depends on tomli there
+    import tomli as tomllib
 
 from dropgrad_dist.bench import BENCHMARKS
 
@@ -105,3 +111,22 @@ def test_command_line_help_lists_every_benchmark():
         module = __import__(module_name, fromlist=["run"])
         summary = module.__doc__.strip().splitlines()[0]
         assert re.search(rf"^\s+{name}\s+{re.escape(summary)}$", done.stdout, re.MULTILINE), (name, done.stdout)
+
+
+# Imported only where the hardware provides it: Triton ships with CUDA builds of torch.
+OPTIONAL_IMPORTS = {"triton"}
+
+
+def test_package_metadata_declares_every_import_and_an_spdx_license():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT"  # an SPDX expression: the TOML-table form is deprecated by setuptools
+    declared = {re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower() for requirement in project["dependencies"]}
+    imported = set()
+    for source in (ROOT / "dropgrad_dist").rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"dropgrad_dist", "__future__"} - OPTIONAL_IMPORTS
+    assert third_party - declared == set()

@@ -270,6 +270,18 @@ def plot_run(run: dict, output: Path) -> None:
     plt.close(fig)
 
 
+def _clips(run: dict) -> bool:
+    """Whether the run's config clipped its gradients (a clipping method or ``--max_grad_norm``)."""
+    config = run["config"] or {}
+    return bool(config.get("clipping_type") or config.get("max_grad_norm"))
+
+
+def _single_name(groups: dict[tuple[str, str], list[dict]]) -> str:
+    """The run's name when there is one run, else "runs"."""
+    runs = [run for group in groups.values() for run in group]
+    return runs[0]["name"] if len(runs) == 1 else "runs"
+
+
 def plot_grad_norms(groups: dict[tuple[str, str], list[dict]], output: Path) -> bool:
     """Histograms of log10 of the per-step global gradient norm; False when no run recorded one."""
     import matplotlib
@@ -279,10 +291,11 @@ def plot_grad_norms(groups: dict[tuple[str, str], list[dict]], output: Path) -> 
 
     series: dict[str, dict[str, list[float]]] = {}
     for (optimizer, scenario), runs in groups.items():
+        clipped = "clip" in scenario or any(_clips(run) for run in runs)
         for key, suffix in (("grad_norm", "before clipping"), ("grad_norm_clipped", "after clipping")):
             values = [r[key] for run in runs for r in run["train"] if r.get(key, 0) and r[key] > 0]
-            if values and (key == "grad_norm" or "clip" in scenario):
-                label = f"{scenario}, {suffix}" if "clip" in scenario else scenario
+            if values and (key == "grad_norm" or clipped):
+                label = f"{scenario}, {suffix}" if clipped else scenario
                 series.setdefault(optimizer, {})[label] = [math.log10(v) for v in values]
     if not series:
         return False
@@ -292,7 +305,7 @@ def plot_grad_norms(groups: dict[tuple[str, str], list[dict]], output: Path) -> 
         for label, values in sorted(series[optimizer].items()):
             ax.hist(values, bins=50, histtype="step", density=True, label=label, linewidth=1.1)
         ax.set_yscale("log")
-        ax.set_title(f"{optimizer or 'runs'}: global gradient norm per step", fontsize=9)
+        ax.set_title(f"{optimizer or _single_name(groups)}: global gradient norm per step", fontsize=9)
         ax.set_xlabel("log10 ||g||")
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("density (log)")

@@ -172,6 +172,41 @@ def test_plot_groups_seeds_into_bands_and_writes_every_file(tmp_path):
     assert {round(float(r["final_accuracy_vs_baseline"]), 3) for r in rows if r["scenario"] == "dropgrad"} == {0.1}
 
 
+def test_plot_of_one_run_shows_train_loss_per_step_labelled_axes_and_no_blank_columns(tmp_path):
+    run = tmp_path / "demo"
+    run.mkdir()
+    config = {"type": "config", "processes": 2, "dataset": "synthetic", "optimizer": "adamw", "drop_rate": 0.1,
+              "dropout": 0.0, "clipping_type": None, "sam_rho": 0.0, "gnp_alpha": 0.0}
+    train_records = [{"type": "train", "step": s, "loss": 2.0 / s, "grad_norm": 1.0} for s in range(1, 101)]
+    evals = [{"type": "eval", "step": s, "train_loss": 2.0 / s, "train_accuracy": 0.5 + s / 400,
+              "test_loss": 2.5 / s, "test_accuracy": 0.4 + s / 500} for s in (50, 100)]
+    records = [config, *train_records, *evals, {"type": "final", "step": 100, "wall_time": 42.0}]
+    (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+
+    figure = plot.run_figure(plot.read_run(run))
+    title = figure._suptitle.get_text()
+    assert "seeds" not in title and "±" not in title
+    assert "demo: ViT on synthetic, adamw, DropGrad p=0.1, 2 processes" in title
+    assert "test accuracy 0.600 after 100 steps in 42 s" in title
+    loss_ax, accuracy_ax = figure.axes
+    assert loss_ax.get_ylabel() and accuracy_ax.get_ylabel()
+    per_step = [line for line in loss_ax.get_lines() if line.get_label() == "train loss per step"]
+    assert len(per_step) == 1 and list(per_step[0].get_ydata()) == [2.0 / s for s in range(1, 101)]
+    assert {line.get_label() for line in accuracy_ax.get_lines()} >= {"test accuracy"}
+
+    assert plot.main([str(run)]) == 0
+    assert _is_png(run / "curves.png")
+    table = [line.strip("|").split("|") for line in (run / "summary.md").read_text().splitlines()]
+    assert [cell.strip() for cell in table[0]] == ["run", "seeds", "final test acc", "best test acc",
+                                                   "final test loss", "wall s"]
+    assert [cell.strip() for cell in table[2]] == ["demo", "1", "0.600", "0.600", "0.025", "42.0"]
+
+
+def test_moving_average_is_the_mean_of_the_last_window_values():
+    assert plot.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert plot.moving_average([4.0, 2.0], 1) == [4.0, 2.0]
+
+
 def test_sweep_runs_the_grid_resumes_and_reports_a_failed_run(tmp_path):
     """Two cells finish; a third (SAM with accumulation, refused by train.py) fails without stopping them."""
     out = tmp_path / "sweep"

@@ -1,6 +1,6 @@
 """Clipping cost per step: each GradientClipper method vs ``torch.nn.utils.clip_grad_norm_`` (foreach).
 
-The gradients of a small ViT (torchvision ``VisionTransformer``, ~100 tensors) are clipped in
+The gradients of a small ViT (torchvision ``VisionTransformer``, 80 tensors) are clipped in
 one process and on 2 CPU ranks under FSDP2 (sharded gradients: one all-reduce per clip). Each
 round restores the same gradients (untimed) before every candidate, so every call does a full
 norm and scaling pass. Also timed: the AutoClip quantile step (append + exact quantile) at a
@@ -26,8 +26,8 @@ BASELINE = "clip_grad_norm_ (foreach)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hidden_dim", type=int, default=384, help="ViT width (384: ~5.4M parameters)")
-    parser.add_argument("--num_layers", type=int, default=6, help="ViT blocks (6: 78 gradient tensors)")
+    parser.add_argument("--hidden_dim", type=int, default=384, help="ViT width (384 with 6 blocks: ~10.7M parameters)")
+    parser.add_argument("--num_layers", type=int, default=6, help="ViT blocks (6: 80 gradient tensors)")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per candidate (median reported)")
     parser.add_argument("--history", type=int, default=100_000, help="AutoClip history length to time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (per rank)")

@@ -23,8 +23,12 @@ __all__ = ["StepWatch"]
 class StepWatch:
     """Calls ``on_step()`` once per :meth:`arm`, after the next optimizer step over ``params``."""
 
-    def __init__(self, params: Iterable[torch.Tensor], on_step: Callable[[], None]) -> None:
+    def __init__(self, params: Iterable[torch.Tensor], on_step: Callable[[], None], *, count_all: bool = False) -> None:
         self.armed = False
+        # With count_all: every optimizer step over the watched parameters, armed or not (a wrapper
+        # and its inner optimizer count two), so ranks can compare how many steps they took.
+        self.steps = 0
+        self._count_all = count_all
         self._ids = {id(p) for p in params}
         self._on_step = weakref.WeakMethod(on_step) if hasattr(on_step, "__self__") else (lambda: on_step)
         this = weakref.ref(self)
@@ -47,7 +51,10 @@ class StepWatch:
         return any(id(p) in self._ids for group in optimizer.param_groups for p in group["params"])
 
     def _fire(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self.armed or not self._holds_watched(optimizer):
+        if not (self.armed or self._count_all) or not self._holds_watched(optimizer):
+            return
+        self.steps += 1
+        if not self.armed:
             return
         self.armed = False
         callback = self._on_step()

@@ -44,7 +44,7 @@ from .checks import check_count, check_int_in, check_positive, check_seed
 from .mask import MaskStream, uniform_u32
 from .norms import grad_norms
 from .shards import flat_param_pieces, local_tensor
-from .steps import StepWatch
+from .steps import GradientStamp, StepWatch
 from .wrapper import OptimizerWrapper
 
 __all__ = ["CLIPPING_METHODS", "ClippedOptimizer", "ClippedSGD", "GradientClipper"]
@@ -205,6 +205,7 @@ class GradientClipper:
         self._pending_norm: float | None = None
         self._pieces: dict | None = None
         self._watch = StepWatch((), self._committed)
+        self._clipped: GradientStamp | None = None  # the gradients the last clip_ left
         self._agreement = AgreementCheck("GradientClipper", process_group)
 
     # -- the clip ---------------------------------------------------------------------------------
@@ -240,6 +241,10 @@ class GradientClipper:
         before the optimizer step. Every rank must pass the same parameters in the same order.
         """
         params = list(parameters)
+        if self._watch.armed and self._clipped is not None and self._clipped.unchanged(params):
+            # The very gradients clip_ left, not yet stepped on: clipping is idempotent, so return the same
+            # result without a collective (one rank clipping twice then sends nothing the others do not).
+            return dict(self.last_stats)
         if self._pieces is None:
             self._pieces = flat_param_pieces(params, self.model)
             self._watch.watch(params)
@@ -268,6 +273,7 @@ class GradientClipper:
         self._pending_norm = norm
         self._watch.arm()
         self.last_stats = stats
+        self._clipped = GradientStamp(params)
         return stats
 
     def _clip_layers(self, params: list[torch.Tensor], per_param: torch.Tensor) -> tuple[bool, float]:
@@ -321,6 +327,7 @@ class GradientClipper:
         def apply() -> None:
             self.step_index, self.history = step_index, history
             self._pending_norm = None
+            self._clipped = None
             self._watch.disarm()
 
         return apply

@@ -22,6 +22,7 @@ from .ownership import refuse_dropgrad_inside, refuse_hook_masked
 from .params import DropPlan, RateSpec, named_params_of_optimizer
 from .schedules import DropRateScheduler, read_schedule_state
 from .shards import drop_locals_, flat_param_pieces, local_tensor
+from .steps import GradientStamp
 from .wrapper import OptimizerWrapper
 
 __all__ = ["DropGrad"]
@@ -89,6 +90,7 @@ class DropGrad(OptimizerWrapper):
         self._masked_grads: dict[int, weakref.ref] = {}  # id(param) -> its gradient masked this step
         self._accumulation_watched = False  # post-accumulate hooks installed (after an early mask)
         self._accumulated_after_mask: str | None = None  # key of a gradient a backward added to after masking
+        self._stepped_on: GradientStamp | None = None  # the gradients the last step masked and stepped on
         for entry in self.plan.entries:
             refuse_hook_masked(entry.param, entry.key)
         self.last_step_skipped = False
@@ -219,7 +221,10 @@ class DropGrad(OptimizerWrapper):
         With a ``closure`` (required by e.g. LBFGS) the wrapped optimizer evaluates it and every
         evaluation's gradient gets this step's mask; a skipped step evaluates it once.
         """
-        self._refuse_leaked_accumulation()  # before the agreement collective: nothing in flight on error
+        # Both refusals come before the agreement collective: on error nothing is in flight.
+        self._refuse_leaked_accumulation()
+        if closure is None:
+            self._refuse_second_step_on_the_same_gradients()
         pending = self._agreement.start(self.agreement_fields())
         skipped = self.should_skip_step()
         try:
@@ -238,9 +243,22 @@ class DropGrad(OptimizerWrapper):
             self._masked_grads.clear()
             self._accumulated_after_mask = None
         self.last_step_skipped = skipped
+        self._stepped_on = GradientStamp(self._masked_params()) if closure is None else None
         self.step_index += 1
         self.plan.advance()
         return loss
+
+    def _masked_params(self) -> list[torch.Tensor]:
+        return [entry.param for entry in self.plan.entries]
+
+    def _refuse_second_step_on_the_same_gradients(self) -> None:
+        """A step on the gradients the previous step already masked would mask them again (and, on one
+        rank of a distributed run, send one collective more than the others: a hang, not an error)."""
+        if self._stepped_on is not None and self._stepped_on.unchanged(self._masked_params()):
+            raise RuntimeError(
+                f"DropGrad.step() called again (step {self.step_index}) on the gradients that step "
+                f"{self.step_index - 1} already masked and stepped on, with no backward in between: they would be "
+                "masked twice. Compute new gradients (backward) before every step")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._masked_grads.clear()

@@ -17,7 +17,9 @@ from typing import Callable, Iterable
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["StepWatch"]
+from .shards import local_tensor
+
+__all__ = ["GradientStamp", "StepWatch"]
 
 
 class StepWatch:
@@ -66,3 +68,34 @@ def _stepped(watch_ref: "weakref.ref[StepWatch]", optimizer: torch.optim.Optimiz
     watch = watch_ref()
     if watch is not None:
         watch._fire(optimizer)
+
+
+class GradientStamp:
+    """Which gradient tensors some parameters hold and their in-place version counters, at one moment.
+
+    Two equal stamps mean that no backward, zeroing or in-place change touched the gradients in
+    between: what was computed from them (a mask applied, a clip) is still current. Tensors are
+    held weakly, so a new gradient that reuses a freed one's memory never compares equal.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self._grads = []
+        for param in params:
+            grad = param.grad
+            local = None if grad is None else local_tensor(grad)
+            self._grads.append(None if local is None else (weakref.ref(local), local._version))
+
+    def unchanged(self, params: Iterable[torch.Tensor]) -> bool:
+        """Whether ``params`` hold the very gradients of this stamp, unmodified (and at least one)."""
+        params = list(params)
+        if len(params) != len(self._grads) or all(held is None for held in self._grads):
+            return False
+        for param, held in zip(params, self._grads):
+            grad = param.grad
+            if (grad is None) != (held is None):
+                return False
+            if grad is not None:
+                local = local_tensor(grad)
+                if held[0]() is not local or held[1] != local._version:
+                    return False
+        return True

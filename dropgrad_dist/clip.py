@@ -239,6 +239,8 @@ class GradientClipper:
 
         Call it after ``GradScaler.unscale_`` (on unscaled gradients), after DropGrad has masked,
         before the optimizer step. Every rank must pass the same parameters in the same order.
+        A repeated call on the very gradients the previous call left (no backward, no in-place
+        change, no optimizer step in between) returns the previous result: no work, no collective.
         """
         params = list(parameters)
         if self._watch.armed and self._clipped is not None and self._clipped.unchanged(params):

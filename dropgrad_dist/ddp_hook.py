@@ -44,7 +44,9 @@ Registration, agreement, checkpoints
 refuses a second one with a message naming the hook already there (use
 ``dropgrad_wrapper(other_hook)`` to combine). Every round the ranks check, with one
 asynchronous all-reduce of a dozen int64 fingerprints (:mod:`dropgrad_dist.agreement`), that
-they agree on seed, communication, hook, rates, schedule and step ``t``; a disagreement raises on
+they agree on seed, communication, hook, rates, schedule, step ``t`` and the number of
+``optimizer.step()`` calls since the previous round (``t`` advances once per round, so only this
+count shows a rank that stepped twice); a disagreement raises on
 every rank within the round, naming the field and the ranks (dense: at the last bucket, before
 the optimizer can step; compact: at the first bucket, before sizes that depend on ``t`` are
 sent). The check is the same collective every round, so one rank that loaded a checkpoint or
@@ -52,7 +54,9 @@ skipped an optimizer step is an error, not a hang. ``state_dict()`` holds the co
 step, schedule and byte counters (plain data, rules in :mod:`dropgrad_dist.checkpoint`);
 pickling drops the process group and the model (like ``PowerSGDState``), and
 ``state.register(ddp_model)`` binds an unpickled state again. A ``DropGrad`` wrapper over the
-same parameters would mask them twice: it raises instead.
+same parameters would mask them twice: it raises instead. The state claims its parameters
+(:mod:`dropgrad_dist.ownership`) in ``register`` and, since ``ddp_model.register_comm_hook(state,
+dropgrad_hook)`` bypasses ``register``, again when its hook first sees a bucket.
 
 Complex parameters (DDP all-reduces them as pairs of reals) are masked per complex
 coordinate, like the wrapper does; sparse gradients are refused.

@@ -6,7 +6,11 @@ step count ``t`` only when the step really runs: a step that ``GradScaler`` skip
 synchronizing backward, a clip) and fires its callback once, after the first optimizer step
 over the watched parameters that follows (a global ``torch.optim`` step post-hook sees every
 ``Optimizer.step()``); a wrapper and its inner optimizer, or two optimizers over parts of the
-model, stepping the same gradients fire it once.
+model, stepping the same gradients fire it once. With ``count_all`` it also counts every such
+step, so ranks can compare how many ``step()`` calls they made.
+
+A :class:`GradientStamp` tells whether gradients changed since a moment (a repeated clip or
+step on the very same gradients is then recognized without any communication).
 """
 
 from __future__ import annotations

@@ -95,6 +95,10 @@ class DropGrad(OptimizerWrapper):
             refuse_hook_masked(entry.param, entry.key)
         self.last_step_skipped = False
         self._agreement = AgreementCheck("DropGrad", process_group)
+        self._pending: PendingCheck | None = None  # the check launched by the last training forward
+        if model is not None:
+            handle = model.register_forward_pre_hook(_check_at_forward(weakref.ref(self)))
+            weakref.finalize(self, handle.remove)
 
     @property
     def drop_rate_scheduler(self) -> DropRateScheduler | None:
@@ -208,6 +212,20 @@ class DropGrad(OptimizerWrapper):
 
         return self.optimizer.step(masked_closure)
 
+    def _check_at_forward(self) -> None:
+        """Launch this iteration's agreement check from the model's forward (every rank runs it).
+
+        A rank that skips ``step()`` still issues this collective, so its stale step count meets
+        the others' at the next check instead of pairing with FSDP's or DDP's own collectives (a
+        hang). The check of a previous forward that no step waited for (a skipped step, an
+        accumulation micro-batch) is waited first: it has completed on every rank.
+        """
+        if not self._agreement.active:
+            return
+        previous, self._pending = self._pending, None
+        _wait(previous)
+        self._pending = self._agreement.start(self.agreement_fields())
+
     def agreement_fields(self) -> dict[str, object]:
         """What every rank must hold equally (checked each step under ``torch.distributed``)."""
         scheduler = self.plan.scheduler
@@ -225,7 +243,9 @@ class DropGrad(OptimizerWrapper):
         self._refuse_leaked_accumulation()
         if closure is None:
             self._refuse_second_step_on_the_same_gradients()
-        pending = self._agreement.start(self.agreement_fields())
+        pending, self._pending = self._pending, None
+        if pending is None:  # no training forward through model= since the last step: check here
+            pending = self._agreement.start(self.agreement_fields())
         skipped = self.should_skip_step()
         try:
             if skipped:
@@ -335,3 +355,12 @@ def _accumulation_check(dropgrad_ref: "weakref.ref[DropGrad]", key: str) -> Call
 def _remove_all(handles: list) -> None:
     for handle in handles:
         handle.remove()
+
+
+def _check_at_forward(dropgrad_ref: "weakref.ref[DropGrad]") -> Callable[..., None]:
+    def hook(module: nn.Module, args: Any) -> None:
+        dropgrad = dropgrad_ref()
+        # Training forwards only: an evaluation forward may run on some ranks alone.
+        if dropgrad is not None and module.training and torch.is_grad_enabled():
+            dropgrad._check_at_forward()
+    return hook

@@ -103,3 +103,35 @@ def test_one_process_double_step_raises_and_a_new_backward_clears_it():
     model(x).square().mean().backward()
     opt.step()
     assert opt.step_index == 3
+
+
+def _skip_or_double(rank: int, world_size: int) -> dict:
+    """One rank skips one step; the check launched by every rank's forward meets its stale step count."""
+    out = {}
+    for layout in ("fsdp2", "ddp"):
+        for accumulate in (1, 2):
+            model = _layout(layout)
+            opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), 0.5, model=model)
+            start = time.perf_counter()
+            try:
+                for step in range(4):
+                    for micro in range(accumulate):
+                        model(_batch(rank, 10 * step + micro)).square().mean().backward()
+                    if (rank, step) != (1, 1):
+                        opt.step()
+                    opt.zero_grad()
+                error = None
+            except Exception as err:  # noqa: BLE001 - the expected error, or a wrong one the test names
+                error = f"{type(err).__name__}: {err}"
+            out[f"{layout} x{accumulate}"] = (error, time.perf_counter() - start)
+    return out
+
+
+def test_a_rank_skipping_a_dropgrad_step_is_named_on_every_rank_within_seconds():
+    results = run_on_ranks(_skip_or_double, 2, timeout=180, pg_timeout=PG_TIMEOUT)
+    for rank, result in enumerate(results):
+        assert len(result) == 4
+        for config, (error, seconds) in result.items():
+            assert error is not None and error.startswith(
+                "RankDisagreement: DropGrad: ranks disagree on 'step_index' (ranks [0] vs [1])"), (rank, config, error)
+            assert seconds < PG_TIMEOUT / 4, (rank, config, seconds)

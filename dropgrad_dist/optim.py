@@ -56,7 +56,9 @@ class DropGrad(OptimizerWrapper):
             keys (needed to match the DDP hook and FSDP runs, and for name/glob ``params``).
             Without it the key of a parameter is ``"param_groups[g][i]"``.
         process_group: the ranks that must agree on seed, rates, schedule and step count
-            (default: the world). Checked every step when ``torch.distributed`` is initialized.
+            (default: the world). Checked every step when ``torch.distributed`` is initialized;
+            with ``model`` the check is launched by each training forward (so that a rank that
+            skips a step is named instead of hanging) and waited in ``step()``.
     """
 
     state_key = "dropgrad"
@@ -151,9 +153,10 @@ class DropGrad(OptimizerWrapper):
             return
         self._accumulation_watched = True
         this = weakref.ref(self)
-        handles = [entry.param.register_post_accumulate_grad_hook(_accumulation_check(this, entry.key))
-                   for entry in self.plan.entries if entry.param.requires_grad]
-        weakref.finalize(self, _remove_all, handles)
+        for entry in self.plan.entries:
+            if entry.param.requires_grad:  # hooks outlive the wrapper otherwise
+                handle = entry.param.register_post_accumulate_grad_hook(_accumulation_check(this, entry.key))
+                weakref.finalize(self, handle.remove)
 
     def _accumulated(self, param: torch.Tensor, key: str) -> None:
         if id(param) in self._masked_grads and self._accumulated_after_mask is None:
@@ -239,7 +242,8 @@ class DropGrad(OptimizerWrapper):
         With a ``closure`` (required by e.g. LBFGS) the wrapped optimizer evaluates it and every
         evaluation's gradient gets this step's mask; a skipped step evaluates it once.
         """
-        # Both refusals come before the agreement collective: on error nothing is in flight.
+        # Both refusals come before this step's own collectives (a forward's check may be in flight:
+        # every rank launched it, and the next forward waits for it).
         self._refuse_leaked_accumulation()
         if closure is None:
             self._refuse_second_step_on_the_same_gradients()
@@ -350,11 +354,6 @@ def _accumulation_check(dropgrad_ref: "weakref.ref[DropGrad]", key: str) -> Call
         if dropgrad is not None:
             dropgrad._accumulated(param, key)
     return check
-
-
-def _remove_all(handles: list) -> None:
-    for handle in handles:
-        handle.remove()
 
 
 def _check_at_forward(dropgrad_ref: "weakref.ref[DropGrad]") -> Callable[..., None]:

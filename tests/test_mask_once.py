@@ -152,3 +152,26 @@ def test_hook_state_drop_rate_is_assignable_and_validated():
     with pytest.raises(ValueError, match="drop_rate must be a number in \\[0, 1\\]"):
         state.drop_rate = -0.1
     assert state.drop_rate == 0.25
+
+
+def test_a_second_hook_state_claiming_masked_parameters_is_refused():
+    """The registry behind the hook's claims: a live owner keeps its parameters; a gone one frees them."""
+    from dropgrad_dist.ownership import claim_for_hook, hook_state_masking
+
+    class Owner:  # the one method the registry asks of a DropGradHookState
+        def __init__(self, live: bool) -> None:
+            self.live = live
+
+        def masks_in_ddp(self) -> bool:
+            return self.live
+
+    param = nn.Parameter(torch.zeros(3))
+    first, second = Owner(True), Owner(True)
+    claim_for_hook([param], first)
+    claim_for_hook([param], first)  # claiming again (every bucket of the first round) is fine
+    assert hook_state_masking([param]) is first
+    with pytest.raises(RuntimeError, match="already masked by another DropGradHookState"):
+        claim_for_hook([param], second)
+    first.live = False  # e.g. its DDP model is gone
+    claim_for_hook([param], second)
+    assert hook_state_masking([param]) is second

@@ -124,14 +124,38 @@ def _skip_or_double(rank: int, world_size: int) -> dict:
             except Exception as err:  # noqa: BLE001 - the expected error, or a wrong one the test names
                 error = f"{type(err).__name__}: {err}"
             out[f"{layout} x{accumulate}"] = (error, time.perf_counter() - start)
+    out["ddp: clip_ again after changing the gradients"] = _clip_again_after_a_change(rank)
     return out
 
 
-def test_a_rank_skipping_a_dropgrad_step_is_named_on_every_rank_within_seconds():
+def _clip_again_after_a_change(rank: int) -> tuple[str | None, float]:
+    """Under DDP clip_ sends nothing with model=: one rank's extra clip is named at the next forward."""
+    model = _layout("ddp")
+    clipper = GradientClipper("norm", 0.05, model=model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    start = time.perf_counter()
+    try:
+        for step in range(3):
+            model(_batch(rank, step)).square().mean().backward()
+            clipper.clip_(model.parameters())
+            if (rank, step) == (1, 0):
+                for param in model.parameters():
+                    param.grad.mul_(0.5)  # a changed gradient: clipping it again is real work
+                clipper.clip_(model.parameters())
+            opt.step()
+            opt.zero_grad()
+    except Exception as err:  # noqa: BLE001 - the expected error, or a wrong one the test names
+        return f"{type(err).__name__}: {err}", time.perf_counter() - start
+    return None, time.perf_counter() - start
+
+
+def test_a_skipped_step_or_an_extra_clip_on_one_rank_is_named_on_every_rank_within_seconds():
     results = run_on_ranks(_skip_or_double, 2, timeout=180, pg_timeout=PG_TIMEOUT)
     for rank, result in enumerate(results):
-        assert len(result) == 4
+        assert len(result) == 5
         for config, (error, seconds) in result.items():
-            assert error is not None and error.startswith(
-                "RankDisagreement: DropGrad: ranks disagree on 'step_index' (ranks [0] vs [1])"), (rank, config, error)
+            expected = ("RankDisagreement: GradientClipper: ranks disagree on 'clip_() calls since the last forward' "
+                        "(ranks [0] vs [1])" if "clip_" in config else
+                        "RankDisagreement: DropGrad: ranks disagree on 'step_index' (ranks [0] vs [1])")
+            assert error is not None and error.startswith(expected), (rank, config, error)
             assert seconds < PG_TIMEOUT / 4, (rank, config, seconds)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import math
 import struct
+import weakref
 from collections import deque
 from fractions import Fraction
 from typing import Any, Callable, Iterable, Mapping
@@ -44,7 +45,7 @@ from .checks import check_count, check_int_in, check_positive, check_seed
 from .mask import MaskStream, uniform_u32
 from .norms import grad_norms
 from .shards import flat_param_pieces, local_tensor
-from .steps import StepWatch
+from .steps import GradientStamp, StepWatch
 from .wrapper import OptimizerWrapper
 
 __all__ = ["CLIPPING_METHODS", "ClippedOptimizer", "ClippedSGD", "GradientClipper"]
@@ -205,7 +206,16 @@ class GradientClipper:
         self._pending_norm: float | None = None
         self._pieces: dict | None = None
         self._watch = StepWatch((), self._committed)
+        self._clipped: GradientStamp | None = None  # the gradients the last clip_ left
         self._agreement = AgreementCheck("GradientClipper", process_group)
+        # With a model, each training forward launches the check (see _check_at_forward) and clip_
+        # sends none of its own: a rank clipping once more sends nothing the others do not.
+        self._pending = None
+        self._clips = 0  # clips that did work since the last training forward
+        self._last_norm: float | None = None
+        if model is not None:
+            handle = model.register_forward_pre_hook(_check_at_forward(weakref.ref(self)))
+            weakref.finalize(self, handle.remove)
 
     # -- the clip ---------------------------------------------------------------------------------
     def _level(self, norm: float) -> float:
@@ -227,6 +237,23 @@ class GradientClipper:
             return False, 1.0
         return True, alpha
 
+    def _check_at_forward(self) -> None:
+        """Launch the check from a training forward of ``model`` (every rank runs it, in the same order).
+
+        It compares the clips since the previous forward and the last clip's norm, so one rank's
+        extra ``clip_`` is named here, at the next forward, instead of unpairing the collectives.
+        """
+        if not self._agreement.active:
+            return
+        previous, self._pending = self._pending, None
+        if previous is not None:
+            previous.wait()
+        self._pending = self._agreement.start({  # the cause first: errors name the first differing field
+            "config": tuple(self._config().items()), "step_index": self.step_index,
+            "clip_() calls since the last forward": self._clips, "last clip's norm": self._last_norm,
+            "history": (len(self.history), self.history.digest)})
+        self._clips = 0
+
     def agreement_fields(self, norm: float) -> dict[str, object]:
         """What every rank must hold equally (checked at every clip)."""
         return {"config": tuple(self._config().items()), "step_index": self.step_index,
@@ -238,15 +265,26 @@ class GradientClipper:
 
         Call it after ``GradScaler.unscale_`` (on unscaled gradients), after DropGrad has masked,
         before the optimizer step. Every rank must pass the same parameters in the same order.
+        A repeated call on the very gradients the previous call left (no backward, no in-place
+        change, no optimizer step in between) returns the previous result: no work, no collective.
         """
         params = list(parameters)
+        if self._watch.armed and self._clipped is not None and self._clipped.unchanged(params):
+            # The very gradients clip_ left, not yet stepped on: clipping is idempotent, so return the same
+            # result without a collective (one rank clipping twice then sends nothing the others do not).
+            return dict(self.last_stats)
         if self._pieces is None:
             self._pieces = flat_param_pieces(params, self.model)
             self._watch.watch(params)
         threshold = self.clipping_level if self.method == "coordinate_wise" else None
         norms = grad_norms(params, self._pieces, above=threshold)
         norm = float(norms.total)
-        pending = self._agreement.start(self.agreement_fields(norm))
+        self._clips += 1
+        self._last_norm = norm
+        if self.model is None:
+            pending = self._agreement.start(self.agreement_fields(norm))
+        else:  # launched by the forward; none when this iteration's check was waited by an earlier clip
+            pending, self._pending = self._pending, None
         level = self._level(norm)
         grads = [local_tensor(p.grad) for p in params if p.grad is not None]
         stats = {"norm": norm, "clipped": False, "coefficient": None, "level": level, "norm_after": norm}
@@ -268,6 +306,7 @@ class GradientClipper:
         self._pending_norm = norm
         self._watch.arm()
         self.last_stats = stats
+        self._clipped = GradientStamp(params)
         return stats
 
     def _clip_layers(self, params: list[torch.Tensor], per_param: torch.Tensor) -> tuple[bool, float]:
@@ -321,6 +360,7 @@ class GradientClipper:
         def apply() -> None:
             self.step_index, self.history = step_index, history
             self._pending_norm = None
+            self._clipped = None
             self._watch.disarm()
 
         return apply
@@ -426,3 +466,12 @@ class ClippedSGD(torch.optim.SGD):
         apply = self.clipper.prepare_state(state_dict.pop("clipping"), strict)
         super().load_state_dict(state_dict)
         apply()
+
+
+def _check_at_forward(clipper_ref: "weakref.ref[GradientClipper]") -> Callable[..., None]:
+    def hook(module: nn.Module, args: Any) -> None:
+        clipper = clipper_ref()
+        # Training forwards only: an evaluation forward may run on some ranks alone.
+        if clipper is not None and module.training and torch.is_grad_enabled():
+            clipper._check_at_forward()
+    return hook

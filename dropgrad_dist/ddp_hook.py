@@ -44,7 +44,9 @@ Registration, agreement, checkpoints
 refuses a second one with a message naming the hook already there (use
 ``dropgrad_wrapper(other_hook)`` to combine). Every round the ranks check, with one
 asynchronous all-reduce of a dozen int64 fingerprints (:mod:`dropgrad_dist.agreement`), that
-they agree on seed, communication, hook, rates, schedule and step ``t``; a disagreement raises on
+they agree on seed, communication, hook, rates, schedule, step ``t`` and the number of
+``optimizer.step()`` calls since the previous round (``t`` advances once per round, so only this
+count shows a rank that stepped twice); a disagreement raises on
 every rank within the round, naming the field and the ranks (dense: at the last bucket, before
 the optimizer can step; compact: at the first bucket, before sizes that depend on ``t`` are
 sent). The check is the same collective every round, so one rank that loaded a checkpoint or
@@ -52,7 +54,9 @@ skipped an optimizer step is an error, not a hang. ``state_dict()`` holds the co
 step, schedule and byte counters (plain data, rules in :mod:`dropgrad_dist.checkpoint`);
 pickling drops the process group and the model (like ``PowerSGDState``), and
 ``state.register(ddp_model)`` binds an unpickled state again. A ``DropGrad`` wrapper over the
-same parameters would mask them twice: it raises instead.
+same parameters would mask them twice: it raises instead. The state claims its parameters
+(:mod:`dropgrad_dist.ownership`) in ``register`` and, since ``ddp_model.register_comm_hook(state,
+dropgrad_hook)`` bypasses ``register``, again when its hook first sees a bucket.
 
 Complex parameters (DDP all-reduces them as pairs of reals) are masked per complex
 coordinate, like the wrapper does; sparse gradients are refused.
@@ -67,50 +71,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import checkpoint as _checkpoint
 from . import mask as _mask
 from .agreement import AgreementCheck, PendingCheck
 from .checks import check_count, check_seed
 from .collectives import SentTensors, without_backward_context
+from .ownership import claim_for_hook
 from .params import DropPlan, ParamEntry, RateSpec, named_parameters
 from .schedules import DropRateScheduler, read_schedule_state
 from .steps import StepWatch
 
-__all__ = ["DropGradHookState", "dropgrad_hook", "dropgrad_wrapper", "refuse_double_masking", "registered_hook_state"]
+__all__ = ["DropGradHookState", "dropgrad_hook", "dropgrad_wrapper"]
 
 Communication = Literal["dense", "compact"]
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
-
-# Parameter -> the state whose hook masks its gradient inside DDP's all-reduce.
-_MASKED_BY_HOOK: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def registered_hook_state(params: list[torch.Tensor]) -> "DropGradHookState | None":
-    """The registered DropGradHookState that masks any of ``params`` inside DDP's all-reduce, if one does."""
-    if not _MASKED_BY_HOOK:
-        return None
-    for param in params:
-        ref = _MASKED_BY_HOOK.get(param)
-        state = ref() if ref is not None else None
-        if state is not None and state._registered_model() is not None:
-            return state
-    return None
-
-
-def refuse_double_masking(param: torch.Tensor, key: str) -> None:
-    """Raise if a registered DropGrad DDP hook already masks ``param`` (a wrapper would mask it again)."""
-    if not _MASKED_BY_HOOK:
-        return
-    ref = _MASKED_BY_HOOK.get(param)
-    state = ref() if ref is not None else None
-    if state is not None and state._registered_model() is not None:
-        raise RuntimeError(
-            f"parameter {key!r} is masked by a DropGradHookState registered on its DDP model and again by a "
-            "DropGrad wrapper: kept gradients would be scaled by 1/(1-p)**2. Use one of them: the DDP hook "
-            "under DDP, the DropGrad wrapper for one process or FSDP")
-
 
 class DropGradHookState:
     """State of :func:`dropgrad_hook`: which parameters are masked, the seed, and the step ``t``.
@@ -162,6 +137,7 @@ class DropGradHookState:
         self._spec: dict[str, Any] | None = None  # the plan's arguments, while unbound (unpickled)
         self._unbound_state: dict[str, Any] | None = None  # state to load once bound (unpickled)
         self._registered_on: weakref.ref | None = None
+        self._hook_ran = False  # a hook of this state has masked a whole round (claimed its parameters)
         self._suspended = False
         self._agreement = AgreementCheck("DropGradHookState", process_group)
         self._sent = SentTensors()  # the last round's send buffers (see collectives.py)
@@ -181,7 +157,8 @@ class DropGradHookState:
 
     def _install_watchers(self) -> None:
         this = weakref.ref(self)
-        self._step_watch = StepWatch(self._known, self._optimizer_stepped)
+        self._step_watch = StepWatch(self._known, self._optimizer_stepped, count_all=True)
+        self._steps_at_round = 0  # the watch's step count when the last round opened
         handles = [entry.param.register_hook(_held_grad_check(this, weakref.ref(entry.param)))
                    for entry in self.plan.entries]
         # Tensor hooks outlive the state otherwise: drop them when it goes away.
@@ -211,13 +188,32 @@ class DropGradHookState:
                 "this DDP model already has a communication hook and DDP allows only one "
                 f"({target._comm_hooks[0][0].__qualname__}); register DropGrad once, and to combine it "
                 "with another hook register dropgrad_wrapper(other_hook) instead of both")
+        claim_for_hook((entry.param for entry in self.plan.entries), self)  # before DDP holds the hook
         target.register_comm_hook(self, hook if hook is not None else dropgrad_hook)
         self._registered_on = weakref.ref(target)
-        for entry in self.plan.entries:
-            _MASKED_BY_HOOK[entry.param] = weakref.ref(self)
 
     def _registered_model(self) -> DistributedDataParallel | None:
         return self._registered_on() if self._registered_on is not None else None
+
+    def masks_in_ddp(self) -> bool:
+        """Whether this state's hook masks gradients inside a DDP all-reduce (registered, or has run)."""
+        return self._hook_ran or self._registered_model() is not None
+
+    def _claim_bucket(self, bucket: dist.GradBucket) -> None:
+        """``ddp.register_comm_hook(state, dropgrad_hook)`` skips ``register``: claim at the first bucket."""
+        claim_for_hook((p for p in bucket.parameters() if self.plan.entry(p) is not None), self)
+        if bucket.is_last():
+            self._hook_ran = True
+
+    @property
+    def drop_rate(self) -> float | None:
+        """The default drop rate at the current step (from the schedule if there is one)."""
+        return self.plan.default_rate()
+
+    @drop_rate.setter
+    def drop_rate(self, rate: float) -> None:
+        # Validated (ValueError); masks of the next round use it, and it is part of the agreement check.
+        self.plan.set_drop_rate(rate)
 
     # -- rounds and steps --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -260,14 +256,17 @@ class DropGradHookState:
         what is sent depends on ``t``), otherwise the last bucket waits (dense: same sizes).
         A suspended round (see :meth:`suspended`) averages without masking and consumes nothing.
         """
-        if self._in_round:
-            return
         if self.plan is None:
             raise RuntimeError("this DropGradHookState was unpickled and is not bound to a model: "
                                "call state.register(ddp_model) instead of ddp_model.register_comm_hook")
+        if not self._hook_ran:
+            self._claim_bucket(bucket)
+        if self._in_round:
+            return
         name = f"{hook_name} (suspended)" if self._suspended else hook_name
         self._sent.release()  # the previous round's collectives completed before its optimizer step
         pending = self._agreement.start(self.agreement_fields(name), bucket.buffer().device)
+        self._steps_at_round = self._step_watch.steps
         self._in_round = True
         if not self._suspended:
             self._rounds_pending += 1
@@ -314,7 +313,10 @@ class DropGradHookState:
         scheduler = self.plan.scheduler
         return {"seed": self.seed, "communication": self.communication, "hook": hook_name,
                 "rates": self.plan.config(), "step_index": self.step_index,
-                "schedule position": scheduler.state_dict() if scheduler is not None else None}
+                "schedule position": scheduler.state_dict() if scheduler is not None else None,
+                # Every optimizer.step() over the model since the last round, not just the one that
+                # advanced t: a rank that steps twice diverges without changing t.
+                "optimizer.step() calls since the last backward": self._step_watch.steps - self._steps_at_round}
 
     # -- masking a bucket ---------------------------------------------------------------------------
     def _segments(self, bucket: dist.GradBucket) -> list[tuple[int, int, ParamEntry | None, bool]]:
@@ -434,6 +436,7 @@ class DropGradHookState:
         self._known = set()
         self._model = None
         self._registered_on = None
+        self._hook_ran = False
         self._suspended = False
         self._agreement = AgreementCheck("DropGradHookState", None)
         self._sent = SentTensors()

@@ -34,8 +34,8 @@ from torch import nn
 from . import checkpoint as _checkpoint
 from .agreement import AgreementCheck
 from .checks import check_count, check_int_in, check_positive
-from .ddp_hook import registered_hook_state
 from .norms import grad_norms
+from .ownership import hook_state_masking
 from .shards import _is_dtensor, flat_param_pieces, local_tensor
 from .steps import StepWatch
 from .wrapper import OptimizerWrapper
@@ -155,7 +155,7 @@ class GradientNormPenalty(OptimizerWrapper):
         params = self._params()
         pending = self._agreement.start({"config": tuple(self._config().items()), "step_index": self.step_index})
         alpha, r = self.coefficients()
-        hook = registered_hook_state(params)
+        hook = hook_state_masking(params)
         self.optimizer.zero_grad(set_to_none=True)
         with self._first_pass_context(hook) if alpha > 0 else contextlib.nullcontext(), torch.enable_grad():
             loss = closure()

@@ -84,8 +84,14 @@ class Regularizers:
 
     @property
     def drop_rate(self) -> float | None:
-        """The default drop rate at the current step."""
+        """The default drop rate at the current step; assignable (validated; masks from the next step)."""
         return self.dropgrad.plan.default_rate() if self.dropgrad is not None else None
+
+    @drop_rate.setter
+    def drop_rate(self, rate: float) -> None:
+        if self.dropgrad is None:
+            raise ValueError("drop_rate: prepare_regularizers was called without dropgrad=")
+        self.dropgrad.drop_rate = rate
 
     def step(self, closure: Callable[[], Any]) -> Any:
         """One optimizer step with gradient norm penalty / SAM: ``closure`` runs twice (see ``GradientNormPenalty``).
@@ -114,12 +120,20 @@ class Regularizers:
         of a run without clipping). In wrapper modes it masks first (the step will not mask again);
         under a GradScaler it unscales first (``accelerator.unscale_gradients``, as ``clip_grad_norm_`` does).
         """
-        if isinstance(self.dropgrad, DropGrad) and not self.dropgrad.full_update_drop:
+        if isinstance(self.dropgrad, DropGrad) and not self.dropgrad.full_update_drop and self._final_micro_batch():
             self.dropgrad.mask_gradients_()
         if self._accelerator is not None and self._accelerator.scaler is not None:
             self._accelerator.unscale_gradients()
         params = [p for group in self._optimizer.param_groups for p in group["params"]]
         return float(grad_norms(params, flat_param_pieces(params, self.model)).total)
+
+    def _final_micro_batch(self) -> bool:
+        """Whether gradients are complete (Accelerate synchronizes): only then may the wrapper mask.
+
+        Masking an intermediate micro-batch would let the next ones accumulate into dropped
+        coordinates; the DDP hook, too, masks only the synchronized (final) gradient.
+        """
+        return self._accelerator is None or bool(self._accelerator.sync_gradients)
 
     def describe(self) -> str:
         """One line: what runs, and how."""
@@ -245,6 +259,30 @@ def _install_step_chain(accelerated: Any, chain: torch.optim.Optimizer) -> None:
         accelerated._optimizer_patched_step_method = patch_optimizer_step(accelerated, chain.step)
 
 
+_FORWARDING: dict[type, type] = {}  # AcceleratedOptimizer class -> its subclass with ``drop_rate``
+
+
+def _forward_drop_rate(accelerated: Any, dropgrad: Any) -> None:
+    """``accelerated.drop_rate`` reads and assigns the rate of ``dropgrad`` (the wrapper or the hook state).
+
+    ``AcceleratedOptimizer`` forwards no attributes to what it wraps, so without this an assignment
+    would set an attribute nobody reads. Properties live on the class: give this instance a subclass.
+    """
+    base = type(accelerated)
+    if base not in _FORWARDING:
+        def get(self: Any) -> float | None:
+            return self._dropgrad_dist_target.drop_rate
+
+        def set_(self: Any, rate: float) -> None:
+            self._dropgrad_dist_target.drop_rate = rate  # validated there; masks from the next step
+
+        _FORWARDING[base] = type(base.__name__, (base,), {
+            "drop_rate": property(get, set_, doc="DropGrad's default drop rate (assignable between steps)"),
+            "__module__": base.__module__})
+    accelerated._dropgrad_dist_target = dropgrad
+    accelerated.__class__ = _FORWARDING[base]
+
+
 def _guard_accelerator_clipping(accelerator: "Accelerator", dropgrad: DropGrad | None, clipping: bool) -> None:
     """``accelerator.clip_grad_norm_``/``clip_grad_value_``: mask first (order), or refuse (double clipping).
 
@@ -258,7 +296,8 @@ def _guard_accelerator_clipping(accelerator: "Accelerator", dropgrad: DropGrad |
             if clipping:
                 raise RuntimeError(f"accelerator.{_name} would clip a second time: prepare_regularizers(clipping=...) "
                                    "already clips inside optimizer.step(); remove the accelerator call")
-            if dropgrad is not None and not dropgrad.full_update_drop:
+            # Between micro-batches the gradient is partial: mask only the final one (as the DDP hook does).
+            if dropgrad is not None and not dropgrad.full_update_drop and accelerator.sync_gradients:
                 dropgrad.mask_gradients_()
             return _clip(*args, **kwargs)
 
@@ -334,6 +373,11 @@ def prepare_regularizers(
     if not isinstance(optimizer, AcceleratedOptimizer):
         raise ValueError("optimizer must be the optimizer returned by accelerator.prepare "
                          f"(an AcceleratedOptimizer), got {type(optimizer).__name__}")
+    for earlier in accelerator.__dict__.get("_dropgrad_dist_handles", []):
+        if earlier._optimizer is optimizer or earlier.model is model:
+            raise ValueError("prepare_regularizers was already applied to this "
+                             f"{'optimizer' if earlier._optimizer is optimizer else 'model'}: a second call would "
+                             "mask, clip or penalize the same gradients twice. Call it once with every regularizer")
     drop_options = _options(dropgrad, "dropgrad", _DROPGRAD_KEYS)
     communication = drop_options.pop("communication", "dense")
     if communication not in ("dense", "compact"):
@@ -376,6 +420,8 @@ def prepare_regularizers(
     if chain is not optimizer.optimizer:
         _install_step_chain(optimizer, chain)
     _guard_accelerator_clipping(accelerator, drop if isinstance(drop, DropGrad) else None, clipper is not None)
+    if drop is not None:
+        _forward_drop_rate(optimizer, drop)
     handle = Regularizers(mode, model, drop, clipper, restarter, penalty, accelerator, optimizer)
     handle._attach_to_checkpoints(accelerator)
     return handle

@@ -18,10 +18,11 @@ from . import checkpoint as _checkpoint
 from . import mask as _mask
 from .agreement import AgreementCheck, PendingCheck
 from .checks import check_count, check_rate, check_seed
-from .ddp_hook import refuse_double_masking
+from .ownership import refuse_dropgrad_inside, refuse_hook_masked
 from .params import DropPlan, RateSpec, named_params_of_optimizer
 from .schedules import DropRateScheduler, read_schedule_state
 from .shards import drop_locals_, flat_param_pieces, local_tensor
+from .steps import GradientStamp
 from .wrapper import OptimizerWrapper
 
 __all__ = ["DropGrad"]
@@ -55,7 +56,9 @@ class DropGrad(OptimizerWrapper):
             keys (needed to match the DDP hook and FSDP runs, and for name/glob ``params``).
             Without it the key of a parameter is ``"param_groups[g][i]"``.
         process_group: the ranks that must agree on seed, rates, schedule and step count
-            (default: the world). Checked every step when ``torch.distributed`` is initialized.
+            (default: the world). Checked every step when ``torch.distributed`` is initialized;
+            with ``model`` the check is launched by each training forward (so that a rank that
+            skips a step is named instead of hanging) and waited in ``step()``.
     """
 
     state_key = "dropgrad"
@@ -73,8 +76,7 @@ class DropGrad(OptimizerWrapper):
         model: nn.Module | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        if isinstance(optimizer, DropGrad):
-            raise ValueError("optimizer is already wrapped in DropGrad; wrap the base optimizer once")
+        refuse_dropgrad_inside(optimizer, DropGrad)  # through clipping, GNP, restarts, Accelerate
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         super().__init__(optimizer)
@@ -88,8 +90,17 @@ class DropGrad(OptimizerWrapper):
         self.step_skip_rate = check_rate(step_skip_rate, "step_skip_rate")
         self.step_index = 0  # optimizer steps taken: the ``t`` of the masks
         self._masked_grads: dict[int, weakref.ref] = {}  # id(param) -> its gradient masked this step
+        self._accumulation_watched = False  # post-accumulate hooks installed (after an early mask)
+        self._accumulated_after_mask: str | None = None  # key of a gradient a backward added to after masking
+        self._stepped_on: GradientStamp | None = None  # the gradients the last step masked and stepped on
+        for entry in self.plan.entries:
+            refuse_hook_masked(entry.param, entry.key)
         self.last_step_skipped = False
         self._agreement = AgreementCheck("DropGrad", process_group)
+        self._pending: PendingCheck | None = None  # the check launched by the last training forward
+        if model is not None:
+            handle = model.register_forward_pre_hook(_check_at_forward(weakref.ref(self)))
+            weakref.finalize(self, handle.remove)
 
     @property
     def drop_rate_scheduler(self) -> DropRateScheduler | None:
@@ -122,21 +133,54 @@ class DropGrad(OptimizerWrapper):
             if rate > 0.0:
                 yield entry, (entry.param.grad if which == "grad" else entry.param), rate
 
-    @torch.no_grad()
     def mask_gradients_(self) -> None:
         """Apply this step's gradient masks in place now, e.g. before gradient clipping.
 
         ``step()`` calls it too; a gradient tensor already masked in this step (then clipped in
         place, say) is not masked again, so calling it first makes clipping see the masked
         gradient, as under the DDP hook. ``zero_grad()`` and ``step()`` forget what was masked.
+        Call it after the last micro-batch's backward: a backward that accumulates into a masked
+        gradient would leak into dropped coordinates (``m*s*g1 + g2 != m*s*(g1 + g2)``), so
+        ``step()`` then raises instead (detected on parameters that autograd accumulates into:
+        one process, DDP; FSDP2 writes sharded gradients itself).
         """
+        self._watch_accumulation()
+        self._mask_now()
+
+    def _watch_accumulation(self) -> None:
+        """After an early mask, note any backward that accumulates into a masked gradient."""
+        if self._accumulation_watched:
+            return
+        self._accumulation_watched = True
+        this = weakref.ref(self)
+        for entry in self.plan.entries:
+            if entry.param.requires_grad:  # hooks outlive the wrapper otherwise
+                handle = entry.param.register_post_accumulate_grad_hook(_accumulation_check(this, entry.key))
+                weakref.finalize(self, handle.remove)
+
+    def _accumulated(self, param: torch.Tensor, key: str) -> None:
+        if id(param) in self._masked_grads and self._accumulated_after_mask is None:
+            self._accumulated_after_mask = key
+
+    def _refuse_leaked_accumulation(self) -> None:
+        if self._accumulated_after_mask is not None:
+            key, self._accumulated_after_mask = self._accumulated_after_mask, None
+            self._masked_grads.clear()
+            raise RuntimeError(
+                f"DropGrad: a backward accumulated into the gradient of {key!r} after mask_gradients_() masked it "
+                "in this step; the step would leak the later micro-batches into dropped coordinates. Call "
+                "mask_gradients_() (or clip) only after the last micro-batch's backward")
+
+    @torch.no_grad()
+    def _mask_now(self) -> None:
+        self._refuse_leaked_accumulation()
         todo = []
         for entry, grad, rate in self._masked_entries("grad"):
             local = local_tensor(grad)
             masked = self._masked_grads.get(id(entry.param))
             if masked is not None and masked() is local:
                 continue
-            refuse_double_masking(entry.param, entry.key)
+            refuse_hook_masked(entry.param, entry.key)
             todo.append((grad, entry.key, rate, self._starts.get(entry.param, 0)))
             self._masked_grads[id(entry.param)] = weakref.ref(local)
         drop_locals_(todo, seed=self.seed, step=self.step_index)  # one engine call for every gradient
@@ -156,7 +200,7 @@ class DropGrad(OptimizerWrapper):
 
     def _masked_step(self, closure: Callable[[], Any] | None, pending: PendingCheck | None) -> Any:
         if closure is None:
-            self.mask_gradients_()
+            self._mask_now()
             _wait(pending)  # the agreement all-reduce ran while masking
             return self.optimizer.step()
         _wait(pending)
@@ -166,10 +210,24 @@ class DropGrad(OptimizerWrapper):
             with torch.enable_grad():
                 loss = closure()
             self._masked_grads.clear()
-            self.mask_gradients_()
+            self._mask_now()
             return loss
 
         return self.optimizer.step(masked_closure)
+
+    def _check_at_forward(self) -> None:
+        """Launch this iteration's agreement check from the model's forward (every rank runs it).
+
+        A rank that skips ``step()`` still issues this collective, so its stale step count meets
+        the others' at the next check instead of pairing with FSDP's or DDP's own collectives (a
+        hang). The check of a previous forward that no step waited for (a skipped step, an
+        accumulation micro-batch) is waited first: it has completed on every rank.
+        """
+        if not self._agreement.active:
+            return
+        previous, self._pending = self._pending, None
+        _wait(previous)
+        self._pending = self._agreement.start(self.agreement_fields())
 
     def agreement_fields(self) -> dict[str, object]:
         """What every rank must hold equally (checked each step under ``torch.distributed``)."""
@@ -184,7 +242,14 @@ class DropGrad(OptimizerWrapper):
         With a ``closure`` (required by e.g. LBFGS) the wrapped optimizer evaluates it and every
         evaluation's gradient gets this step's mask; a skipped step evaluates it once.
         """
-        pending = self._agreement.start(self.agreement_fields())
+        # Both refusals come before this step's own collectives (a forward's check may be in flight:
+        # every rank launched it, and the next forward waits for it).
+        self._refuse_leaked_accumulation()
+        if closure is None:
+            self._refuse_second_step_on_the_same_gradients()
+        pending, self._pending = self._pending, None
+        if pending is None:  # no training forward through model= since the last step: check here
+            pending = self._agreement.start(self.agreement_fields())
         skipped = self.should_skip_step()
         try:
             if skipped:
@@ -200,13 +265,28 @@ class DropGrad(OptimizerWrapper):
                 loss = self._masked_step(closure, pending)
         finally:
             self._masked_grads.clear()
+            self._accumulated_after_mask = None
         self.last_step_skipped = skipped
+        self._stepped_on = GradientStamp(self._masked_params()) if closure is None else None
         self.step_index += 1
         self.plan.advance()
         return loss
 
+    def _masked_params(self) -> list[torch.Tensor]:
+        return [entry.param for entry in self.plan.entries]
+
+    def _refuse_second_step_on_the_same_gradients(self) -> None:
+        """A step on the gradients the previous step already masked would mask them again (and, on one
+        rank of a distributed run, send one collective more than the others: a hang, not an error)."""
+        if self._stepped_on is not None and self._stepped_on.unchanged(self._masked_params()):
+            raise RuntimeError(
+                f"DropGrad.step() called again (step {self.step_index}) on the gradients that step "
+                f"{self.step_index - 1} already masked and stepped on, with no backward in between: they would be "
+                "masked twice. Compute new gradients (backward) before every step")
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._masked_grads.clear()
+        self._accumulated_after_mask = None
         super().zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -266,3 +346,20 @@ class DropGrad(OptimizerWrapper):
                 f"seed={self.seed}, step_index={self.step_index}, full_update_drop={self.full_update_drop}, "
                 f"step_skip_rate={self.step_skip_rate}, masked_params={len(self.plan.entries)},\n"
                 f"  optimizer={self.optimizer!r})")
+
+
+def _accumulation_check(dropgrad_ref: "weakref.ref[DropGrad]", key: str) -> Callable[[torch.Tensor], None]:
+    def check(param: torch.Tensor) -> None:
+        dropgrad = dropgrad_ref()
+        if dropgrad is not None:
+            dropgrad._accumulated(param, key)
+    return check
+
+
+def _check_at_forward(dropgrad_ref: "weakref.ref[DropGrad]") -> Callable[..., None]:
+    def hook(module: nn.Module, args: Any) -> None:
+        dropgrad = dropgrad_ref()
+        # Training forwards only: an evaluation forward may run on some ranks alone.
+        if dropgrad is not None and module.training and torch.is_grad_enabled():
+            dropgrad._check_at_forward()
+    return hook

@@ -6,7 +6,11 @@ step count ``t`` only when the step really runs: a step that ``GradScaler`` skip
 synchronizing backward, a clip) and fires its callback once, after the first optimizer step
 over the watched parameters that follows (a global ``torch.optim`` step post-hook sees every
 ``Optimizer.step()``); a wrapper and its inner optimizer, or two optimizers over parts of the
-model, stepping the same gradients fire it once.
+model, stepping the same gradients fire it once. With ``count_all`` it also counts every such
+step, so ranks can compare how many ``step()`` calls they made.
+
+A :class:`GradientStamp` tells whether gradients changed since a moment (a repeated clip or
+step on the very same gradients is then recognized without any communication).
 """
 
 from __future__ import annotations
@@ -17,14 +21,20 @@ from typing import Callable, Iterable
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["StepWatch"]
+from .shards import local_tensor
+
+__all__ = ["GradientStamp", "StepWatch"]
 
 
 class StepWatch:
     """Calls ``on_step()`` once per :meth:`arm`, after the next optimizer step over ``params``."""
 
-    def __init__(self, params: Iterable[torch.Tensor], on_step: Callable[[], None]) -> None:
+    def __init__(self, params: Iterable[torch.Tensor], on_step: Callable[[], None], *, count_all: bool = False) -> None:
         self.armed = False
+        # With count_all: every optimizer step over the watched parameters, armed or not (a wrapper
+        # and its inner optimizer count two), so ranks can compare how many steps they took.
+        self.steps = 0
+        self._count_all = count_all
         self._ids = {id(p) for p in params}
         self._on_step = weakref.WeakMethod(on_step) if hasattr(on_step, "__self__") else (lambda: on_step)
         this = weakref.ref(self)
@@ -47,7 +57,10 @@ class StepWatch:
         return any(id(p) in self._ids for group in optimizer.param_groups for p in group["params"])
 
     def _fire(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self.armed or not self._holds_watched(optimizer):
+        if not (self.armed or self._count_all) or not self._holds_watched(optimizer):
+            return
+        self.steps += 1
+        if not self.armed:
             return
         self.armed = False
         callback = self._on_step()
@@ -59,3 +72,34 @@ def _stepped(watch_ref: "weakref.ref[StepWatch]", optimizer: torch.optim.Optimiz
     watch = watch_ref()
     if watch is not None:
         watch._fire(optimizer)
+
+
+class GradientStamp:
+    """Which gradient tensors some parameters hold and their in-place version counters, at one moment.
+
+    Two equal stamps mean that no backward, zeroing or in-place change touched the gradients in
+    between: what was computed from them (a mask applied, a clip) is still current. Tensors are
+    held weakly, so a new gradient that reuses a freed one's memory never compares equal.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self._grads = []
+        for param in params:
+            grad = param.grad
+            local = None if grad is None else local_tensor(grad)
+            self._grads.append(None if local is None else (weakref.ref(local), local._version))
+
+    def unchanged(self, params: Iterable[torch.Tensor]) -> bool:
+        """Whether ``params`` hold the very gradients of this stamp, unmodified (and at least one)."""
+        params = list(params)
+        if len(params) != len(self._grads) or all(held is None for held in self._grads):
+            return False
+        for param, held in zip(params, self._grads):
+            grad = param.grad
+            if (grad is None) != (held is None):
+                return False
+            if grad is not None:
+                local = local_tensor(grad)
+                if held[0]() is not local or held[1] != local._version:
+                    return False
+        return True

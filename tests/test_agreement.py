@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dropgrad_dist import DropGrad, DropGradHookState, keep_mask
+from dropgrad_dist import DropGrad, DropGradHookState, dropgrad_hook, keep_mask
 from dropgrad_dist.testing import run_on_ranks
 
 PG_TIMEOUT = 60.0  # seconds; every error must arrive well inside it
@@ -105,6 +105,36 @@ def _hook_and_wrapper(rank: int) -> None:
     _train(rank, ddp, DropGrad(torch.optim.SGD(ddp.parameters(), lr=0.1), 0.5, model=ddp), 1)
 
 
+def _hook_registered_by_ddp_and_wrapper(rank: int) -> None:
+    """torch's own registration skips state.register: the hook claims its parameters when it runs."""
+    ddp = _ddp()
+    ddp.register_comm_hook(DropGradHookState(ddp, 0.5), dropgrad_hook)
+    _train(rank, ddp, DropGrad(torch.optim.SGD(ddp.parameters(), lr=0.1), 0.5, model=ddp), 1)
+
+
+def _hook_double_step(rank: int, communication: str) -> None:
+    ddp = _ddp()
+    DropGradHookState(ddp, 0.5, communication=communication).register()
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for step in range(3):
+        ddp(_batch(rank, step)).square().mean().backward()
+        opt.step()
+        if (rank, step) == (1, 0):  # this rank steps the same gradients twice
+            opt.step()
+        opt.zero_grad()
+
+
+def _hook_rate_assigned_on_one_rank(rank: int) -> None:
+    ddp = _ddp()
+    state = DropGradHookState(ddp, 0.5)
+    state.register()
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    _train(rank, ddp, opt, 1)
+    if rank == 0:
+        state.drop_rate = 0.25
+    _train(rank, ddp, opt, 1)
+
+
 def _hook_sparse(rank: int) -> None:
     torch.manual_seed(0)
     ddp = DDP(nn.Embedding(10, 4, sparse=True))
@@ -120,6 +150,10 @@ SCENARIOS = {
     "hook compact: one rank skips a step": lambda rank: _hook_skip(rank, "compact"),
     "hook compact: one rank loads a checkpoint": _hook_loaded_elsewhere,
     "hook and wrapper on the same gradients": _hook_and_wrapper,
+    "hook by ddp.register_comm_hook and wrapper": _hook_registered_by_ddp_and_wrapper,
+    "hook dense: one rank steps twice": lambda rank: _hook_double_step(rank, "dense"),
+    "hook compact: one rank steps twice": lambda rank: _hook_double_step(rank, "compact"),
+    "hook: one rank assigns another drop_rate": _hook_rate_assigned_on_one_rank,
     "hook: sparse gradients": _hook_sparse,
 }
 
@@ -172,6 +206,12 @@ def outcomes():
     ("hook compact: one rank skips a step", "DropGradHookState: ranks disagree on 'step_index'"),
     ("hook compact: one rank loads a checkpoint", "DropGradHookState: ranks disagree on 'step_index'"),
     ("hook and wrapper on the same gradients", "masked by a DropGradHookState .* and again by a DropGrad wrapper"),
+    ("hook by ddp.register_comm_hook and wrapper", "masked by a DropGradHookState .* and again by a DropGrad wrapper"),
+    ("hook dense: one rank steps twice",
+     "DropGradHookState: ranks disagree on 'optimizer.step\\(\\) calls since the last backward' \\(ranks \\[0\\] vs \\[1\\]\\)"),
+    ("hook compact: one rank steps twice",
+     "DropGradHookState: ranks disagree on 'optimizer.step\\(\\) calls since the last backward' \\(ranks \\[0\\] vs \\[1\\]\\)"),
+    ("hook: one rank assigns another drop_rate", "DropGradHookState: ranks disagree on 'rates' \\(ranks \\[0\\] vs \\[1\\]\\)"),
     ("hook: sparse gradients", "does not support sparse gradients"),
 ])
 def test_every_rank_gets_a_clear_error_within_seconds(outcomes, scenario, message):

@@ -42,7 +42,7 @@ from .shards import flat_param_pieces
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["DropGradHandle", "Regularizers", "enable_fsdp_on_cpu", "prepare_dropgrad", "prepare_regularizers"]
+__all__ = ["DropGradHandle", "Regularizers", "check_launch", "enable_fsdp_on_cpu", "prepare_dropgrad", "prepare_regularizers"]
 
 Mode = Literal["ddp_hook", "fsdp_wrapper", "wrapper"]
 _DROPGRAD_KEYS = frozenset({"drop_rate", "params", "drop_rate_scheduler", "seed", "communication",
@@ -284,6 +284,31 @@ def enable_fsdp_on_cpu(accelerator: "Accelerator", plugin: Any = None) -> None:
     AcceleratorState().fsdp_plugin = plugin if plugin is not None else FullyShardedDataParallelPlugin()
 
 
+def check_launch(accelerator: "Accelerator") -> None:
+    """Refuse an Accelerator that runs alone (``DistributedType.NO``) among several ranks of a process group.
+
+    ``accelerate launch --multi_gpu`` on a machine without a usable GPU (a CUDA build of torch,
+    no driver) starts the ranks and their process group, but Accelerate then falls back to one
+    process per rank: every rank would train as a separate run, on the same data, and save over
+    the others' checkpoints. Raises ``ValueError`` saying how to launch instead.
+    """
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.NO:
+        return
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return
+    world = dist.get_world_size()
+    raise ValueError(
+        f"Accelerate runs this process alone (DistributedType.NO, {accelerator.num_processes} process, device "
+        f"{accelerator.device}) while torch.distributed has a process group of {world} ranks (backend "
+        f"{dist.get_backend()!r}): the {world} ranks would train as separate runs. This happens when "
+        f"`accelerate launch --multi_gpu` finds no usable GPU (torch.cuda.is_available() is "
+        f"{torch.cuda.is_available()}). To train on CPU processes, create the Accelerator with cpu=True "
+        "(examples/vit/train.py: add --cpu, or use launch/cpu_ddp.sh), which runs MULTI_CPU over gloo")
+
+
 def _unsupported(distributed_type: Any) -> ValueError:
     return ValueError(f"prepare_regularizers does not support Accelerate's {distributed_type} setup; supported: "
                       "NO (CPU, one GPU, MPS), MULTI_GPU, MULTI_CPU (DDP comm hook) and FSDP (versions 1, 2)")
@@ -340,6 +365,7 @@ def prepare_regularizers(
         raise ValueError(f"communication must be 'dense' or 'compact', got {communication!r}")
     clip_options, restart_options = _options(clipping, "clipping"), _options(restarts, "restarts")
     gnp_options = _options(gnp, "gnp")
+    check_launch(accelerator)
     kind = accelerator.distributed_type
     if kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
         mode: Mode = "ddp_hook"

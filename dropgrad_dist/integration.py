@@ -23,12 +23,14 @@ through Accelerate's save/load state hooks, never pickled, so a tampered checkpo
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import torch
 from torch import nn
 
 from . import checkpoint as _checkpoint
+from .agreement import collective_device
 from .clip import ClippedOptimizer, GradientClipper
 from .gnp import GradientNormPenalty
 from .mask import keep_probability
@@ -178,36 +180,57 @@ class Regularizers:
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool | None = None,
                         restart_sums: Mapping[str, torch.Tensor] | None = None) -> None:
         """Restore every regularizer's state; validated completely before anything changes."""
+        self.prepare_state(state_dict, strict, restart_sums)()
+
+    def prepare_state(self, state_dict: Mapping[str, Any], strict: bool | None = None,
+                      restart_sums: Mapping[str, torch.Tensor] | None = None) -> Callable[[], None]:
+        """Validate every regularizer's state completely and return what applies it."""
         strict = self.strict_load if strict is None else strict
         owner = "Regularizers"
         mode = _checkpoint.read_field(state_dict, "mode", lambda value, _: value, owner)
         if mode != self.mode:
             raise ValueError(f"checkpoint was saved with DropGrad as {mode!r}, this run applies it as {self.mode!r}")
-        applies = []
+        sections = {}
         for name, present in (("dropgrad", self.dropgrad), ("clipping", self.clipper), ("restarts", self.restarter),
                               ("gnp", self.gnp)):
             if (name in state_dict) != (present is not None):
                 raise ValueError(f"checkpoint {'has' if name in state_dict else 'has no'} {name} state, this run "
                                  f"{'uses' if present is not None else 'does not use'} {name}")
+            if present is not None:
+                sections[name] = _checkpoint.read_field(state_dict, name, _section, owner)
+        applies = []
         if self.dropgrad is not None:
             prepare = self.dropgrad.prepare_state if self.mode == "ddp_hook" else self.dropgrad.prepare_own_state
-            applies.append(prepare(state_dict["dropgrad"], strict))
+            applies.append(prepare(sections["dropgrad"], strict))
         if self.clipper is not None:
-            applies.append(self.clipper.prepare_state(state_dict["clipping"], strict))
+            applies.append(self.clipper.prepare_state(sections["clipping"], strict))
         if self.restarter is not None:
-            full = {**state_dict["restarts"], "sums": dict(restart_sums or {})}
+            full = {**sections["restarts"], "sums": dict(restart_sums or {})}
             applies.append(self.restarter.prepare_state(full, self.model, strict))
         if self.gnp is not None:
-            applies.append(self.gnp.prepare_own_state(state_dict["gnp"], strict))
-        for apply in applies:
-            apply()
+            applies.append(self.gnp.prepare_own_state(sections["gnp"], strict))
+
+        def apply() -> None:
+            for apply_one in applies:
+                apply_one()
+
+        return apply
+
+    def prepare_checkpoint(self, input_dir: str) -> Callable[[], None]:
+        """Read and validate this handle's files in ``input_dir`` (JSON, this rank's restart sums); return what applies them."""
+        state = _checkpoint.read_json(os.path.join(input_dir, f"{self._stem}.json"), "dropgrad_dist")
+        sums = None
+        if self.restarter is not None:
+            sums = _checkpoint.read_tensors(os.path.join(input_dir, f"{self._stem}_rank{self._rank}.safetensors"),
+                                            "dropgrad_dist")
+        return self.prepare_state(state, restart_sums=sums)
 
     def _attach_to_checkpoints(self, accelerator: "Accelerator") -> None:
         """Save and load this state with ``accelerator.save_state``/``load_state`` (JSON + safetensors)."""
         handles = accelerator.__dict__.setdefault("_dropgrad_dist_handles", [])
-        stem = f"dropgrad_dist_state_{len(handles)}"
+        stem = self._stem = f"dropgrad_dist_state_{len(handles)}"
         handles.append(self)
-        rank = accelerator.process_index
+        rank = self._rank = accelerator.process_index
 
         def save(models: Any, weights: Any, output_dir: str) -> None:
             os.makedirs(output_dir, exist_ok=True)
@@ -219,18 +242,86 @@ class Regularizers:
                                           self.restart_sums())
 
         def load(models: Any, input_dir: str) -> None:
-            state = _checkpoint.read_json(os.path.join(input_dir, f"{stem}.json"), "dropgrad_dist")
-            sums = None
-            if self.restarter is not None:
-                sums = _checkpoint.read_tensors(os.path.join(input_dir, f"{stem}_rank{rank}.safetensors"),
-                                                "dropgrad_dist")
-            self.load_state_dict(state, restart_sums=sums)
+            if not accelerator.__dict__.get("_dropgrad_dist_loading"):  # load_state's wrapper applies it
+                self.prepare_checkpoint(input_dir)()
 
         accelerator.register_save_state_pre_hook(save)
         accelerator.register_load_state_pre_hook(load)
+        _make_load_state_all_or_nothing(accelerator)
 
 
 DropGradHandle = Regularizers  # the name prepare_dropgrad's handle had
+
+
+def _section(value: object, argument: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{argument} must be a dict, got {type(value).__name__}")
+    return value
+
+
+def _checkpoint_dir(accelerator: "Accelerator", input_dir: str | None) -> str | None:
+    """The folder ``accelerator.load_state(input_dir)`` will read (Accelerate's rule); None if it would refuse."""
+    if input_dir is not None:
+        input_dir = os.path.expanduser(input_dir)
+        return input_dir if os.path.isdir(input_dir) else None
+    if not accelerator.project_configuration.automatic_checkpoint_naming:
+        return None
+    root = os.path.join(accelerator.project_dir, "checkpoints")
+    numbered = [(int(digits[0]), os.path.join(root, name)) for name in os.listdir(root)
+                if (digits := re.findall(r"[0-9]+", name))]
+    return max(numbered)[1] if numbered else None
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    """Whether every rank of the world is ``ok`` (one MIN all-reduce; just ``ok`` in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _make_load_state_all_or_nothing(accelerator: "Accelerator") -> None:
+    """Make ``accelerator.load_state`` validate the regularizers' files before Accelerate loads anything.
+
+    Accelerate loads an FSDP model and optimizer before it runs the load pre-hooks, so a file
+    refused in a hook would leave the AdamW moments replaced. Instead every rank reads and
+    validates every handle's files first, the ranks agree that all succeeded (else every rank
+    raises and nothing is loaded), Accelerate loads its part, and only then the regularizers'
+    state is applied. In every distributed type: DDP's hooks run before the optimizer loads, but
+    a rank whose own restart sums are bad must stop the other ranks too.
+    """
+    if "_dropgrad_dist_load_state" in accelerator.__dict__:
+        return
+    original = accelerator.load_state
+    accelerator.__dict__["_dropgrad_dist_load_state"] = original
+
+    def load_state(input_dir: str | None = None, load_kwargs: dict | None = None, **load_model_func_kwargs: Any) -> Any:
+        directory = _checkpoint_dir(accelerator, input_dir)
+        applies, error = [], None
+        if directory is not None:  # else Accelerate raises its own error for the folder
+            try:
+                applies = [handle.prepare_checkpoint(directory) for handle in accelerator._dropgrad_dist_handles]
+            except (ValueError, FileNotFoundError) as err:
+                error = err
+        all_ok = _all_ranks_ok(error is None)
+        if error is not None:
+            raise error
+        if not all_ok:
+            raise ValueError(f"dropgrad_dist: another rank refused its regularizer checkpoint files in "
+                             f"{directory!r} (see that rank's error); nothing was loaded")
+        accelerator.__dict__["_dropgrad_dist_loading"] = True
+        try:
+            result = original(input_dir, load_kwargs, **load_model_func_kwargs)
+        finally:
+            accelerator.__dict__["_dropgrad_dist_loading"] = False
+        for apply in applies:
+            apply()
+        return result
+
+    accelerator.load_state = load_state
 
 
 def _install_step_chain(accelerated: Any, chain: torch.optim.Optimizer) -> None:

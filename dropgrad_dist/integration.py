@@ -267,7 +267,11 @@ def _checkpoint_dir(accelerator: "Accelerator", input_dir: str | None) -> str | 
     if not accelerator.project_configuration.automatic_checkpoint_naming:
         return None
     root = os.path.join(accelerator.project_dir, "checkpoints")
-    numbered = [(int(digits[0]), os.path.join(root, name)) for name in os.listdir(root)
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return None
+    numbered = [(int(digits[0]), os.path.join(root, name)) for name in names
                 if (digits := re.findall(r"[0-9]+", name))]
     return max(numbered)[1] if numbered else None
 
@@ -304,7 +308,7 @@ def _make_load_state_all_or_nothing(accelerator: "Accelerator") -> None:
         if directory is not None:  # else Accelerate raises its own error for the folder
             try:
                 applies = [handle.prepare_checkpoint(directory) for handle in accelerator._dropgrad_dist_handles]
-            except (ValueError, FileNotFoundError) as err:
+            except Exception as err:  # noqa: BLE001 - every rank must reach the agreement below, then it re-raises
                 error = err
         all_ok = _all_ranks_ok(error is None)
         if error is not None:

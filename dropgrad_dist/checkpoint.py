@@ -49,6 +49,16 @@ def _bounded_problem(value: Any) -> str | None:
     return f"holds a {type(value).__name__}, which is not plain data"
 
 
+def _all_finite_floats(items: list | tuple) -> bool:
+    """True if every item is a finite float (a NaN or inf anywhere makes the exact sum non-finite or raise)."""
+    if not items or set(map(type, items)) != {float}:
+        return False
+    try:
+        return math.isfinite(math.fsum(items))
+    except (OverflowError, ValueError):  # inf - inf, or a finite sum beyond the float range: check one by one
+        return False
+
+
 def check_plain(value: Any, owner: str, path: str) -> None:
     """Raise ``ValueError`` naming the field (``path`` and below) of the first value that is not
     bounded plain data: ints in ``(-2**64, 2**64)``, finite floats, str, bool, None, lists (tuples)
@@ -59,7 +69,15 @@ def check_plain(value: Any, owner: str, path: str) -> None:
         if depth > MAX_DEPTH:
             raise ValueError(f"{owner} checkpoint field {where!r} nests deeper than {MAX_DEPTH} levels")
         if isinstance(item, (list, tuple)):
-            stack.extend((child, f"{where}[{i}]", depth + 1) for i, child in enumerate(item))
+            if _all_finite_floats(item):  # a history of norms: one C-level pass
+                continue
+            for i, child in enumerate(item):  # long lists of scalars (histories): no path built unless refused
+                if isinstance(child, (list, tuple, Mapping)):
+                    stack.append((child, f"{where}[{i}]", depth + 1))
+                elif not isinstance(child, float) or not math.isfinite(child):
+                    problem = _bounded_problem(child)
+                    if problem is not None:
+                        raise ValueError(f"{owner} checkpoint field {where + f'[{i}]'!r} {problem}")
         elif isinstance(item, Mapping):
             bad_keys = [key for key in item if not isinstance(key, str)]
             if bad_keys:

@@ -8,7 +8,8 @@ from .agreement import RankDisagreement
 from .clip import CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, GradientClipper
 from .ddp_hook import DropGradHookState, dropgrad_hook, dropgrad_wrapper
 from .gnp import SAM, GradientNormPenalty
-from .integration import DropGradHandle, Regularizers, enable_fsdp_on_cpu, prepare_dropgrad, prepare_regularizers
+from .integration import (DropGradHandle, Regularizers, check_launch, enable_fsdp_on_cpu, prepare_dropgrad,
+                          prepare_regularizers)
 from .mask import (
     MaskStream,
     Segment,
@@ -56,6 +57,7 @@ __all__ = [
     "Segment",
     "StepDropRateScheduler",
     "canonical_name",
+    "check_launch",
     "drop_",
     "drop_segments_",
     "drop_tensors_",

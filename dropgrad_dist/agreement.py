@@ -43,11 +43,16 @@ def fingerprint(value: object) -> int:
 
 
 def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
-    """The device small collectives of ``group`` run on: CPU for gloo/MPI, else the accelerator."""
-    backend = str(dist.get_backend(group))
-    if "gloo" in backend or "mpi" in backend:
+    """The device small collectives of ``group`` run on, from its real backend and the devices present.
+
+    CPU for gloo and MPI, and whenever no accelerator is usable (a CUDA build of torch on a
+    machine without a GPU reports CUDA as its accelerator); else the current accelerator device
+    (NCCL and the other device backends take only device tensors).
+    """
+    backend = str(dist.get_backend(group)).lower()
+    if backend in ("gloo", "mpi"):
         return torch.device("cpu")
-    accelerator = torch.accelerator.current_accelerator()
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
     if accelerator is None:
         return torch.device("cpu")
     return torch.device(accelerator.type, torch.accelerator.current_device_index())

@@ -9,7 +9,11 @@ The rule, the same for every regularizer:
   whose configuration differs from the object's raises ``ValueError`` naming the fields, unless
   loaded with ``strict=False``, which keeps the constructor's configuration, loads the progress
   and warns;
-- loading validates every field first and changes nothing on error.
+- loading validates every field first and changes nothing on error; a checkpoint without
+  its configuration (no ``config``, or one that lacks a field) is refused like a differing one;
+- plain data is bounded: ints in ``(-2**64, 2**64)``, finite floats, at most ``MAX_DEPTH``
+  levels of nesting, JSON files of at most ``MAX_JSON_BYTES``; anything else raises
+  ``ValueError`` naming the field (the same rule for a file and for an in-memory dict).
 
 On disk (Accelerate's ``save_state``) the state is JSON: nothing in it can execute code.
 """
@@ -19,23 +23,81 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
-__all__ = ["FORMAT", "check_config", "plain", "read_field", "read_json", "read_tensors", "write_json", "write_tensors"]
+__all__ = ["FORMAT", "MAX_DEPTH", "MAX_JSON_BYTES", "check_config", "check_plain", "plain", "read_field",
+           "read_json", "read_tensor_field", "read_tensors", "write_json", "write_tensors"]
 
 FORMAT = 1  # version of the state-dict layout
+MAX_DEPTH = 32  # nesting levels of plain data; the regularizers' states use fewer than 8
+MAX_JSON_BYTES = 64 << 20  # an AutoClip history of ~3 million norms; set history_size for longer runs
+INT_LIMIT = 1 << 64  # seeds and counts are 64-bit words: a larger int is never a valid field
 T = TypeVar("T")
 
 
-def plain(value: Any) -> Any:
-    """``value`` as JSON would give it back (tuples become lists); raises for anything else."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
+def _bounded_problem(value: Any) -> str | None:
+    """Why a scalar is not bounded plain data, or None if it is (containers are checked by the caller)."""
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    if isinstance(value, int):
+        return None if -INT_LIMIT < value < INT_LIMIT else "holds an integer outside (-2**64, 2**64)"
     if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"state holds a non-finite float {value!r}; it cannot be stored as plain data")
+        return None if math.isfinite(value) else f"holds a non-finite float ({value!r})"
+    return f"holds a {type(value).__name__}, which is not plain data"
+
+
+def _all_finite_floats(items: list | tuple) -> bool:
+    """True if every item is a finite float (a NaN or inf anywhere makes the exact sum non-finite or raise)."""
+    if not items or set(map(type, items)) != {float}:
+        return False
+    try:
+        return math.isfinite(math.fsum(items))
+    except (OverflowError, ValueError):  # inf - inf, or a finite sum beyond the float range: check one by one
+        return False
+
+
+def check_plain(value: Any, owner: str, path: str) -> None:
+    """Raise ``ValueError`` naming the field (``path`` and below) of the first value that is not
+    bounded plain data: ints in ``(-2**64, 2**64)``, finite floats, str, bool, None, lists (tuples)
+    and dicts with string keys, nested at most ``MAX_DEPTH`` levels. Iterative: no recursion limit."""
+    stack = [(value, path, 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{owner} checkpoint field {where!r} nests deeper than {MAX_DEPTH} levels")
+        if isinstance(item, (list, tuple)):
+            if _all_finite_floats(item):  # a history of norms: one C-level pass
+                continue
+            for i, child in enumerate(item):  # long lists of scalars (histories): no path built unless refused
+                if isinstance(child, (list, tuple, Mapping)):
+                    stack.append((child, f"{where}[{i}]", depth + 1))
+                elif not isinstance(child, float) or not math.isfinite(child):
+                    problem = _bounded_problem(child)
+                    if problem is not None:
+                        raise ValueError(f"{owner} checkpoint field {where + f'[{i}]'!r} {problem}")
+        elif isinstance(item, Mapping):
+            bad_keys = [key for key in item if not isinstance(key, str)]
+            if bad_keys:
+                raise ValueError(f"{owner} checkpoint field {where!r} has non-string keys {bad_keys[:3]}")
+            stack.extend((child, f"{where}.{key}", depth + 1) for key, child in item.items())
+        else:
+            problem = _bounded_problem(item)
+            if problem is not None:
+                raise ValueError(f"{owner} checkpoint field {where!r} {problem}")
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON would give it back (tuples become lists); raises for anything else.
+
+    The same bounds as loading (:func:`check_plain`): what is saved can always be loaded.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        problem = _bounded_problem(value)
+        if problem is not None:
+            raise ValueError(f"state {problem}; it cannot be stored as a checkpoint")
         return value
     if isinstance(value, (list, tuple)):
         return [plain(item) for item in value]
@@ -52,19 +114,32 @@ def read_field(state: Mapping[str, Any], name: str, check: Callable[[object, str
         raise ValueError(f"{owner} checkpoint must be a dict, got {type(state).__name__}")
     if name not in state:
         raise ValueError(f"{owner} checkpoint has no {name!r} field (fields: {sorted(state)})")
+    check_plain(state[name], owner, name)
+    return check(state[name], f"{owner} checkpoint field {name!r}")
+
+
+def read_tensor_field(state: Mapping[str, Any], name: str, check: Callable[[object, str], T], owner: str) -> T:
+    """``check(state[name])`` for a field of tensors (not plain data), with errors naming ``owner`` and the field."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{owner} checkpoint must be a dict, got {type(state).__name__}")
+    if name not in state:
+        raise ValueError(f"{owner} checkpoint has no {name!r} field (fields: {sorted(state)})")
     return check(state[name], f"{owner} checkpoint field {name!r}")
 
 
 def check_config(owner: str, saved: Mapping[str, Any], current: Mapping[str, Any], strict: bool) -> None:
     """Compare the checkpoint's configuration with the object's (only fields the checkpoint has).
 
-    Raises ``ValueError`` naming every differing field when ``strict``; warns otherwise.
+    Raises ``ValueError`` naming every differing or missing field when ``strict``; warns otherwise.
+    A checkpoint without a field of the configuration cannot show that it matches: it counts as differing.
     """
     if not isinstance(saved, Mapping):
         raise ValueError(f"{owner} checkpoint field 'config' must be a dict, got {type(saved).__name__}")
+    check_plain(saved, owner, "config")
     current = plain(current)
-    differing = [f"{name}: checkpoint {saved[name]!r}, this run {current[name]!r}"
-                 for name in current if name in saved and plain(saved[name]) != current[name]]
+    differing = [f"{name}: checkpoint {saved[name]!r}, this run {current[name]!r}" if name in saved
+                 else f"{name}: missing from the checkpoint's config, this run {current[name]!r}"
+                 for name in current if name not in saved or plain(saved[name]) != current[name]]
     if not differing:
         return
     detail = "; ".join(differing)
@@ -77,25 +152,77 @@ def check_config(owner: str, saved: Mapping[str, Any], current: Mapping[str, Any
 
 
 def write_json(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
-    """Write ``state`` (plain data) as JSON, atomically (a partial file never replaces a good one)."""
+    """Write ``state`` (plain data) as JSON, atomically (a partial file never replaces a good one).
+
+    Refuses (``ValueError``) a state that :func:`read_json` would refuse: too large or too deep.
+    """
     path = Path(path)
+    state = plain(state)
+    check_plain(state, "dropgrad_dist (saving)", "state")
+    text = json.dumps(state, indent=1, allow_nan=False)
+    if len(text.encode("utf-8")) > MAX_JSON_BYTES:
+        raise ValueError(f"the regularizer state is {len(text) >> 20} MiB as JSON, over the {MAX_JSON_BYTES >> 20} "
+                         "MiB a checkpoint may hold (an unbounded AutoClip history? set history_size)")
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(plain(state), indent=1, allow_nan=False))
+    temporary.write_text(text)
     os.replace(temporary, path)
 
 
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_BRACKET = re.compile(r"[\[\]{}]")
+_KEY_BEFORE = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:\s*$')
+
+
+def _check_nesting(text: str, owner: str) -> None:
+    """Refuse JSON nested deeper than ``MAX_DEPTH`` before parsing it (a deep file would exhaust
+    the parser's recursion), naming the top-level field that holds the deep part."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return
+    # Blank string contents (same length, so offsets stay valid): brackets inside strings do not nest.
+    blanked = _JSON_STRING.sub(lambda match: '"' + " " * (len(match.group()) - 2) + '"', text)
+    depth, field_start = 0, 0
+    for match in _BRACKET.finditer(blanked):
+        depth += 1 if match.group() in "[{" else -1
+        if depth == 2 and match.group() in "[{":
+            field_start = match.start()  # a value of the top-level object begins here
+        if depth > MAX_DEPTH + 1:  # +1: the top-level object itself
+            key = _KEY_BEFORE.search(text, max(0, field_start - 256), field_start)
+            where = key.group(1) if key else f"at byte {match.start()}"
+            raise ValueError(f"{owner} checkpoint field {where!r} nests deeper than {MAX_DEPTH} levels; "
+                             "refusing to load it")
+
+
 def read_json(path: str | os.PathLike, owner: str) -> dict[str, Any]:
-    """Read a JSON object written by :func:`write_json`; a file that is not one raises ``ValueError``."""
+    """Read a JSON object written by :func:`write_json`; a file that is not one raises ``ValueError``.
+
+    Bounded before parsing (size, nesting) and validated after (:func:`check_plain`): a malformed
+    or hostile file raises ``ValueError`` naming the field, never ``RecursionError`` or ``OverflowError``.
+    """
     try:
-        text = Path(path).read_bytes().decode("utf-8")
-        state = json.loads(text)
+        with open(path, "rb") as file:
+            raw = file.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise FileNotFoundError(f"{owner}: no checkpoint file {str(path)!r}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    if len(raw) > MAX_JSON_BYTES:
+        raise ValueError(f"{owner}: {str(path)!r} is larger than {MAX_JSON_BYTES >> 20} MiB; refusing to load it")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{owner}: {str(path)!r} is not a JSON checkpoint ({err}); refusing to load it") from None
+    _check_nesting(text, owner)
+    try:
+        # Non-finite constants parse to floats, so that check_plain names the field that holds them.
+        state = json.loads(text, parse_constant=float)
+    except (json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{owner}: {str(path)!r} is not a JSON checkpoint ({type(err).__name__}: {err}); "
+                         "refusing to load it") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise ValueError(f"{owner}: {str(path)!r} holds a number that cannot be a checkpoint field ({err}); "
                          "refusing to load it") from None
     if not isinstance(state, dict):
         raise ValueError(f"{owner}: {str(path)!r} holds a JSON {type(state).__name__}, expected an object")
+    for key, value in state.items():
+        check_plain(value, owner, key)
     return state
 
 

@@ -1,40 +1,89 @@
 """Argument checks shared by every regularizer: one wording, one rule per kind of argument.
 
-Each check returns the value in its canonical type or raises ``ValueError`` naming the argument
-and what is allowed. Booleans are never accepted as numbers (``True`` is not a rate or a seed).
+Each check returns the value in its canonical type (``float`` or ``int``) or raises
+``ValueError`` naming the argument and what is allowed. A number is any real scalar: a Python
+``int``/``float``, a NumPy scalar (``np.float32``, ``np.int64``, ...) or a 0-d real tensor.
+Booleans are never accepted as numbers (``True`` is not a rate or a seed), and an integer
+argument takes only integer types (``3.0`` is not a seed).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
-__all__ = ["SEED_LIMIT", "check_count", "check_int_in", "check_positive", "check_rate", "check_seed"]
+import torch
+
+__all__ = ["SEED_LIMIT", "check_count", "check_int_in", "check_number_in", "check_positive", "check_rate",
+           "check_seed", "real_scalar", "shown"]
 
 SEED_LIMIT = 1 << 64  # seeds and step counts enter the mask salt as 64-bit words: larger ones would alias
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a 400-digit int would drown the message)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _describe(value: object) -> str:
+    return f"{shown(value)} ({type(value).__name__})"
+
+
+def real_scalar(value: object) -> float | None:
+    """``value`` as a float if it is a real scalar (not a bool, a complex, or a tensor of several
+    elements); None otherwise. Integers too large for a float give ``inf`` (refused by range checks)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # np.bool_ is no numbers.Real
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        return math.inf if value > 0 else -math.inf
+
+
+def _integer(value: object) -> int | None:
+    """``value`` as an int if it is an integer scalar (Python, NumPy or a 0-d integer tensor), else None."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            return None
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def check_number_in(value: object, argument: str, low: float, high: float, *, low_open: bool = False,
+                    high_open: bool = False) -> float:
+    """``value`` as a float if it is a real number in the interval from ``low`` to ``high``."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    number = real_scalar(value)
+    if number is None:
+        raise ValueError(f"{argument} must be a number in {interval}, got {_describe(value)}")
+    above = number > low if low_open else number >= low
+    below = number < high if high_open else number <= high
+    if not (above and below):  # also rejects NaN
+        raise ValueError(f"{argument} must be a number in {interval}, got {shown(value)}")
+    return number
 
 
 def check_rate(value: object, argument: str) -> float:
     """``value`` as a float if it is a number in [0, 1], else ``ValueError`` naming ``argument``."""
-    if not _is_number(value):
-        raise ValueError(f"{argument} must be a number in [0, 1], got {value!r} ({type(value).__name__})")
-    rate = float(value)  # type: ignore[arg-type]
-    if not (0.0 <= rate <= 1.0):  # also rejects NaN
-        raise ValueError(f"{argument} must be a number in [0, 1], got {value!r}")
-    return rate
+    return check_number_in(value, argument, 0.0, 1.0)
 
 
 def check_int_in(value: object, argument: str, low: int, high: int | None = None) -> int:
-    """``value`` if it is an ``int`` (not a bool, not a float) with ``low <= value`` (``< high``)."""
+    """``value`` as an ``int`` if it is an integer (not a bool, not a float) with ``low <= value`` (``< high``)."""
     allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{argument} must be {allowed}, got {value!r} ({type(value).__name__})")
-    if value < low or (high is not None and value >= high):
-        raise ValueError(f"{argument} must be {allowed}, got {value!r}")
-    return value
+    number = _integer(value)
+    if number is None:
+        raise ValueError(f"{argument} must be {allowed}, got {_describe(value)}")
+    if number < low or (high is not None and number >= high):
+        raise ValueError(f"{argument} must be {allowed}, got {shown(value)}")
+    return number
 
 
 def check_seed(value: object, argument: str = "seed") -> int:
@@ -48,7 +97,8 @@ def check_count(value: object, argument: str) -> int:
 
 
 def check_positive(value: object, argument: str) -> float:
-    """A positive finite number (an ``int`` is accepted as that number)."""
-    if not _is_number(value) or not math.isfinite(float(value)) or float(value) <= 0.0:  # type: ignore[arg-type]
-        raise ValueError(f"{argument} must be a positive finite number, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
+    """A positive finite number (an integer is accepted as that number)."""
+    number = real_scalar(value)
+    if number is None or not math.isfinite(number) or number <= 0.0:
+        raise ValueError(f"{argument} must be a positive finite number, got {_describe(value)}")
+    return number

@@ -41,7 +41,7 @@ from torch import nn
 
 from . import checkpoint as _checkpoint
 from .agreement import AgreementCheck
-from .checks import check_count, check_int_in, check_positive, check_seed
+from .checks import check_count, check_int_in, check_number_in, check_positive, check_seed, real_scalar
 from .mask import MaskStream, uniform_u32
 from .norms import grad_norms
 from .shards import flat_param_pieces, local_tensor
@@ -185,16 +185,15 @@ class GradientClipper:
         self.method = _check_method(method)
         self.clipping_level = check_positive(clipping_level, "clipping_level")
         if method in _RANDOM:
-            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
+            number = real_scalar(beta)
+            if number is None or not 0.0 < number < 1.0:
                 raise ValueError(f"beta must be a number in (0, 1) for method {method!r} (beta=0 would never "
                                  f"clip), got {beta!r}")
-            beta = float(beta)
+            beta = number
         elif beta is not None:
             raise ValueError(f"beta applies to the random methods ({', '.join(_RANDOM)}), not {method!r}")
         self.beta = beta
-        if isinstance(p_autoclip, bool) or not isinstance(p_autoclip, (int, float)) or not 0.0 < p_autoclip <= 1.0:
-            raise ValueError(f"p_autoclip must be a number in (0, 1], got {p_autoclip!r}")
-        self.p_autoclip = float(p_autoclip)
+        self.p_autoclip = check_number_in(p_autoclip, "p_autoclip", 0.0, 1.0, low_open=True)
         self.history_size = None if history_size is None else check_int_in(history_size, "history_size", 1)
         self.seed = check_seed(seed)
         if model is not None and not isinstance(model, nn.Module):

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import checkpoint as _checkpoint
 from .agreement import AgreementCheck
-from .checks import check_count, check_int_in, check_positive
+from .checks import check_count, check_int_in, check_number_in, check_positive
 from .norms import grad_norms
 from .ownership import hook_state_masking
 from .shards import _is_dtensor, flat_param_pieces, local_tensor
@@ -78,9 +78,7 @@ class GradientNormPenalty(OptimizerWrapper):
                  model: nn.Module | None = None, warmup: str = "none", warmup_steps: int = 0,
                  perturbation: str = "global", process_group: dist.ProcessGroup | None = None) -> None:
         super().__init__(optimizer)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be a number in [0, 1] (alpha = lambda / r; 1 is SAM), got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = check_number_in(alpha, "alpha", 0.0, 1.0)  # alpha = lambda / r; 1 is SAM
         self.r = check_positive(r, "r")
         self.warmup = _check_choice(warmup, "warmup", WARMUPS)
         self.warmup_steps = check_int_in(warmup_steps, "warmup_steps", 0)

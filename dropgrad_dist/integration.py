@@ -23,12 +23,14 @@ through Accelerate's save/load state hooks, never pickled, so a tampered checkpo
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import torch
 from torch import nn
 
 from . import checkpoint as _checkpoint
+from .agreement import collective_device
 from .clip import ClippedOptimizer, GradientClipper
 from .gnp import GradientNormPenalty
 from .mask import keep_probability
@@ -42,7 +44,7 @@ from .shards import flat_param_pieces
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["DropGradHandle", "Regularizers", "enable_fsdp_on_cpu", "prepare_dropgrad", "prepare_regularizers"]
+__all__ = ["DropGradHandle", "Regularizers", "check_launch", "enable_fsdp_on_cpu", "prepare_dropgrad", "prepare_regularizers"]
 
 Mode = Literal["ddp_hook", "fsdp_wrapper", "wrapper"]
 _DROPGRAD_KEYS = frozenset({"drop_rate", "params", "drop_rate_scheduler", "seed", "communication",
@@ -192,36 +194,57 @@ class Regularizers:
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool | None = None,
                         restart_sums: Mapping[str, torch.Tensor] | None = None) -> None:
         """Restore every regularizer's state; validated completely before anything changes."""
+        self.prepare_state(state_dict, strict, restart_sums)()
+
+    def prepare_state(self, state_dict: Mapping[str, Any], strict: bool | None = None,
+                      restart_sums: Mapping[str, torch.Tensor] | None = None) -> Callable[[], None]:
+        """Validate every regularizer's state completely and return what applies it."""
         strict = self.strict_load if strict is None else strict
         owner = "Regularizers"
         mode = _checkpoint.read_field(state_dict, "mode", lambda value, _: value, owner)
         if mode != self.mode:
             raise ValueError(f"checkpoint was saved with DropGrad as {mode!r}, this run applies it as {self.mode!r}")
-        applies = []
+        sections = {}
         for name, present in (("dropgrad", self.dropgrad), ("clipping", self.clipper), ("restarts", self.restarter),
                               ("gnp", self.gnp)):
             if (name in state_dict) != (present is not None):
                 raise ValueError(f"checkpoint {'has' if name in state_dict else 'has no'} {name} state, this run "
                                  f"{'uses' if present is not None else 'does not use'} {name}")
+            if present is not None:
+                sections[name] = _checkpoint.read_field(state_dict, name, _section, owner)
+        applies = []
         if self.dropgrad is not None:
             prepare = self.dropgrad.prepare_state if self.mode == "ddp_hook" else self.dropgrad.prepare_own_state
-            applies.append(prepare(state_dict["dropgrad"], strict))
+            applies.append(prepare(sections["dropgrad"], strict))
         if self.clipper is not None:
-            applies.append(self.clipper.prepare_state(state_dict["clipping"], strict))
+            applies.append(self.clipper.prepare_state(sections["clipping"], strict))
         if self.restarter is not None:
-            full = {**state_dict["restarts"], "sums": dict(restart_sums or {})}
+            full = {**sections["restarts"], "sums": dict(restart_sums or {})}
             applies.append(self.restarter.prepare_state(full, self.model, strict))
         if self.gnp is not None:
-            applies.append(self.gnp.prepare_own_state(state_dict["gnp"], strict))
-        for apply in applies:
-            apply()
+            applies.append(self.gnp.prepare_own_state(sections["gnp"], strict))
+
+        def apply() -> None:
+            for apply_one in applies:
+                apply_one()
+
+        return apply
+
+    def prepare_checkpoint(self, input_dir: str) -> Callable[[], None]:
+        """Read and validate this handle's files in ``input_dir`` (JSON, this rank's restart sums); return what applies them."""
+        state = _checkpoint.read_json(os.path.join(input_dir, f"{self._stem}.json"), "dropgrad_dist")
+        sums = None
+        if self.restarter is not None:
+            sums = _checkpoint.read_tensors(os.path.join(input_dir, f"{self._stem}_rank{self._rank}.safetensors"),
+                                            "dropgrad_dist")
+        return self.prepare_state(state, restart_sums=sums)
 
     def _attach_to_checkpoints(self, accelerator: "Accelerator") -> None:
         """Save and load this state with ``accelerator.save_state``/``load_state`` (JSON + safetensors)."""
         handles = accelerator.__dict__.setdefault("_dropgrad_dist_handles", [])
-        stem = f"dropgrad_dist_state_{len(handles)}"
+        stem = self._stem = f"dropgrad_dist_state_{len(handles)}"
         handles.append(self)
-        rank = accelerator.process_index
+        rank = self._rank = accelerator.process_index
 
         def save(models: Any, weights: Any, output_dir: str) -> None:
             os.makedirs(output_dir, exist_ok=True)
@@ -233,18 +256,90 @@ class Regularizers:
                                           self.restart_sums())
 
         def load(models: Any, input_dir: str) -> None:
-            state = _checkpoint.read_json(os.path.join(input_dir, f"{stem}.json"), "dropgrad_dist")
-            sums = None
-            if self.restarter is not None:
-                sums = _checkpoint.read_tensors(os.path.join(input_dir, f"{stem}_rank{rank}.safetensors"),
-                                                "dropgrad_dist")
-            self.load_state_dict(state, restart_sums=sums)
+            if not accelerator.__dict__.get("_dropgrad_dist_loading"):  # load_state's wrapper applies it
+                self.prepare_checkpoint(input_dir)()
 
         accelerator.register_save_state_pre_hook(save)
         accelerator.register_load_state_pre_hook(load)
+        _make_load_state_all_or_nothing(accelerator)
 
 
 DropGradHandle = Regularizers  # the name prepare_dropgrad's handle had
+
+
+def _section(value: object, argument: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{argument} must be a dict, got {type(value).__name__}")
+    return value
+
+
+def _checkpoint_dir(accelerator: "Accelerator", input_dir: str | None) -> str | None:
+    """The folder ``accelerator.load_state(input_dir)`` will read (Accelerate's rule); None if it would refuse."""
+    if input_dir is not None:
+        input_dir = os.path.expanduser(input_dir)
+        return input_dir if os.path.isdir(input_dir) else None
+    if not accelerator.project_configuration.automatic_checkpoint_naming:
+        return None
+    root = os.path.join(accelerator.project_dir, "checkpoints")
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return None
+    numbered = [(int(digits[0]), os.path.join(root, name)) for name in names
+                if (digits := re.findall(r"[0-9]+", name))]
+    return max(numbered)[1] if numbered else None
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    """Whether every rank of the world is ``ok`` (one MIN all-reduce; just ``ok`` in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _make_load_state_all_or_nothing(accelerator: "Accelerator") -> None:
+    """Make ``accelerator.load_state`` validate the regularizers' files before Accelerate loads anything.
+
+    Accelerate loads an FSDP model and optimizer before it runs the load pre-hooks, so a file
+    refused in a hook would leave the AdamW moments replaced. Instead every rank reads and
+    validates every handle's files first, the ranks agree that all succeeded (else every rank
+    raises and nothing is loaded), Accelerate loads its part, and only then the regularizers'
+    state is applied. In every distributed type: DDP's hooks run before the optimizer loads, but
+    a rank whose own restart sums are bad must stop the other ranks too.
+    """
+    if "_dropgrad_dist_load_state" in accelerator.__dict__:
+        return
+    original = accelerator.load_state
+    accelerator.__dict__["_dropgrad_dist_load_state"] = original
+
+    def load_state(input_dir: str | None = None, load_kwargs: dict | None = None, **load_model_func_kwargs: Any) -> Any:
+        directory = _checkpoint_dir(accelerator, input_dir)
+        applies, error = [], None
+        if directory is not None:  # else Accelerate raises its own error for the folder
+            try:
+                applies = [handle.prepare_checkpoint(directory) for handle in accelerator._dropgrad_dist_handles]
+            except Exception as err:  # noqa: BLE001 - every rank must reach the agreement below, then it re-raises
+                error = err
+        all_ok = _all_ranks_ok(error is None)
+        if error is not None:
+            raise error
+        if not all_ok:
+            raise ValueError(f"dropgrad_dist: another rank refused its regularizer checkpoint files in "
+                             f"{directory!r} (see that rank's error); nothing was loaded")
+        accelerator.__dict__["_dropgrad_dist_loading"] = True
+        try:
+            result = original(input_dir, load_kwargs, **load_model_func_kwargs)
+        finally:
+            accelerator.__dict__["_dropgrad_dist_loading"] = False
+        for apply in applies:
+            apply()
+        return result
+
+    accelerator.load_state = load_state
 
 
 def _install_step_chain(accelerated: Any, chain: torch.optim.Optimizer) -> None:
@@ -323,6 +418,31 @@ def enable_fsdp_on_cpu(accelerator: "Accelerator", plugin: Any = None) -> None:
     AcceleratorState().fsdp_plugin = plugin if plugin is not None else FullyShardedDataParallelPlugin()
 
 
+def check_launch(accelerator: "Accelerator") -> None:
+    """Refuse an Accelerator that runs alone (``DistributedType.NO``) among several ranks of a process group.
+
+    ``accelerate launch --multi_gpu`` on a machine without a usable GPU (a CUDA build of torch,
+    no driver) starts the ranks and their process group, but Accelerate then falls back to one
+    process per rank: every rank would train as a separate run, on the same data, and save over
+    the others' checkpoints. Raises ``ValueError`` saying how to launch instead.
+    """
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.NO:
+        return
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return
+    world = dist.get_world_size()
+    raise ValueError(
+        f"Accelerate runs this process alone (DistributedType.NO, {accelerator.num_processes} process, device "
+        f"{accelerator.device}) while torch.distributed has a process group of {world} ranks (backend "
+        f"{dist.get_backend()!r}): the {world} ranks would train as separate runs. This happens when "
+        f"`accelerate launch --multi_gpu` finds no usable GPU (torch.cuda.is_available() is "
+        f"{torch.cuda.is_available()}). To train on CPU processes, create the Accelerator with cpu=True "
+        "(examples/vit/train.py: add --cpu, or use launch/cpu_ddp.sh), which runs MULTI_CPU over gloo")
+
+
 def _unsupported(distributed_type: Any) -> ValueError:
     return ValueError(f"prepare_regularizers does not support Accelerate's {distributed_type} setup; supported: "
                       "NO (CPU, one GPU, MPS), MULTI_GPU, MULTI_CPU (DDP comm hook) and FSDP (versions 1, 2)")
@@ -384,6 +504,7 @@ def prepare_regularizers(
         raise ValueError(f"communication must be 'dense' or 'compact', got {communication!r}")
     clip_options, restart_options = _options(clipping, "clipping"), _options(restarts, "restarts")
     gnp_options = _options(gnp, "gnp")
+    check_launch(accelerator)
     kind = accelerator.distributed_type
     if kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
         mode: Mode = "ddp_hook"

@@ -9,6 +9,7 @@ by ``restart_coeff``. Once the period exceeds ``max_steps`` no more restarts hap
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from . import checkpoint as _checkpoint
 from .agreement import AgreementCheck
-from .checks import check_count, check_int_in
+from .checks import SEED_LIMIT, check_count, check_int_in, check_number_in, real_scalar, shown
 from .params import named_parameters
 from .shards import local_tensor
 from .wrapper import OptimizerWrapper
@@ -26,9 +27,15 @@ __all__ = ["Restarter", "RestartingOptimizer"]
 
 
 def _check_coeff(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1.0 <= float(value) < float("inf"):
-        raise ValueError(f"restart_coeff must be a finite number >= 1, got {value!r}")
-    return float(value)
+    number = real_scalar(value)
+    if number is None or not 1.0 <= number < math.inf:
+        raise ValueError(f"restart_coeff must be a finite number >= 1, got {shown(value)}")
+    return number
+
+
+def _sum_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a parameter's running sum: float64 for float64 parameters, else float32."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
 class Restarter:
@@ -45,9 +52,14 @@ class Restarter:
 
     def __init__(self, first_restart_steps: int = 50, restart_coeff: float = 1.25, max_steps: int = 2000, *,
                  process_group: dist.ProcessGroup | None = None) -> None:
-        self.first_restart_steps = check_int_in(first_restart_steps, "first_restart_steps", 1)
+        self.first_restart_steps = check_int_in(first_restart_steps, "first_restart_steps", 1, SEED_LIMIT)
         self.restart_coeff = _check_coeff(restart_coeff)
-        self.max_steps = check_int_in(max_steps, "max_steps", 1)
+        self.max_steps = check_int_in(max_steps, "max_steps", 1, SEED_LIMIT)
+        # The last period reached is below max_steps * restart_coeff: it must stay a finite float,
+        # or restarts would stop on an infinite period that no checkpoint can hold.
+        if not math.isfinite(float(max(self.max_steps, self.first_restart_steps)) * self.restart_coeff):
+            raise ValueError(f"restart_coeff={restart_coeff!r} with max_steps={self.max_steps} would grow the "
+                             "period past the float range; use a smaller restart_coeff")
         self.period = float(self.first_restart_steps)
         self.count = 0
         self.restarts = 0
@@ -66,8 +78,7 @@ class Restarter:
             return
         locals_ = [local_tensor(p.detach()) for p in params]
         if self._sums is None:
-            self._sums = [torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
-                          for p in locals_]
+            self._sums = [torch.zeros_like(p, dtype=_sum_dtype(p.dtype)) for p in locals_]
         if len(locals_) != len(self._sums):
             raise ValueError(f"add_coords got {len(locals_)} parameters, earlier calls {len(self._sums)}")
         torch._foreach_add_(self._sums, [p.to(s.dtype) for p, s in zip(locals_, self._sums)])
@@ -124,24 +135,25 @@ class Restarter:
 
     def prepare_state(self, state_dict: Mapping[str, Any], model: nn.Module | None,
                       strict: bool) -> Callable[[], None]:
-        """Validate ``state_dict`` completely and return what applies it."""
+        """Validate ``state_dict`` completely and return what applies it.
+
+        The sums must be one per parameter of ``model``, each finite, of the parameter's local
+        (shard) shape and of its sum dtype (float64 for float64 parameters, else float32); they
+        are moved to the parameter's device. Without ``model`` only dtype and finiteness are checked.
+        """
         owner = "Restarter"
         count = _checkpoint.read_field(state_dict, "count", check_count, owner)
         restarts = _checkpoint.read_field(state_dict, "restarts", check_count, owner)
         period = _checkpoint.read_field(state_dict, "period", _check_period, owner)
-        _checkpoint.check_config(owner, state_dict.get("config", {}), self._config(), strict)
-        sums = _checkpoint.read_field(state_dict, "sums", _check_sums, owner)
-        names = [item.key for item in named_parameters(model)] if model is not None else None
-        ordered = None
-        if sums:
-            keys = names if names else [str(i) for i in range(len(sums))]
-            missing = [k for k in keys if k not in sums]
-            if missing or len(keys) != len(sums):
-                raise ValueError(f"{owner} checkpoint sums do not match the model's parameters "
-                                 f"(missing {missing[:3]}, {len(sums)} saved, {len(keys)} here)")
-            ordered = [sums[k].clone() for k in keys]
-        elif count:
-            raise ValueError(f"{owner} checkpoint counts {count} snapshots but holds no sums")
+        _checkpoint.check_config(owner, _checkpoint.read_field(state_dict, "config", _check_config_dict, owner),
+                                 self._config(), strict)
+        sums = _checkpoint.read_tensor_field(state_dict, "sums", _check_sums, owner)
+        if sums and count == 0:
+            raise ValueError(f"{owner} checkpoint field 'sums' holds {len(sums)} sums but field 'count' is 0 "
+                             "(sums exist only while snapshots are counted)")
+        if count and not sums:
+            raise ValueError(f"{owner} checkpoint field 'count' counts {count} snapshots but field 'sums' is empty")
+        ordered = _ordered_sums(sums, model, owner) if sums else None
 
         def apply() -> None:
             self.count, self.restarts, self.period, self._sums = count, restarts, period, ordered
@@ -154,15 +166,51 @@ class Restarter:
 
 
 def _check_period(value: object, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) >= 1.0:
-        raise ValueError(f"{argument} must be a number >= 1, got {value!r}")
-    return float(value)
+    # Finite and >= 1: an infinite period would stop restarts silently and make every later save fail.
+    return check_number_in(value, argument, 1.0, math.inf, high_open=True)
+
+
+def _check_config_dict(value: object, argument: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{argument} must be a dict, got {type(value).__name__}")
+    return value
 
 
 def _check_sums(value: object, argument: str) -> dict[str, torch.Tensor]:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in value.items()):
         raise ValueError(f"{argument} must be a dict of parameter name -> tensor")
+    for name, total in value.items():
+        if total.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{argument}[{name!r}] has dtype {total.dtype}; restart sums are float32 "
+                             "(float64 for float64 parameters)")
+        if not bool(torch.isfinite(total).all()):
+            raise ValueError(f"{argument}[{name!r}] holds non-finite values (NaN or inf)")
     return dict(value)
+
+
+def _ordered_sums(sums: Mapping[str, torch.Tensor], model: nn.Module | None, owner: str) -> list[torch.Tensor]:
+    """The sums in the model's parameter order, checked against each parameter and on its device (copies)."""
+    params = [(item.key, local_tensor(item.param.detach())) for item in named_parameters(model)] \
+        if model is not None else [(str(i), None) for i in range(len(sums))]
+    keys = [key for key, _ in params]
+    missing = [k for k in keys if k not in sums]
+    if missing or len(keys) != len(sums):
+        raise ValueError(f"{owner} checkpoint sums do not match the model's parameters "
+                         f"(missing {missing[:3]}, {len(sums)} saved, {len(keys)} here)")
+    ordered = []
+    for key, param in params:
+        total = sums[key]
+        if param is not None:
+            where = f"{owner} checkpoint field 'sums'[{key!r}]"
+            if total.shape != param.shape:
+                raise ValueError(f"{where} has shape {tuple(total.shape)}, the parameter (this rank's shard) "
+                                 f"{tuple(param.shape)}")
+            if total.dtype != _sum_dtype(param.dtype):
+                raise ValueError(f"{where} has dtype {total.dtype}, expected {_sum_dtype(param.dtype)} for a "
+                                 f"{param.dtype} parameter")
+            total = total.to(param.device)
+        ordered.append(total.clone())
+    return ordered
 
 
 class RestartingOptimizer(OptimizerWrapper):

@@ -111,9 +111,8 @@ class StepDropRateScheduler(DropRateScheduler):
             )
         schedule = {}
         for t, rate in drop_rate_schedule.items():
-            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-                raise ValueError(f"drop_rate_schedule keys must be non-negative ints, got {t!r}")
-            schedule[t] = check_rate(rate, f"drop_rate_schedule[{t}]")
+            step = check_int_in(t, "drop_rate_schedule keys (step counts)", 0)
+            schedule[step] = check_rate(rate, f"drop_rate_schedule[{step}]")
         self.drop_rate_schedule = dict(sorted(schedule.items()))
 
     def rate_at(self, t: int) -> float:

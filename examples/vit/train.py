@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import cifar10_splits, synthetic_splits  # noqa: E402
 
-from dropgrad_dist import CLIPPING_METHODS, enable_fsdp_on_cpu, prepare_regularizers  # noqa: E402
+from dropgrad_dist import CLIPPING_METHODS, check_launch, enable_fsdp_on_cpu, prepare_regularizers  # noqa: E402
 from dropgrad_dist.collectives import exit_skipping_finalization  # noqa: E402
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad", "adadelta", "lion")
@@ -259,6 +259,7 @@ def training_function(args: argparse.Namespace) -> dict:
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_launch(accelerator)  # before anything is built or written: ranks that would train as separate runs
     if args.cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.num_processes > 1:
         enable_fsdp_on_cpu(accelerator)  # Accelerate would silently use DDP on CPU instead
     set_seed(args.seed)

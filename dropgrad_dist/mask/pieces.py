@@ -12,7 +12,7 @@ kernel keeps coordinate ``j < n`` iff ``int32(hash32(uint32(base + j))) < thresh
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -52,12 +52,13 @@ class BlockPart(NamedTuple):
 EMPTY_TABLE = np.zeros((0, TABLE_COLUMNS), dtype=np.int64)
 
 
-def piece_table(batch: list[Piece], mask: torch.Tensor | None, seed: int, step: int, stream: MaskStream,
+def piece_table(batch: Sequence[Piece], mask: torch.Tensor | None, seed: int, step: int, stream: MaskStream,
                 extra_scale: float) -> np.ndarray:
     """The native kernels' int64 piece table: pieces split at salt blocks, all salted in one numpy pass.
 
     ``mask`` (flat uint8) belongs to the batch's one tensor (a bucket, or a single tensor): the
-    piece at element ``o`` writes ``mask[o:o + count]``.
+    piece at element ``o`` writes ``mask[o:o + count]``. Pieces may be plain tuples in
+    :class:`Piece`'s field order: the table is built from the batch's columns.
     """
     tensors, offsets, counts, words, starts, rates, ptrs = zip(*batch)
     ptrs = np.array(ptrs, dtype=np.int64)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dropgrad_dist import mask
+from dropgrad_dist.mask import backends, compaction
 from dropgrad_dist.mask import MaskStream, drop_, keep_mask, keep_threshold
 
 CFG = dict(seed=7, step=3, key="blocks.0.attn.weight", rate=0.3)
@@ -362,7 +363,7 @@ def test_native_kernel_is_one_call_and_bumps_versions(backend, monkeypatch):
 
 def test_torch_compile_path_equals_eager(backend, monkeypatch):
     # Devices without a native kernel (or tensor subclasses) compile the torch ops piece by piece.
-    monkeypatch.setattr(mask, "_native_kernel", lambda tensor: None)
+    monkeypatch.setattr(backends, "_native_kernel", lambda tensor: None)
     tensors = _tensors(torch.float32)[:6]
     keys = [f"k{k}" for k in range(6)]
     want = _reference_drop(tensors, keys, RATES[:6], STARTS[:6], 0.5, backend)
@@ -380,9 +381,9 @@ def test_a_native_kernel_that_disagrees_with_the_definition_is_refused(backend, 
         def one(self, *args):
             pass
 
-    monkeypatch.setattr(mask, "_NATIVE_BUILDERS", {"cpu": lambda dtype, *constants: Broken()})
-    monkeypatch.setattr(mask, "_native", {})
-    monkeypatch.setattr(mask, "_native_failed", set())
+    monkeypatch.setattr(backends, "_NATIVE_BUILDERS", {"cpu": lambda dtype, *constants: Broken()})
+    monkeypatch.setattr(backends, "_native", {})
+    monkeypatch.setattr(backends, "_native_failed", set())
     backend("compiled")
     with pytest.raises(RuntimeError, match="disagrees with the eager definition"):
         drop_(torch.ones(100), **CFG)
@@ -466,7 +467,8 @@ def test_bad_segment_arguments_raise_clear_errors():
 
 TRITON_CHECK = """
 import torch
-from dropgrad_dist import mask, _mask_kernels
+from dropgrad_dist import mask
+from dropgrad_dist.mask import cuda as _mask_kernels
 for dtype in (torch.float32, torch.float16, torch.float64):  # the interpreter truncates to bfloat16
     kernel = _mask_kernels.CudaKernel(dtype, mask._HASH_MULTIPLIERS, mask._HASH_SHIFTS)
     mask._self_check(kernel, torch.device("cpu"), dtype)
@@ -498,7 +500,7 @@ def test_vectorised_salts_equal_the_python_chain():
 @pytest.mark.parametrize("threads", [2, 3])
 def test_threads_split_pieces_anywhere(threads, backend, monkeypatch):
     # A tiny grain makes the CPU kernel cut pieces (and a salt-block crossing) between threads.
-    from dropgrad_dist import _mask_kernels
+    from dropgrad_dist.mask import native as _mask_kernels
 
     tensors = _tensors(torch.float32)
     keys = [f"t{k}" for k in range(len(tensors))]
@@ -523,7 +525,7 @@ def test_triton_kernel_compiles_for_a_gpu():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from dropgrad_dist import _mask_kernels
+    from dropgrad_dist.mask import cuda as _mask_kernels
 
     kernel = _mask_kernels._triton_kernel()
     signature = {name: "*i64" if name in ("table", "blocks") else "constexpr" for name in kernel.arg_names}
@@ -543,7 +545,7 @@ def test_triton_compaction_kernels_compile_for_a_gpu():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from dropgrad_dist import _mask_kernels
+    from dropgrad_dist.mask import cuda as _mask_kernels
 
     count, pack, unpack = _mask_kernels._triton_compaction_kernels()
     pointers = dict(table="*i64", blocks="*i64", counts="*i32", offsets="*i64", flags="*i32")
@@ -633,7 +635,7 @@ def test_pack_flag_is_zero_when_finite_and_nan_otherwise(dtype, backend):
 @pytest.mark.parametrize("threads", [2, 3])
 def test_pack_threads_split_pieces_anywhere(threads, backend, monkeypatch):
     # A tiny grain makes the kernels count, then pack or unpack, pieces cut between threads.
-    from dropgrad_dist import _mask_kernels
+    from dropgrad_dist.mask import native as _mask_kernels
 
     backend("compiled")
     buffer, segments = _bucket()
@@ -692,14 +694,14 @@ def test_a_pack_kernel_that_disagrees_with_the_torch_ops_is_refused(backend, mon
             send[0] += 1
             return send
 
-    monkeypatch.setattr(mask, "_native_kernel", lambda tensor: Broken())
-    monkeypatch.setattr(mask, "_packers", {})
+    monkeypatch.setattr(backends, "_native_kernel", lambda tensor: Broken())
+    monkeypatch.setattr(compaction, "_packers", {})
     buffer, segments = _bucket()
     with pytest.warns(RuntimeWarning, match="the native pack/unpack kernel failed"):
         got = mask.pack_segments(buffer, segments, seed=9, step=4)
-    assert mask._packers[("cpu", torch.float32)] is None
+    assert compaction._packers[("cpu", torch.float32)] is None
     assert mask._same_bits(got, mask._pack_torch(buffer, segments, 9, 4, MaskStream.GRAD, 1.0))
-    monkeypatch.setattr(mask, "_packers", {})
+    monkeypatch.setattr(compaction, "_packers", {})
     backend("compiled")
     with pytest.raises(RuntimeError, match="pack/unpack kernel for torch.float32 disagrees"):
         mask.pack_segments(buffer, segments, seed=9, step=4)

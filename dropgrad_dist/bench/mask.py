@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "first four, and throughput on CUDA)")
     parser.add_argument("--copy_mib", type=int, default=1024,
                         help="MiB of the device-to-device copy that measures the memory bandwidth (throughput)")
+    parser.add_argument("--throughput_sets", default="small,ViT-B/16",
+                        help="tensor sets of the throughput case: small (1000 tensors), ViT-B/16")
 
 
 def _with_backend(backend: str, fn: Callable[[], Any], native: bool = True) -> Callable[[], None]:
@@ -283,7 +285,12 @@ def _throughput_rows(args: argparse.Namespace, device: torch.device, dtype: torc
     previous = mask_backend()
     set_mask_backend("compiled")  # the native kernel; a failure raises instead of timing a fallback
     try:
-        for case, shapes in (("500 x Linear(64,64)", _small_shapes()), ("ViT-B/16", _vit_shapes())):
+        sets = {c.strip() for c in args.throughput_sets.split(",")}
+        for name_of_set, case, shapes_of in (("small", "500 x Linear(64,64)", _small_shapes),
+                                             ("ViT-B/16", "ViT-B/16", _vit_shapes)):
+            if name_of_set not in sets:
+                continue
+            shapes = shapes_of()
             grads = [torch.randn(shape, device=device).to(dtype) for _, shape in shapes]
             keys = [name for name, _ in shapes]
             moved = 2 * sum(g.nbytes for g in grads)

@@ -20,8 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp16", "bf16")
@@ -154,7 +154,8 @@ def summary_rows(args: argparse.Namespace, out: Path, codes: dict) -> list[tuple
     for precision in PRECISIONS:
         base = figures[(precision, 0.0)]
         for rate in (0.0, DROP_RATE):
-            run, name = figures[(precision, rate)], f"ViT {precision}, " + (f"DropGrad p={rate:g}" if rate else "no DropGrad")
+            run = figures[(precision, rate)]
+            name = f"ViT {precision}, " + (f"DropGrad p={rate:g}" if rate else "no DropGrad")
             if run is None or codes[f"vit_{precision}_p{rate:g}"] != 0:
                 rows.append((name, f"failed (exit {codes[f'vit_{precision}_p{rate:g}']})", "", "FAIL"))
                 continue

@@ -16,16 +16,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dropgrad_dist import (CLIPPING_METHODS, SAM, DropGrad, DropGradHookState, GradientClipper,
                            GradientNormPenalty, LinearDropRateScheduler, drop_, drop_segments_, drop_tensors_,
-                           set_mask_backend)
+                           mask_backend, set_mask_backend)
 from dropgrad_dist.testing import run_on_ranks
 
 from .nets import seeded_net
 from .test_ddp_hook import (CONFIGS, SEED, STEPS, _loss, _micro_batch, _model, _optimizer, _rates,
                             _train_reference)
 from .test_gnp import _data
-from .test_mask import (CFG, RATES, SIZES, STARTS, _bits, _compaction_cases, _index_path, _pack_path,
+from .test_mask import (CFG, RATES, STARTS, _bits, _compaction_cases, _index_path, _pack_path,
                         _reference_drop, _tensors)
-from .test_mask import backend  # noqa: F401  (a fixture: restores the mask backend after each test)
+from .test_mask import backend  # noqa: F401, F811  (a fixture: restores the mask backend after each test)
 from .test_optim import _batch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -134,7 +134,7 @@ def test_pack_unpack_round_trip_equals_the_cpu_index_path(device, dtype, backend
 
 def _eager_mask(raw: torch.Tensor, key: str, rate: float, step: int, seed: int) -> torch.Tensor:
     """What the engine's eager definition makes of a gradient, on the CPU."""
-    previous = __import__("dropgrad_dist").mask_backend()
+    previous = mask_backend()
     set_mask_backend("eager")
     try:
         return drop_(raw.cpu().clone(), seed=seed, step=step, key=key, rate=rate)

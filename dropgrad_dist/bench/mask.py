@@ -204,9 +204,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "x_floor: against plain mul_ / foreach_mul_ over the same tensors; median of per-round ratios "
             "(ratio of medians for the slow candidates, timed in fewer rounds)",
             f"first native call of the process (kernel build or cache load, self-check): {first_use:.0f} ms",
-            "throughput: GB/s of bytes read and written (2 x the tensors' bytes per call); call_* per call with "
-            "the host's work, device_* the device time per call (torch.profiler; CUDA only); vs_foreach: "
-            "throughput over _foreach_mul_'s (device time on CUDA); pct_copy_bw: of the copy's GB/s",
+            "throughput: GB/s of bytes read and written (2 x the tensors' bytes per call); call_* per call "
+            "with the host's work, device_* the device time per call (torch.profiler; CUDA only); "
+            "vs_foreach: throughput over _foreach_mul_'s (device time on CUDA); pct_copy_bw: of the copy's GB/s",
             "targets: CUDA mask kernel >= 0.8 x _foreach_mul_ (vs_foreach); CPU: <= 2x the floor in every case, <= 1.5x for the single large tensor, >= 10x faster than "
             "the peer, <= 1 extra byte per element",
         ],
@@ -275,11 +275,7 @@ def _throughput(candidates: dict[str, tuple[Callable[[], Any], int]], rounds: in
 
 
 def _throughput_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
-    copy_numel = args.copy_mib * 2 ** 20 // torch.empty((), dtype=dtype).element_size()
-    source, target = torch.randn(copy_numel, device=device).to(dtype), torch.empty(copy_numel, device=device,
-                                                                                  dtype=dtype)
-    copy = _throughput({"copy_": (lambda: target.copy_(source), 2 * source.nbytes)}, args.rounds, device)["copy_"]
-    del source, target
+    copy = _copy_throughput(args, device, dtype)
     copy_rate = copy[2] / (copy[1] or copy[0])
     rows = [_throughput_row(f"copy {args.copy_mib} MiB", "copy_ (memory bandwidth)", copy, None, copy_rate)]
     previous = mask_backend()
@@ -290,21 +286,33 @@ def _throughput_rows(args: argparse.Namespace, device: torch.device, dtype: torc
                                              ("ViT-B/16", "ViT-B/16", _vit_shapes)):
             if name_of_set not in sets:
                 continue
-            shapes = shapes_of()
-            grads = [torch.randn(shape, device=device).to(dtype) for _, shape in shapes]
-            keys = [name for name, _ in shapes]
-            moved = 2 * sum(g.nbytes for g in grads)
-            results = _throughput({
-                "foreach_mul_": (lambda: torch._foreach_mul_(grads, 1.0), moved),
-                "drop_tensors_": (lambda: drop_tensors_(grads, keys=keys, rates=RATE, seed=SEED, step=STEP), moved),
-            }, args.rounds, device)
-            label = f"{case} ({len(grads)} tensors, {sum(g.numel() for g in grads) / 1e6:.3g}M)"
+            label, results = _mask_throughput(case, shapes_of(), args, device, dtype)
             for name, result in results.items():
                 rows.append(_throughput_row(label, name, result, results["foreach_mul_"], copy_rate))
-            del grads
     finally:
         set_mask_backend(previous)
     return rows
+
+
+def _copy_throughput(args: argparse.Namespace, device: torch.device,
+                     dtype: torch.dtype) -> tuple[float, float | None, int]:
+    """A large device-to-device copy: what the memory moves at most (bytes read and written)."""
+    numel = args.copy_mib * 2 ** 20 // torch.empty((), dtype=dtype).element_size()
+    source, target = torch.randn(numel, device=device).to(dtype), torch.empty(numel, device=device, dtype=dtype)
+    return _throughput({"copy_": (lambda: target.copy_(source), 2 * source.nbytes)}, args.rounds, device)["copy_"]
+
+
+def _mask_throughput(case: str, shapes: list[tuple[str, tuple[int, ...]]], args: argparse.Namespace,
+                     device: torch.device, dtype: torch.dtype) -> tuple[str, dict]:
+    """``drop_tensors_`` and ``_foreach_mul_`` over the same gradients of ``shapes``."""
+    grads = [torch.randn(shape, device=device).to(dtype) for _, shape in shapes]
+    keys = [name for name, _ in shapes]
+    moved = 2 * sum(g.nbytes for g in grads)
+    results = _throughput({
+        "foreach_mul_": (lambda: torch._foreach_mul_(grads, 1.0), moved),
+        "drop_tensors_": (lambda: drop_tensors_(grads, keys=keys, rates=RATE, seed=SEED, step=STEP), moved),
+    }, args.rounds, device)
+    return f"{case} ({len(grads)} tensors, {sum(g.numel() for g in grads) / 1e6:.3g}M)", results
 
 
 def _throughput_row(case: str, candidate: str, result: tuple[float, float | None, int],

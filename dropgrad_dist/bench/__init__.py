@@ -130,15 +130,23 @@ def print_report(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    rows = result["rows"]
-    columns = list(rows[0].keys())
-    cells = [[_fmt(row.get(col)) for col in columns] for row in rows]
-    widths = [max(len(col), *(len(c[i]) for c in cells)) for i, col in enumerate(columns)]
     print(f"# {result['name']} benchmark on {result['device']}")
-    print("  ".join(col.ljust(w) for col, w in zip(columns, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    tables: list[list[dict[str, Any]]] = []
+    for row in result["rows"]:  # consecutive rows with the same columns form one table
+        if tables and list(tables[-1][0]) == list(row):
+            tables[-1].append(row)
+        else:
+            tables.append([row])
+    for number, rows in enumerate(tables):
+        columns = list(rows[0].keys())
+        cells = [[_fmt(row.get(col)) for col in columns] for row in rows]
+        widths = [max(len(col), *(len(c[i]) for c in cells)) for i, col in enumerate(columns)]
+        if number:
+            print()
+        print("  ".join(col.ljust(w) for col, w in zip(columns, widths)))
+        print("  ".join("-" * w for w in widths))
+        for row in cells:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
     for note in result.get("notes", []):
         print(f"- {note}")
 

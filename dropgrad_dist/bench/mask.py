@@ -8,9 +8,15 @@ Cases (each timed in interleaved rounds; ratios are medians of per-round ratios)
 - ``500 x Linear(64,64)``: 1000 small gradients, both against one ``torch._foreach_mul_`` over
   the same tensors, with ``drop_tensors_`` (the call ``DropGrad.mask_gradients_`` makes), a loop of
   ``drop_`` and the torch.compile-per-piece path (the engine before the native kernels);
-- ``per call``: the fixed cost of one ``drop_`` on a 64-element tensor vs one ``mul_``.
+- ``per call``: the fixed cost of one ``drop_`` on a 64-element tensor vs one ``mul_``;
+- ``throughput`` (default on CUDA only): ``drop_tensors_`` (the native kernel: Triton on CUDA) against
+  ``torch._foreach_mul_`` over the same tensors (1000 small ones, ViT-B/16's shapes) and against a large
+  device-to-device copy (the measured memory bandwidth), in GB/s of bytes read and written. Times per
+  call (host included) come from CUDA events around batches of calls, medians over ``--rounds``; on
+  CUDA the device time per call (kernels and copies) comes from ``torch.profiler``.
 
-Targets on a 2-core CPU: at most 2x the floor in every case and 1.5x for the single large
+Target on CUDA: the mask kernel >= 80% of ``_foreach_mul_``'s device throughput at 1000 tensors and
+ViT-B/16's shapes. Targets on a 2-core CPU: at most 2x the floor in every case and 1.5x for the single large
 tensor, at least 10x faster than the bernoulli peer, at most 1 byte of extra memory per element.
 """
 
@@ -24,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .. import mask as _mask
+from .. import drop_tensors_, mask_backend, set_mask_backend
 from . import best_device, device_sync, interleaved_timings, median_ratio, peak_extra_bytes
 
 RATE = 0.1
@@ -35,8 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per candidate (median reported)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--cases", default="25M,ViT-B/16,small,per-call",
-                        help="comma-separated cases to run (default: all)")
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated cases: 25M, ViT-B/16, small, per-call, throughput (default: the "
+                             "first four, and throughput on CUDA)")
+    parser.add_argument("--copy_mib", type=int, default=1024,
+                        help="MiB of the device-to-device copy that measures the memory bandwidth (throughput)")
+    parser.add_argument("--throughput_sets", default="small,ViT-B/16",
+                        help="tensor sets of the throughput case: small (1000 tensors), ViT-B/16")
 
 
 def _with_backend(backend: str, fn: Callable[[], Any], native: bool = True) -> Callable[[], None]:
@@ -170,7 +182,8 @@ def _first_use_ms(device: torch.device, dtype: torch.dtype) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = best_device(args.device)
     dtype = getattr(torch, args.dtype)
-    cases = {c.strip() for c in args.cases.split(",")}
+    default = "25M,ViT-B/16,small,per-call" + (",throughput" if device.type == "cuda" else "")
+    cases = {c.strip() for c in (args.cases or default).split(",")}
     first_use = _first_use_ms(device, dtype)
     rows = []
     if "per-call" in cases:
@@ -181,6 +194,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows += _list_case("ViT-B/16", _vit_shapes(), args, device, dtype)
     if "25M" in cases:
         rows += _large_case(args, device, dtype)
+    if "throughput" in cases:
+        rows += _throughput_rows(args, device, dtype)
     return {
         "name": "mask",
         "device": f"{device.type} ({torch.get_num_threads()} threads), {args.dtype}, p={RATE}",
@@ -189,7 +204,125 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "x_floor: against plain mul_ / foreach_mul_ over the same tensors; median of per-round ratios "
             "(ratio of medians for the slow candidates, timed in fewer rounds)",
             f"first native call of the process (kernel build or cache load, self-check): {first_use:.0f} ms",
-            "targets: <= 2x the floor in every case, <= 1.5x for the single large tensor, >= 10x faster than "
+            "throughput: GB/s of bytes read and written (2 x the tensors' bytes per call); call_* per call "
+            "with the host's work, device_* the device time per call (torch.profiler; CUDA only); "
+            "vs_foreach: throughput over _foreach_mul_'s (device time on CUDA); pct_copy_bw: of the copy's GB/s",
+            "targets: CUDA mask kernel >= 0.8 x _foreach_mul_ (vs_foreach); CPU: <= 2x the floor in every case, <= 1.5x for the single large tensor, >= 10x faster than "
             "the peer, <= 1 extra byte per element",
         ],
     }
+
+
+# ---- throughput: GB/s against _foreach_mul_ and the memory bandwidth -------------------------------
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
+    """Seconds per call of ``fn`` over ``calls`` back-to-back calls (CUDA events, else the wall clock)."""
+    if device.type == "cuda":
+        def cuda_time(fn: Callable[[], Any], calls: int) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / calls
+        return cuda_time
+    sync = device_sync(device)
+
+    def wall_time(fn: Callable[[], Any], calls: int) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        return (time.perf_counter() - start) / calls
+    return wall_time
+
+
+def _device_seconds(fn: Callable[[], Any], calls: int) -> float | None:
+    """Device time per call on CUDA (every kernel and copy the call enqueues), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        total_us = sum(event.self_device_time_total for event in prof.key_averages()
+                       if event.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception:  # no CUPTI: the call times still stand
+        return None
+    return total_us / 1e6 / calls if total_us > 0 else None
+
+
+def _throughput(candidates: dict[str, tuple[Callable[[], Any], int]], rounds: int,
+                device: torch.device) -> dict[str, tuple[float, float | None, int]]:
+    """``name -> (seconds per call, device seconds per call or None, bytes moved per call)``."""
+    timer = _timer(device)
+    calls = {}
+    for name, (fn, _) in candidates.items():  # warm-up (kernel builds, allocator), then ~20 ms batches
+        fn()
+        calls[name] = max(1, min(200, int(0.02 / max(timer(fn, 1), 1e-6))))
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):  # round-robin: machine noise hits every candidate alike
+        for name, (fn, _) in candidates.items():
+            times[name].append(timer(fn, calls[name]))
+    return {name: (statistics.median(times[name]),
+                   _device_seconds(fn, calls[name]) if device.type == "cuda" else None, moved)
+            for name, (fn, moved) in candidates.items()}
+
+
+def _throughput_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+    copy = _copy_throughput(args, device, dtype)
+    copy_rate = copy[2] / (copy[1] or copy[0])
+    rows = [_throughput_row(f"copy {args.copy_mib} MiB", "copy_ (memory bandwidth)", copy, None, copy_rate)]
+    previous = mask_backend()
+    set_mask_backend("compiled")  # the native kernel; a failure raises instead of timing a fallback
+    try:
+        sets = {c.strip() for c in args.throughput_sets.split(",")}
+        for name_of_set, case, shapes_of in (("small", "500 x Linear(64,64)", _small_shapes),
+                                             ("ViT-B/16", "ViT-B/16", _vit_shapes)):
+            if name_of_set not in sets:
+                continue
+            label, results = _mask_throughput(case, shapes_of(), args, device, dtype)
+            for name, result in results.items():
+                rows.append(_throughput_row(label, name, result, results["foreach_mul_"], copy_rate))
+    finally:
+        set_mask_backend(previous)
+    return rows
+
+
+def _copy_throughput(args: argparse.Namespace, device: torch.device,
+                     dtype: torch.dtype) -> tuple[float, float | None, int]:
+    """A large device-to-device copy: what the memory moves at most (bytes read and written)."""
+    numel = args.copy_mib * 2 ** 20 // torch.empty((), dtype=dtype).element_size()
+    source, target = torch.randn(numel, device=device).to(dtype), torch.empty(numel, device=device, dtype=dtype)
+    return _throughput({"copy_": (lambda: target.copy_(source), 2 * source.nbytes)}, args.rounds, device)["copy_"]
+
+
+def _mask_throughput(case: str, shapes: list[tuple[str, tuple[int, ...]]], args: argparse.Namespace,
+                     device: torch.device, dtype: torch.dtype) -> tuple[str, dict]:
+    """``drop_tensors_`` and ``_foreach_mul_`` over the same gradients of ``shapes``."""
+    grads = [torch.randn(shape, device=device).to(dtype) for _, shape in shapes]
+    keys = [name for name, _ in shapes]
+    moved = 2 * sum(g.nbytes for g in grads)
+    results = _throughput({
+        "foreach_mul_": (lambda: torch._foreach_mul_(grads, 1.0), moved),
+        "drop_tensors_": (lambda: drop_tensors_(grads, keys=keys, rates=RATE, seed=SEED, step=STEP), moved),
+    }, args.rounds, device)
+    return f"{case} ({len(grads)} tensors, {sum(g.numel() for g in grads) / 1e6:.3g}M)", results
+
+
+def _throughput_row(case: str, candidate: str, result: tuple[float, float | None, int],
+                    foreach: tuple[float, float | None, int] | None, copy_rate: float) -> dict[str, Any]:
+    seconds, device_seconds, moved = result
+    rate = moved / (device_seconds or seconds)
+    vs = None
+    if foreach is not None:
+        vs = (foreach[1] / device_seconds) if device_seconds and foreach[1] else foreach[0] / seconds
+    return {"case": case, "candidate": candidate, "call_ms": seconds * 1e3, "call_GB_per_s": moved / seconds / 1e9,
+            "device_ms": None if device_seconds is None else device_seconds * 1e3,
+            "device_GB_per_s": None if device_seconds is None else moved / device_seconds / 1e9,
+            "vs_foreach": vs, "pct_copy_bw": 100 * rate / copy_rate}

@@ -547,9 +547,10 @@ class ClippedSGD(torch.optim.SGD):
         self.clipper._options(group, index)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        """Add a group; missing clipping options come from the defaults (validated before it is added)."""
         if "clipping_type" in self.defaults:  # torch's __init__ adds the first groups before the options exist
-            self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+            self._check_group({**self.defaults, **param_group}, len(self.param_groups))
+        super().add_param_group(param_group)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Clip (with each group's current options), then take the SGD step."""

@@ -114,7 +114,7 @@ class Restarter:
     # -- checkpointing (rules: dropgrad_dist.checkpoint) ------------------------------------------
     def _config(self) -> dict[str, Any]:
         return {"first_restart_steps": self.first_restart_steps, "restart_coeff": self.restart_coeff,
-                "max_steps": self.max_steps}
+                "max_steps": self.max_steps, "schedule": "period"}
 
     def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
         """Counters (plain data) and ``"sums"``: the running sums, keyed by canonical names via ``model``."""

@@ -17,6 +17,11 @@ parameters (whole parameters: all shards, all ranks) and ``eta`` the clipping le
 ``"quadratic_rand_autoclip"``
 =============================  =========================================================================
 
+With ``norm_scope="group"`` (torch-clip's ``ClippedSGD``) ``||g||`` is each parameter group's norm,
+each group is clipped by its own and AutoClip keeps one history per group; the default is the
+global norm, which bounds the whole update whatever the grouping. Either way the squared norms
+cross the ranks in one all-reduce per step.
+
 Random decisions use one uniform draw per step from ``(seed, step)`` alone (the mask engine's
 per-step draw), so every rank decides alike; the global RNG is never touched. The AutoClip
 quantile is exact (``torch.quantile``'s linear interpolation) over the whole history or its last

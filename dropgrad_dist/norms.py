@@ -62,9 +62,10 @@ def _shard_groups(param: torch.Tensor, pieces: Mapping[torch.Tensor, FlatPiece])
     return tuple(groups)
 
 
-def _local_stats(params: Sequence[torch.Tensor], above: float | None) -> torch.Tensor:
+def _local_stats(params: Sequence[torch.Tensor], above: float | Sequence[float] | None) -> torch.Tensor:
     """Per parameter: the squared norm of the locally held gradient (0 where there is none) and,
-    if ``above`` is given, 1 where some local ``|g_i| > above``. Shape ``[n]`` or ``[n, 2]``."""
+    if ``above`` (one threshold, or one per parameter) is given, 1 where some local ``|g_i| > above``.
+    Shape ``[n]`` or ``[n, 2]``."""
     local = [local_tensor(p.grad) if p.grad is not None else None for p in params]
     held = [g for g in local if g is not None and g.numel() > 0]  # empty FSDP shards contribute 0
     for grad in held:
@@ -79,17 +80,20 @@ def _local_stats(params: Sequence[torch.Tensor], above: float | None) -> torch.T
         if above is not None:
             # aminmax is vectorized where an infinity norm reduction is not (8x slower on CPU).
             peaks = torch.stack([torch.stack(torch.aminmax(g)).abs().max().to(dtype) for g in held])
+            if not isinstance(above, (int, float)):
+                above = torch.tensor(list(above), dtype=dtype, device=device).index_select(0, rows)
             columns.append((peaks > above).to(dtype))
         stats.index_copy_(0, rows, torch.stack(columns, dim=1))
     return stats if above is not None else stats[:, 0].contiguous()
 
 
 def grad_norms(params: Sequence[torch.Tensor], pieces: Mapping[torch.Tensor, FlatPiece] | None = None,
-               above: float | None = None) -> GradNorms:
+               above: float | Sequence[float] | None = None) -> GradNorms:
     """The norms of the whole gradients of ``params`` (0 for a parameter without gradient).
 
     ``pieces``: FSDP1 parameters' flat pieces (:func:`dropgrad_dist.shards.flat_param_pieces`).
-    ``above``: also find which parameters have a coordinate with ``|g_i| > above`` (same collective).
+    ``above``: also find which parameters have a coordinate with ``|g_i| > above`` (same collective);
+    one threshold for all, or one per parameter.
     Every rank sharding a parameter must pass the same parameters in the same order (the
     optimizer's, say), whether or not it holds a gradient piece of each.
     """

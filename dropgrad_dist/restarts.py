@@ -95,7 +95,7 @@ class Restarter:
         """Set the parameters to the mean and reset ``optimizer`` if the period has ended."""
         self._agreement.check({"config": tuple(self._config().items()), "count": self.count,
                                "period": self.period, "restarts": self.restarts})
-        if not self.active or self.count < self.period or self._sums is None:
+        if not self.active or not self.due() or self._sums is None:
             return False
         params = [local_tensor(p.detach()) for p in model.parameters()]
         if len(params) != len(self._sums):
@@ -106,8 +106,16 @@ class Restarter:
         self._sums = None
         self.count = 0
         self.restarts += 1
-        self.period *= self.restart_coeff
+        self.period = self.next_period()
         return True
+
+    def due(self) -> bool:
+        """Whether the period has ended: ``count >= period``."""
+        return self.count >= self.period
+
+    def next_period(self) -> float:
+        """The period after a restart: ``period * restart_coeff``."""
+        return self.period * self.restart_coeff
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
         """After an optimizer step: add the iterate, restart if the period ended. True if it restarted."""
@@ -117,7 +125,7 @@ class Restarter:
     # -- checkpointing (rules: dropgrad_dist.checkpoint) ------------------------------------------
     def _config(self) -> dict[str, Any]:
         return {"first_restart_steps": self.first_restart_steps, "restart_coeff": self.restart_coeff,
-                "max_steps": self.max_steps}
+                "max_steps": self.max_steps, "schedule": "period"}
 
     def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
         """Counters (plain data) and ``"sums"``: the running sums, keyed by canonical names via ``model``."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dropgrad_dist import ClippedOptimizer, DropGrad, DropGradHookState, GradientClipper, set_mask_backend
+from dropgrad_dist import ClippedOptimizer, ClippedSGD, DropGrad, DropGradHookState, GradientClipper, set_mask_backend
 from dropgrad_dist.params import named_parameters
 from dropgrad_dist.testing import run_on_ranks
 
@@ -24,12 +24,22 @@ CONFIGS = {
     "auto_clip": (dict(method="auto_clip", p_autoclip=0.5), None),
     "linear_rand_norm": (dict(method="linear_rand_norm", clipping_level=0.6, beta=0.5, seed=5), None),
     "dropgrad+norm": (dict(method="norm", clipping_level=0.8), 0.3),
+    # ClippedSGD over two parameter groups (l1's, the rest), one norm and one AutoClip history each
+    "norm/group": (dict(method="norm", clipping_level=0.5, norm_scope="group"), None),
+    "auto_clip/group": (dict(method="auto_clip", p_autoclip=0.5, norm_scope="group"), None),
 }
 LAYOUTS = ("ddp", "fsdp2", "fsdp1")
 
 
 def _optimizer(model: nn.Module, config: str, layout: str) -> tuple[torch.optim.Optimizer, GradientClipper]:
     clip_kwargs, rate = CONFIGS[config]
+    if clip_kwargs.get("norm_scope") == "group":
+        named = list(model.named_parameters())
+        groups = [{"params": [p for n, p in named if "l1." in n], "clipping_level": 0.3},
+                  {"params": [p for n, p in named if "l1." not in n]}]
+        kwargs = dict(clip_kwargs)
+        optimizer = ClippedSGD(groups, 0.05, 0.9, kwargs.pop("method"), **kwargs, model=model)
+        return optimizer, optimizer.clipper
     clipper = GradientClipper(**clip_kwargs, model=model)
     optimizer = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), clipper)
     if rate is not None and layout == "ddp":  # under DDP, DropGrad is the hook; elsewhere the wrapper

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from .shards import FlatPiece, _is_dtensor, local_tensor
+from .shards import FlatPiece, _is_dtensor, local_tensor, placement_kind
 
 __all__ = ["GradNorms", "grad_norms"]
 
@@ -50,14 +50,13 @@ def _shard_groups(param: torch.Tensor, pieces: Mapping[torch.Tensor, FlatPiece])
     grad = param.grad if param.grad is not None else param
     if not _is_dtensor(grad):
         return ()
-    from torch.distributed.tensor.placement_types import Partial
-
     groups = []
     for dim, placement in enumerate(grad.placements):
-        if isinstance(placement, Partial):
+        kind = placement_kind(placement)
+        if kind == "partial":
             raise ValueError(f"gradient norm of a DTensor with a Partial placement ({tuple(grad.placements)}): "
                              "reduce the gradient first (FSDP2 does, after backward)")
-        if placement.is_shard():
+        if kind in ("shard", "strided"):  # a _StridedShard dim holds distinct pieces like a Shard dim
             groups.append(grad.device_mesh.get_group(dim))
     return tuple(groups)
 

@@ -42,7 +42,7 @@ from . import checkpoint as _checkpoint
 from .agreement import AgreementCheck
 from .checks import check_count, check_int_in, check_positive, check_seed
 from .mask import MaskStream, uniform_u32
-from .norms import grad_norms
+from .norms import grad_norms, stage_group
 from .shards import flat_param_pieces, local_tensor
 from .steps import StepWatch
 from .wrapper import OptimizerWrapper
@@ -163,6 +163,9 @@ class GradientClipper:
         seed: the seed of the per-step random draw, an int in ``[0, 2**64)``.
         model: the model; needed for FSDP1 (``use_orig_params=True``) to find each shard's group.
         process_group: the ranks that must agree on seed, step and history (default: the world).
+        pp_mesh: under pipeline parallelism, the pipeline dim (a 1-D ``DeviceMesh`` such as
+            ``world_mesh["pp"]``, or its ``ProcessGroup``): ``||g||`` then sums every stage's
+            parameters, as torchtitan's ``clip_grad_norm_(..., pp_mesh=...)``; each stage clips its own.
 
     ``clip_(params)`` returns ``{"norm", "clipped", "coefficient", "level", "norm_after"}``. The step count ``t``
     advances after each optimizer step over the clipped parameters that ran; the norm of that
@@ -180,6 +183,7 @@ class GradientClipper:
         seed: int = 0,
         model: nn.Module | None = None,
         process_group: dist.ProcessGroup | None = None,
+        pp_mesh: Any = None,
     ) -> None:
         self.method = _check_method(method)
         self.clipping_level = check_positive(clipping_level, "clipping_level")
@@ -199,6 +203,7 @@ class GradientClipper:
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self.pp_group = stage_group(pp_mesh)
         self.step_index = 0
         self.history = NormHistory(self.history_size)
         self.last_stats: dict[str, Any] | None = None
@@ -244,7 +249,7 @@ class GradientClipper:
             self._pieces = flat_param_pieces(params, self.model)
             self._watch.watch(params)
         threshold = self.clipping_level if self.method == "coordinate_wise" else None
-        norms = grad_norms(params, self._pieces, above=threshold)
+        norms = grad_norms(params, self._pieces, above=threshold, pp_group=self.pp_group)
         norm = float(norms.total)
         pending = self._agreement.start(self.agreement_fields(norm))
         level = self._level(norm)
@@ -257,7 +262,7 @@ class GradientClipper:
             for grad in grads:  # one pass each; the foreach pair of clamps makes two
                 grad.clamp_(-self.clipping_level, self.clipping_level)
             if stats["clipped"]:  # the clamped norm needs a pass of its own (and, sharded, a collective)
-                stats["norm_after"] = float(grad_norms(params, self._pieces).total)
+                stats["norm_after"] = float(grad_norms(params, self._pieces, pp_group=self.pp_group).total)
         elif self.method != "no_clip":
             clipped, coefficient = self._decide(norm, level)
             stats.update(clipped=clipped, coefficient=coefficient, norm_after=norm * coefficient)
@@ -278,7 +283,10 @@ class GradientClipper:
         scaled = [(local_tensor(p.grad), f) for p, f in zip(params, factors.unbind()) if p.grad is not None]
         if scaled:
             torch._foreach_mul_([g for g, _ in scaled], [f.to(g.dtype) for g, f in scaled])
-        return bool((factors < 1.0).any()), float((per_param * factors).square().sum().sqrt())
+        after = (per_param * factors).square().sum().reshape(1)
+        if self.pp_group is not None:  # the other stages' layers count too
+            dist.all_reduce(after, group=self.pp_group)
+        return bool((factors < 1.0).any()), float(after.sqrt())
 
     def _committed(self) -> None:
         """An optimizer step over the clipped parameters ran: count it, remember its finite norm."""

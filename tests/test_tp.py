@@ -112,17 +112,25 @@ def test_unsupported_placements_and_pp_mesh_arguments_are_refused():
 # -- 2x2 (dp, tp) mesh: offsets, masks, norms, trainings ----------------------------------------------------
 
 
+def _mesh_layouts() -> list[tuple]:
+    """Every pair of Shard/Replicate/Partial, and FSDP2 + TP's strided pairs (where torch's
+    full_tensor() agrees with its split: a _StridedShard's factor is the later dims' shard count)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    plain = [p for p in _placements() if placement_kind(p) != "strided"]
+    return list(itertools.product(plain, repeat=2)) + [(_StridedShard(d, split_factor=2), Shard(d)) for d in (0, 1)]
+
+
 def _check_offsets(rank: int, mesh) -> list[str]:
-    """Every pair of placements on uneven shapes: local segments hold the values full_tensor() puts there."""
+    """Uneven shapes, many layouts: local segments hold the values full_tensor() puts there."""
     from torch.distributed.tensor import DTensor
 
     coordinate = tuple(mesh.get_coordinate())
     checked = 0
     for shape in [(7, 5), (3, 4)]:
         full = torch.arange(1, 1 + torch.Size(shape).numel(), dtype=torch.float64).reshape(shape)
-        for placements in itertools.product(_placements(), repeat=2):
-            if all(placement_kind(p) == "strided" for p in placements):
-                continue  # DTensor.from_local itself refuses two _StridedShard placements
+        for placements in _mesh_layouts():
             # A Partial dim's ranks hold (c + 1) * value: the reduced sum is 3 * value on a dim of 2.
             weight = 1.0
             scale = 1.0
@@ -317,10 +325,11 @@ def _pipeline_loss(stage: nn.Module, rank: int, step: int) -> torch.Tensor | Non
     return loss
 
 
-def _chain(model: nn.Module, method: str, pp_mesh) -> DropGrad:
+def _chain(model: nn.Module, method: str, pp_mesh, stage_group=None) -> DropGrad:
+    """DropGrad's agreement check runs over the stage's own ranks: the stages hold other parameters."""
     clipper = GradientClipper(method, CLIPPERS[method], pp_mesh=pp_mesh)
     return DropGrad(ClippedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), clipper),
-                    drop_rate=0.3, seed=7, model=model)
+                    drop_rate=0.3, seed=7, model=model, process_group=stage_group)
 
 
 def _pipeline(rank: int, world_size: int) -> list[str]:
@@ -330,12 +339,13 @@ def _pipeline(rank: int, world_size: int) -> list[str]:
 
     set_mask_backend("eager")
     example, done = _example(), []
-    pp_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("pp", "dp"))  # torchtitan's world mesh, dp = 1
+    pp_mesh, stage_group = mesh["pp"], mesh["dp"].get_group()
     for method in CLIPPERS:  # the 1-D mesh form of pp_mesh
         reference = example.make_model()
         want = example.train(reference, _chain(reference, method, None), STEPS)
         stage = _stage(rank)
-        optimizer = _chain(stage, method, pp_mesh)
+        optimizer = _chain(stage, method, pp_mesh, stage_group)
         got = []
         for step in range(STEPS):
             _pipeline_loss(stage, rank, step)
@@ -351,7 +361,7 @@ def _pipeline(rank: int, world_size: int) -> list[str]:
     reference = example.make_model()
     reference_sam = SAM(_chain(reference, "norm", None), rho=0.05)
     stage = _stage(rank)
-    sam = SAM(_chain(stage, "norm", dist.group.WORLD), rho=0.05, pp_mesh=dist.group.WORLD)
+    sam = SAM(_chain(stage, "norm", pp_mesh.get_group(), stage_group), rho=0.05, pp_mesh=pp_mesh.get_group())
     for step in range(STEPS):
         def closure(step: int = step) -> torch.Tensor:
             loss = example.loss_on(reference, step)
@@ -366,7 +376,7 @@ def _pipeline(rank: int, world_size: int) -> list[str]:
     done.append("pipeline SAM == 1-process")
     # Without pp_mesh each stage sees its own norm: the clipper's agreement check names it.
     stage = _stage(rank)
-    optimizer = _chain(stage, "norm", None)
+    optimizer = _chain(stage, "norm", None, stage_group)
     _pipeline_loss(stage, rank, 0)
     with pytest.raises(RankDisagreement, match="'norm'"):
         optimizer.step()

@@ -389,3 +389,23 @@ def test_pipeline_stages_clip_and_penalize_with_the_whole_models_norm():
     assert results[0] == results[1] == ["pipeline norm == 1-process", "pipeline layer_wise == 1-process",
                                         "pipeline SAM == 1-process",
                                         "without pp_mesh the stages' norms disagree (raised)"]
+
+
+# -- 3-D (replicate, shard, tp) mesh: HSDP + TP ---------------------------------------------------------------
+
+PLACEMENTS_3D = {name: "(Replicate(), " + value[1:] for name, value in PLACEMENTS_2D.items() if name != "emb"}
+PLACEMENTS_3D["emb"] = "(Replicate(), Shard(dim=0))"
+
+
+def _tp_3d(rank: int, world_size: int) -> list[str]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    set_mask_backend("eager")
+    mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("replicate", "shard", "tp"))
+    dp_dims = ("replicate", "shard")
+    return _check_masks(mesh, dp_dims, PLACEMENTS_3D) + _check_trainings(mesh, dp_dims, ("norm",), ("sam",))
+
+
+def test_hsdp_tp_2x2x2_mesh_masks_and_trainings_match_one_process():
+    results = run_on_ranks(_tp_3d, 8, timeout=300, pg_timeout=120)
+    assert all(r == ["masks == 1-process masks", "norm == 1-process", "sam == 1-process"] for r in results), results

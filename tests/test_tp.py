@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from dropgrad_dist import SAM, ClippedOptimizer, DropGrad, GradientClipper, Grad
 from dropgrad_dist.mask import drop_
 from dropgrad_dist.norms import stage_group
 from dropgrad_dist.params import canonical_name
-from dropgrad_dist.shards import check_strided_layout, drop_local_, held_runs, local_segments, placement_kind, \
-    segment_layout
+from dropgrad_dist.shards import (check_strided_layout, drop_local_, held_runs, local_segments, placement_kind,
+                                  segment_layout)
 from dropgrad_dist.testing import run_on_ranks
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fsdp_tp.py"
@@ -406,6 +407,9 @@ def _tp_3d(rank: int, world_size: int) -> list[str]:
     return _check_masks(mesh, dp_dims, PLACEMENTS_3D) + _check_trainings(mesh, dp_dims, ("norm",), ("sam",))
 
 
+@pytest.mark.skipif(not os.environ.get("DROPGRAD_SLOW_TESTS"),
+                    reason="8 gloo ranks take ~110 s on 2 loaded cores (over the suite's budget); "
+                           "run with DROPGRAD_SLOW_TESTS=1")
 def test_hsdp_tp_2x2x2_mesh_masks_and_trainings_match_one_process():
     results = run_on_ranks(_tp_3d, 8, timeout=300, pg_timeout=120)
     assert all(r == ["masks == 1-process masks", "norm == 1-process", "sam == 1-process"] for r in results), results

@@ -49,7 +49,7 @@ from . import checkpoint as _checkpoint
 from .agreement import AgreementCheck
 from .checks import check_count, check_int_in, check_number_in, check_positive, check_seed, real_scalar
 from .mask import MaskStream, uniform_u32
-from .norms import grad_norms
+from .norms import grad_norms, stage_group
 from .shards import flat_param_pieces, local_tensor
 from .steps import GradientStamp, StepWatch
 from .wrapper import OptimizerWrapper
@@ -198,6 +198,9 @@ class GradientClipper:
             (AutoClip) one history per parameter group of :meth:`clip_groups_`.
         model: the model; needed for FSDP1 (``use_orig_params=True``) to find each shard's group.
         process_group: the ranks that must agree on seed, step and history (default: the world).
+        pp_mesh: under pipeline parallelism, the pipeline dim (a 1-D ``DeviceMesh`` such as
+            ``world_mesh["pp"]``, or its ``ProcessGroup``): ``||g||`` then sums every stage's
+            parameters, as torchtitan's ``clip_grad_norm_(..., pp_mesh=...)``; each stage clips its own.
 
     ``clip_(params)`` returns ``{"norm", "clipped", "coefficient", "level", "norm_after"}``;
     :meth:`clip_groups_` clips parameter groups, each with its own ``clipping_level``, ``beta``,
@@ -217,6 +220,7 @@ class GradientClipper:
         norm_scope: str = "global",
         model: nn.Module | None = None,
         process_group: dist.ProcessGroup | None = None,
+        pp_mesh: Any = None,
     ) -> None:
         self.method = _check_method(method)
         self.clipping_level = check_positive(clipping_level, "clipping_level")
@@ -234,6 +238,7 @@ class GradientClipper:
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self.pp_group = stage_group(pp_mesh)
         self.step_index = 0
         self.history = NormHistory(self.history_size)
         self.group_histories: list[NormHistory] = []  # norm_scope="group": one per parameter group
@@ -352,7 +357,8 @@ class GradientClipper:
             self._watch.watch(params)
         sizes = [len(member) for member in members]
         param_levels = [o.level for o, size in zip(options, sizes) for _ in range(size)]
-        norms = grad_norms(params, self._pieces, above=param_levels if self.method == "coordinate_wise" else None)
+        norms = grad_norms(params, self._pieces, above=param_levels if self.method == "coordinate_wise" else None,
+                           pp_group=self.pp_group)
         norm = float(norms.total)
         group_squares = [chunk.sum() for chunk in torch.split(norms.squares, sizes)]
         scope_norms = ([float(s.sqrt()) for s in group_squares] if self.norm_scope == "group"
@@ -378,7 +384,7 @@ class GradientClipper:
                 for grad in [local_tensor(p.grad) for p in member if p.grad is not None]:
                     grad.clamp_(-o.level, o.level)  # one pass each; the foreach pair of clamps makes two
             if any(stats["clipped"] for stats in per_group):  # the clamped norm needs a pass (and collective)
-                norm_after = float(grad_norms(params, self._pieces).total)
+                norm_after = float(grad_norms(params, self._pieces, pp_group=self.pp_group).total)
         elif self.method != "no_clip":
             after = []
             for stats, member, o, square in zip(per_group, members, options, group_squares):
@@ -410,7 +416,10 @@ class GradientClipper:
         scaled = [(local_tensor(p.grad), f) for p, f in zip(params, factors.unbind()) if p.grad is not None]
         if scaled:
             torch._foreach_mul_([g for g, _ in scaled], [f.to(g.dtype) for g, f in scaled])
-        return factors, float((per_param * factors).square().sum().sqrt())
+        after = (per_param * factors).square().sum().reshape(1)
+        if self.pp_group is not None:  # the other stages' layers count too
+            dist.all_reduce(after, group=self.pp_group)
+        return factors, float(after.sqrt())
 
     def _committed(self) -> None:
         """An optimizer step over the clipped parameters ran: count it, remember its finite norms."""

@@ -34,7 +34,7 @@ from torch import nn
 from . import checkpoint as _checkpoint
 from .agreement import AgreementCheck
 from .checks import check_count, check_int_in, check_number_in, check_positive
-from .norms import grad_norms
+from .norms import grad_norms, stage_group
 from .ownership import hook_state_masking
 from .shards import _is_dtensor, flat_param_pieces, local_tensor
 from .steps import StepWatch
@@ -66,6 +66,8 @@ class GradientNormPenalty(OptimizerWrapper):
             ``alpha_t = 0`` for ``t < warmup_steps`` (no second pass), then ``alpha``; ``"none"``.
         perturbation: ``"global"`` (rank-averaged first gradient) or ``"local"`` (per replica, DDP).
         process_group: the ranks that must agree on configuration and step (default: the world).
+        pp_mesh: under pipeline parallelism, the pipeline dim (1-D ``DeviceMesh`` or ``ProcessGroup``):
+            ``||grad L||`` then sums every stage's parameters.
 
     ``step(closure, scaler=None)``: ``closure`` zeroes nothing itself, computes the loss, calls
     ``backward()`` (``scaler.scale(loss).backward()`` under a GradScaler, or
@@ -76,7 +78,8 @@ class GradientNormPenalty(OptimizerWrapper):
 
     def __init__(self, optimizer: torch.optim.Optimizer, alpha: float = 0.8, r: float = 0.1, *,
                  model: nn.Module | None = None, warmup: str = "none", warmup_steps: int = 0,
-                 perturbation: str = "global", process_group: dist.ProcessGroup | None = None) -> None:
+                 perturbation: str = "global", process_group: dist.ProcessGroup | None = None,
+                 pp_mesh: Any = None) -> None:
         super().__init__(optimizer)
         self.alpha = check_number_in(alpha, "alpha", 0.0, 1.0)  # alpha = lambda / r; 1 is SAM
         self.r = check_positive(r, "r")
@@ -88,6 +91,7 @@ class GradientNormPenalty(OptimizerWrapper):
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self.pp_group = stage_group(pp_mesh)
         params = self._params()
         self._pieces = flat_param_pieces(params, model)
         if self.perturbation == "local" and (self._pieces or any(_is_dtensor(p) for p in params)):
@@ -179,7 +183,7 @@ class GradientNormPenalty(OptimizerWrapper):
         first = [local_tensor(p.grad).clone() for p in with_grad]
         local_norm = self.perturbation == "local" and self._ddp() is not None
         # Every rank passes all parameters (an FSDP1 rank may hold no piece of some): one collective.
-        norm = float(grad_norms(params, {} if local_norm else self._pieces).total)
+        norm = float(grad_norms(params, {} if local_norm else self._pieces, pp_group=self.pp_group).total)
         if not math.isfinite(norm):
             return False  # leave the non-finite gradient: a GradScaler skips the step, θ never moved
         averaging = self._average_first(first) if local_norm and alpha < 1.0 else None
@@ -263,6 +267,6 @@ class SAM(GradientNormPenalty):
 
     def __init__(self, optimizer: torch.optim.Optimizer, rho: float = 0.05, *, model: nn.Module | None = None,
                  warmup: str = "none", warmup_steps: int = 0, perturbation: str = "global",
-                 process_group: dist.ProcessGroup | None = None) -> None:
+                 process_group: dist.ProcessGroup | None = None, pp_mesh: Any = None) -> None:
         super().__init__(optimizer, alpha=1.0, r=rho, model=model, warmup=warmup, warmup_steps=warmup_steps,
-                         perturbation=perturbation, process_group=process_group)
+                         perturbation=perturbation, process_group=process_group, pp_mesh=pp_mesh)

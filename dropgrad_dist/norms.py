@@ -5,8 +5,15 @@ as the one-process run would compute them. Under DDP (and in one process) gradie
 and identical on every rank: no communication. Under FSDP2/HSDP (``DTensor``) and FSDP1
 (``use_orig_params=True`` flat pieces) each rank holds pieces: the local squared norms of all
 parameters are summed over the ranks that shard them with **one** ``all_reduce`` per distinct
-group of ranks (one in practice: FSDP shards every parameter over the same group), never one
-per parameter. Squares are accumulated in float32 (float64 for float64 gradients).
+group of ranks (one for FSDP, which shards every parameter over the same group; one per
+sharded mesh dim under tensor parallelism), never one per parameter. Squares are accumulated
+in float32 (float64 for float64 gradients).
+
+Tensor parallel (2-D/3-D meshes: ``Shard``/``_StridedShard`` on several mesh dims) sums each
+parameter over every mesh dim that shards it, never over a ``Replicate`` dim. Pipeline
+parallel: each stage holds other parameters, so the *total* norm also sums the stages'
+squared norms over ``pp_mesh`` (one more scalar ``all_reduce``, as torchtitan's
+``clip_grad_norm_(..., pp_mesh=...)`` does); per-parameter norms need no stage reduction.
 """
 
 from __future__ import annotations
@@ -16,9 +23,9 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from .shards import FlatPiece, _is_dtensor, local_tensor
+from .shards import FlatPiece, _is_dtensor, local_tensor, placement_kind
 
-__all__ = ["GradNorms", "grad_norms"]
+__all__ = ["GradNorms", "grad_norms", "stage_group"]
 
 
 class GradNorms:
@@ -28,9 +35,11 @@ class GradNorms:
     asked for (None when none was asked); > 0 means the whole gradient has such a coordinate.
     """
 
-    def __init__(self, squares: torch.Tensor, above: torch.Tensor | None = None) -> None:
+    def __init__(self, squares: torch.Tensor, above: torch.Tensor | None = None,
+                 total_squares: torch.Tensor | None = None) -> None:
         self.squares = squares
         self.above = above
+        self.total_squares = squares.sum() if total_squares is None else total_squares
 
     @property
     def per_param(self) -> torch.Tensor:
@@ -39,8 +48,23 @@ class GradNorms:
 
     @property
     def total(self) -> torch.Tensor:
-        """``sqrt(sum_l ||g_l||^2)``: the global L2 norm (0-dim tensor)."""
-        return self.squares.sum().sqrt()
+        """``sqrt(sum_l ||g_l||^2)`` over all parameters of all pipeline stages: the global L2 norm (0-dim)."""
+        return self.total_squares.sqrt()
+
+
+def stage_group(pp_mesh: Any, argument: str = "pp_mesh") -> Any:
+    """The process group of the pipeline stages: from a 1-D ``DeviceMesh`` or a ``ProcessGroup`` (None: none)."""
+    if pp_mesh is None or isinstance(pp_mesh, dist.ProcessGroup):
+        return pp_mesh
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(pp_mesh, DeviceMesh):
+        raise TypeError(f"{argument} must be a 1-D DeviceMesh or a ProcessGroup over the pipeline stages "
+                        f"(torchtitan: parallel_dims.get_mesh('pp')), got {type(pp_mesh).__name__}")
+    if pp_mesh.ndim != 1:
+        raise ValueError(f"{argument} must be a 1-D DeviceMesh (the pipeline dim, e.g. world_mesh['pp']), "
+                         f"got a {pp_mesh.ndim}-D mesh {pp_mesh.mesh_dim_names}")
+    return pp_mesh.get_group()
 
 
 def _shard_groups(param: torch.Tensor, pieces: Mapping[torch.Tensor, FlatPiece]) -> tuple[Any, ...]:
@@ -50,14 +74,13 @@ def _shard_groups(param: torch.Tensor, pieces: Mapping[torch.Tensor, FlatPiece])
     grad = param.grad if param.grad is not None else param
     if not _is_dtensor(grad):
         return ()
-    from torch.distributed.tensor.placement_types import Partial
-
     groups = []
     for dim, placement in enumerate(grad.placements):
-        if isinstance(placement, Partial):
+        kind = placement_kind(placement)
+        if kind == "partial":
             raise ValueError(f"gradient norm of a DTensor with a Partial placement ({tuple(grad.placements)}): "
                              "reduce the gradient first (FSDP2 does, after backward)")
-        if placement.is_shard():
+        if kind in ("shard", "strided"):  # a _StridedShard dim holds distinct pieces like a Shard dim
             groups.append(grad.device_mesh.get_group(dim))
     return tuple(groups)
 
@@ -88,32 +111,36 @@ def _local_stats(params: Sequence[torch.Tensor], above: float | Sequence[float] 
 
 
 def grad_norms(params: Sequence[torch.Tensor], pieces: Mapping[torch.Tensor, FlatPiece] | None = None,
-               above: float | Sequence[float] | None = None) -> GradNorms:
+               above: float | Sequence[float] | None = None, pp_group: Any = None) -> GradNorms:
     """The norms of the whole gradients of ``params`` (0 for a parameter without gradient).
 
     ``pieces``: FSDP1 parameters' flat pieces (:func:`dropgrad_dist.shards.flat_param_pieces`).
     ``above``: also find which parameters have a coordinate with ``|g_i| > above`` (same collective);
     one threshold for all, or one per parameter.
-    Every rank sharding a parameter must pass the same parameters in the same order (the
-    optimizer's, say), whether or not it holds a gradient piece of each.
+    ``pp_group``: the process group of the pipeline stages (:func:`stage_group`); ``total``
+    then sums every stage's parameters. Every rank sharding a parameter must pass the same
+    parameters in the same order (the optimizer's, say), whether or not it holds a gradient
+    piece of each.
     """
     pieces = pieces or {}
     stats = _local_stats(params, above)
-    by_groups: dict[tuple, list[int]] = {}
+    # Per group, the parameters it shards: a 2-D (dp, tp) mesh takes two all_reduces, whatever the mix.
+    by_group: dict[Any, list[int]] = {}
     for index, param in enumerate(params):
-        groups = _shard_groups(param, pieces)
-        if groups:
-            by_groups.setdefault(groups, []).append(index)
-    for groups, indices in by_groups.items():
+        for group in _shard_groups(param, pieces):
+            by_group.setdefault(group, []).append(index)
+    for group, indices in by_group.items():
         if len(indices) == len(params):
-            for group in groups:
-                dist.all_reduce(stats, group=group)
+            dist.all_reduce(stats, group=group)
             continue
         picked = torch.tensor(indices, device=stats.device)
         subset = stats.index_select(0, picked)
-        for group in groups:
-            dist.all_reduce(subset, group=group)
+        dist.all_reduce(subset, group=group)
         stats.index_copy_(0, picked, subset)
-    if above is None:
-        return GradNorms(stats)
-    return GradNorms(stats[:, 0].contiguous(), stats[:, 1].contiguous())
+    squares = stats if above is None else stats[:, 0].contiguous()
+    total = None
+    if pp_group is not None:
+        total = squares.sum().reshape(1)
+        dist.all_reduce(total, group=pp_group)
+        total = total.reshape(())
+    return GradNorms(squares, None if above is None else stats[:, 1].contiguous(), total)

@@ -7,17 +7,23 @@ Supported layouts:
 
 - dense tensors (one segment, start 0), or a flat piece of a parameter with a known start
   (FSDP1 with ``use_orig_params=True``: ``start`` from :func:`flat_param_pieces`);
-- ``DTensor`` (FSDP2 ``fully_shard``, tensor parallel) whose local tensor is one rectangular
-  block of the global tensor: any mix of ``Shard(d)``, ``Replicate()`` and ``Partial()``
-  placements on any mesh, even or uneven (empty local tensors included). ``Shard(0)`` on a
-  1-D mesh (FSDP2's default) is one segment; ``Shard(d > 0)`` gives one segment per index of
-  the leading ``d`` dimensions. A ``Partial`` tensor is masked like a replicated one: the mask
-  is a per-coordinate factor, so masking each partial sum masks their reduction.
-  ``_StridedShard`` (FSDP2 + TP on the same dim) is not a block and is rejected.
+- ``DTensor`` (FSDP2 ``fully_shard``, HSDP, tensor parallel and their 2-D/3-D compositions)
+  with any mix of ``Shard(d)``, ``_StridedShard(d, sf)``, ``Replicate()`` and ``Partial()``
+  placements on any mesh, even or uneven (empty local tensors included). Per tensor dim the
+  locally held indices are a list of *runs* (intervals of global indices), found by applying
+  the placements left to right as torch defines them: ``Shard`` on a mesh dim of size ``n``
+  keeps chunk ``c`` of ``torch.chunk(indices, n)``; ``_StridedShard(d, sf)`` keeps chunk ``c``
+  of each of the ``sf`` chunks of the indices, concatenated (torch's right-to-left sharding:
+  FSDP2 + TP chunks the TP shard over the data-parallel ranks). The local tensor is the
+  Cartesian product of its dims' indices; each run of the last dim not held whole, under each
+  index of the dims before it, is one segment. ``Partial`` (a sum or average of the ranks'
+  values) is masked like ``Replicate``: the mask is a per-coordinate factor, so masking each
+  partial value masks their reduction.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import sys
@@ -48,46 +54,171 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor._local_tensor if _is_dtensor(tensor) else tensor
 
 
-def _dtensor_block(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The local tensor of a DTensor and the global offset (per dim) of its first element."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
-
-    for placement in tensor.placements:
-        # Exact types: _StridedShard interleaves rows of several ranks, so it is not one block.
-        if type(placement) not in (Shard, Replicate, Partial):
-            raise ValueError(
-                f"DropGrad cannot locate the shards of a DTensor with placement {placement!r} "
-                f"(placements {tuple(tensor.placements)}); supported: Shard(d), Replicate(), Partial() "
-                "(e.g. FSDP2 fully_shard without tensor parallelism on the same dim)")
-    # The tensor FSDP2's optimizer steps on: the unpadded local view of the padded shard storage.
-    local = tensor._local_tensor
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-    if tuple(local.shape) != tuple(shape):
-        raise RuntimeError(f"DTensor local shape {tuple(local.shape)} differs from the layout its placements "
-                           f"{tuple(tensor.placements)} imply ({tuple(shape)}); cannot locate its coordinates")
-    if not offset:  # this rank is outside the mesh: it holds nothing
-        offset = (0,) * local.dim()
-    return local, tuple(offset)
+Runs = tuple[tuple[int, int], ...]  # ascending, disjoint intervals [start, stop) of global indices
+_LINEAR_PARTIALS = ("sum", "avg")  # reductions that commute with a per-coordinate factor
 
 
-def _block_segments(local: torch.Tensor, offset: tuple[int, ...],
-                    global_shape: tuple[int, ...]) -> list[tuple[torch.Tensor, int]]:
-    """Segments of a contiguous rectangular block ``local`` at ``offset`` of a ``global_shape`` tensor."""
-    if local.numel() == 0:
+def placement_kind(placement: Any) -> str:
+    """``"shard"``, ``"strided"``, ``"replicate"`` or ``"partial"``; ``ValueError`` for any other placement.
+
+    Exact types: ``_StridedShard`` is not a ``Shard`` in torch's type tree, and a ``Partial``
+    subclass (a norm, a masked lookup) reduces by something other than a sum.
+    """
+    from torch.distributed.tensor.placement_types import Partial, Replicate, Shard, _StridedShard
+
+    kind = {Shard: "shard", _StridedShard: "strided", Replicate: "replicate"}.get(type(placement))
+    if kind is None and type(placement) is Partial and placement.reduce_op in _LINEAR_PARTIALS:
+        kind = "partial"
+    if kind is None:
+        raise ValueError(f"DropGrad cannot locate the shards of a DTensor with placement {placement!r}; "
+                         "supported: Shard(d), _StridedShard(d, sf), Replicate(), Partial('sum' or 'avg')")
+    return kind
+
+
+def _merged(runs: Iterable[tuple[int, int]]) -> Runs:
+    """``runs`` without empty intervals, touching neighbours joined."""
+    out: list[tuple[int, int]] = []
+    for low, high in runs:
+        if low == high:
+            continue
+        if out and out[-1][1] == low:
+            out[-1] = (out[-1][0], high)
+        else:
+            out.append((low, high))
+    return tuple(out)
+
+
+def _slice_runs(runs: Runs, low: int, high: int) -> Runs:
+    """The indices at positions ``[low, high)`` of the concatenation of ``runs``."""
+    out, position = [], 0
+    for start, stop in runs:
+        begin, end = max(low - position, 0), min(high - position, stop - start)
+        if begin < end:
+            out.append((start + begin, start + end))
+        position += stop - start
+    return _merged(out)
+
+
+def _chunk_runs(runs: Runs, chunks: int, index: int) -> Runs:
+    """Piece ``index`` of ``torch.chunk(indices, chunks)`` (empty past the last piece torch returns)."""
+    total = sum(stop - start for start, stop in runs)
+    size = -(-total // chunks)  # torch.chunk's piece size: ceil(total / chunks)
+    return _slice_runs(runs, min(index * size, total), min((index + 1) * size, total))
+
+
+def _strided_runs(runs: Runs, split_factor: int, chunks: int, index: int) -> Runs:
+    """``_StridedShard``: piece ``index`` of each of the ``split_factor`` pieces of ``runs``, concatenated."""
+    return _merged(run for k in range(split_factor)
+                   for run in _chunk_runs(_chunk_runs(runs, split_factor, k), chunks, index))
+
+
+def _apply(runs: Runs, kind: str, placement: Any, chunks: int, index: int) -> Runs:
+    if kind == "shard":
+        return _chunk_runs(runs, chunks, index)
+    return _strided_runs(runs, int(placement.split_factor), chunks, index)
+
+
+@functools.lru_cache(maxsize=4096)
+def held_runs(shape: tuple[int, ...], mesh_shape: tuple[int, ...], coordinate: tuple[int, ...],
+              placements: tuple[Any, ...]) -> tuple[Runs, ...]:
+    """Per tensor dim, the global indices held at mesh ``coordinate`` (placements applied left to right)."""
+    runs = [_merged([(0, size)]) for size in shape]
+    for chunks, index, placement in zip(mesh_shape, coordinate, placements):
+        kind = placement_kind(placement)
+        if kind in ("shard", "strided"):
+            dim = placement.dim % len(shape)
+            runs[dim] = _apply(runs[dim], kind, placement, chunks, index)
+    return tuple(runs)
+
+
+def _nested_runs(size: int, mesh_shape: tuple[int, ...], coordinate: tuple[int, ...],
+                 sharding: list[tuple[int, str, Any]]) -> Runs:
+    """FSDP2 + TP's own layout of one dim: each ``_StridedShard`` mesh dim chunks what the later dims
+    sharding this dim hold (``torch.chunk`` of the TP shard over the data-parallel ranks)."""
+    strided = [m for m, kind, _ in sharding if kind == "strided"]
+    order = [m for m, _, _ in sharding if m not in strided] + strided[::-1]
+    runs = _merged([(0, size)])
+    for mesh_dim in order:
+        runs = _chunk_runs(runs, mesh_shape[mesh_dim], coordinate[mesh_dim])
+    return runs
+
+
+@functools.lru_cache(maxsize=1024)
+def check_strided_layout(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tuple[Any, ...]) -> None:
+    """Raise where torch's ``_StridedShard`` layout differs from the nested chunks FSDP2 + TP store.
+
+    FSDP2 chunks each rank's TP shard over the data-parallel ranks; torch describes that with
+    ``_StridedShard(d, sf=tp)``, which is the same layout unless dim ``d`` is not divisible by
+    the TP degree (then even ``full_tensor()`` is wrong). Checked over every mesh coordinate,
+    so every rank raises alike.
+    """
+    for dim, size in enumerate(shape):
+        sharding = [(m, placement_kind(p), p) for m, p in enumerate(placements)
+                    if placement_kind(p) in ("shard", "strided") and p.dim % len(shape) == dim]
+        strided = [m for m, kind, _ in sharding if kind == "strided"]
+        if len(strided) != 1:
+            continue
+        later = [mesh_shape[m] for m, _, _ in sharding if m > strided[0]]
+        if not later or math.prod(later) != int(placements[strided[0]].split_factor):
+            continue  # not FSDP2 + TP's structure: torch's definition is the only one
+        dims = [m for m, _, _ in sharding]
+        for values in itertools.product(*(range(mesh_shape[m]) for m in dims)):
+            coordinate = [0] * len(mesh_shape)
+            for m, value in zip(dims, values):
+                coordinate[m] = value
+            coordinate = tuple(coordinate)
+            if held_runs(shape, mesh_shape, coordinate, placements)[dim] != _nested_runs(
+                    size, mesh_shape, coordinate, sharding):
+                raise ValueError(
+                    f"a DTensor of shape {shape} with placements {placements} on a mesh of shape {mesh_shape}: "
+                    f"dim {dim} (size {size}) is not divisible by the tensor-parallel degree "
+                    f"{placements[strided[0]].split_factor}, and there FSDP2's nested chunks differ from torch's "
+                    "_StridedShard layout (DTensor.full_tensor() is wrong too); make that dim divisible by it")
+
+
+@functools.lru_cache(maxsize=4096)
+def segment_layout(shape: tuple[int, ...], runs: tuple[Runs, ...]) -> tuple[tuple[int, int, int], ...]:
+    """``((local flat offset, global flat start, length), ...)`` of a contiguous local tensor holding
+    the Cartesian product of ``runs`` of a row-major tensor of ``shape``; fewest segments."""
+    if not shape:
+        return ((0, 0, 1),)
+    if any(not r for r in runs):
+        return ()
+    partial = [d for d in range(len(shape)) if runs[d] != ((0, shape[d]),)]
+    split = max(partial, default=0)  # dims after it are held whole: each of its runs is contiguous
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    leading = [[i for start, stop in runs[d] for i in range(start, stop)] for d in range(split)]
+    segments: list[tuple[int, int, int]] = []
+    offset = 0
+    for index in itertools.product(*leading):
+        base = sum(i * s for i, s in zip(index, strides))
+        for start, stop in runs[split]:
+            length = (stop - start) * strides[split]
+            begin = base + start * strides[split]
+            last = segments[-1] if segments else None
+            if last is not None and last[1] + last[2] == begin:
+                segments[-1] = (last[0], last[1], last[2] + length)
+            else:
+                segments.append((offset, begin, length))
+            offset += length
+    return tuple(segments)
+
+
+def _dtensor_segments(tensor: torch.Tensor, local: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """Segments of a DTensor laid over ``local`` (its local tensor, or a contiguous copy of it)."""
+    mesh = tensor.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:  # this rank is outside the mesh: it holds nothing
         return []
-    ndim = local.dim()
-    # Dims after `split` are whole, so each index of dims [0, split) is one contiguous run.
-    split = max([d for d in range(ndim) if local.shape[d] != global_shape[d]], default=0)
-    global_strides = [math.prod(global_shape[d + 1:]) for d in range(ndim)]
-    run = math.prod(local.shape[split:])
+    shape, mesh_shape, placements = tuple(tensor.shape), tuple(mesh.shape), tuple(tensor.placements)
+    check_strided_layout(shape, mesh_shape, placements)
+    runs = held_runs(shape, mesh_shape, tuple(coordinate), placements)
+    held = tuple(sum(stop - start for start, stop in r) for r in runs)
+    if tuple(local.shape) != held:
+        raise RuntimeError(f"DTensor local shape {tuple(local.shape)} differs from the layout its placements "
+                           f"{placements} imply ({held}); cannot locate its coordinates")
     flat = local.view(-1)
-    segments = []
-    for i, index in enumerate(itertools.product(*(range(n) for n in local.shape[:split]))):
-        start = sum((o + j) * s for o, j, s in zip(offset, index, global_strides))
-        start += offset[split] * global_strides[split] if ndim else 0
-        segments.append((flat[i * run:(i + 1) * run], start))
-    return segments
+    return [(flat[offset:offset + length], start) for offset, start, length in segment_layout(shape, runs)]
 
 
 def local_segments(tensor: torch.Tensor, start: int = 0) -> list[tuple[torch.Tensor, int]]:
@@ -113,8 +244,7 @@ def _segments_over(tensor: torch.Tensor, local: torch.Tensor, start: int) -> lis
     if _is_dtensor(tensor):
         if start:
             raise ValueError(f"start must be 0 for a DTensor (its placements give its offset), got {start}")
-        _, offset = _dtensor_block(tensor)
-        return _block_segments(local, offset, tuple(tensor.shape))
+        return _dtensor_segments(tensor, local)
     return [(local.view(-1), start)] if local.numel() else []
 
 

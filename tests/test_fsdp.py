@@ -87,10 +87,15 @@ def _check_dtensor_layouts(rank: int) -> list[str]:
     dense = torch.full((4, 3), 3.0)
     drop_local_(dense, key="partial", rate=0.5, seed=5, step=2)
     assert torch.equal(partial.full_tensor(), dense)
-    strided = DTensor.from_local(torch.ones(2, 3), mesh, [_StridedShard(0, split_factor=2)], run_check=False)
-    with pytest.raises(ValueError, match="placement _StridedShard"):
-        drop_local_(strided, key="s", rate=0.5, seed=0, step=0)
-    return ["DTensor Shard(1)/Replicate/Partial/2-D mesh masks == dense", "_StridedShard rejected"]
+    # _StridedShard(0, sf=2) on 2 ranks: rank 0 holds rows 0 and 2, rank 1 rows 1 and 3 (two runs each).
+    placement = _StridedShard(0, split_factor=2)
+    local = placement._split_tensor(torch.ones(4, 3), 2, with_padding=False)[0][rank].contiguous()
+    strided = DTensor.from_local(local, mesh, [placement], shape=(4, 3), stride=(3, 1))
+    drop_local_(strided, key="s", rate=0.5, seed=5, step=2)
+    dense = torch.ones(4, 3)
+    drop_local_(dense, key="s", rate=0.5, seed=5, step=2)
+    assert torch.equal(strided.full_tensor(), dense)
+    return ["DTensor Shard(1)/Replicate/Partial/2-D mesh masks == dense", "_StridedShard masks == dense"]
 
 
 def _check_fsdp2_training(rank: int, world_size: int) -> list[str]:

@@ -241,7 +241,7 @@ class GradientNormPenalty(OptimizerWrapper):
             return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
         return hook.suspended() if hook is not None else contextlib.nullcontext()
 
-    def _agree(self, params: list[torch.Tensor], penalized: bool) -> Any:
+    def _agree(self, penalized: bool) -> Any:
         return self._agreement.start({"config": tuple(self._config().items()), "step_index": self.step_index,
                                       "penalized": penalized})
 
@@ -274,7 +274,7 @@ class GradientNormPenalty(OptimizerWrapper):
                              "and returns the loss: the gradient is evaluated at two points")
         params = self._params()
         penalized = self.penalizes()
-        pending = self._agree(params, penalized)
+        pending = self._agree(penalized)
         hook = registered_hook_state(params)
         loss, before = None, None
         if self.first_pass == "closure":
@@ -314,7 +314,7 @@ class GradientNormPenalty(OptimizerWrapper):
             raise ValueError("first_step was called twice without second_step in between")
         params = self._params()
         penalized = self.penalizes()
-        pending = self._agree(params, penalized)
+        pending = self._agree(penalized)
         hook = registered_hook_state(params)
         if penalized:
             self._refuse_given_under_hook(hook)

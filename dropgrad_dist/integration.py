@@ -484,7 +484,8 @@ def prepare_regularizers(
             ``beta``, ``p_autoclip``, ``history_size``, ``seed``).
         restarts: :class:`~dropgrad_dist.Restarter` options.
         gnp: :class:`~dropgrad_dist.GradientNormPenalty` options (``alpha``, ``r``, ``warmup``,
-            ``warmup_steps``, ``perturbation``); SAM is ``alpha=1, r=rho``. Step with
+            ``warmup_steps``, ``perturbation``, ``adaptive``, ``mix``, ``every``, ``probability``,
+            ``seed``, ``replay_rng``, ``bn_stats_from_first_pass``); SAM is ``alpha=1, r=rho``. Step with
             ``regularizers.step(closure)``.
     """
     from accelerate.optimizer import AcceleratedOptimizer

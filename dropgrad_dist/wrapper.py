@@ -68,8 +68,9 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
 
+    @property
     def base_optimizer(self) -> torch.optim.Optimizer:
-        """The innermost optimizer (the one that updates the parameters)."""
+        """The innermost optimizer (the one that updates the parameters; an LR scheduler may be built on it)."""
         inner = self.optimizer
         while isinstance(inner, OptimizerWrapper):
             inner = inner.optimizer

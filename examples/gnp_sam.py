@@ -6,7 +6,8 @@ GNP replaces the gradient by ``(1 - alpha) g(theta) + alpha g(theta + r g / |g|)
 r = rho). ``step(closure)`` evaluates the closure twice; the closure computes the loss, calls
 backward and returns the loss. A small classifier trains on a small noisy training set and
 prints its held-out loss and accuracy per method (one seed: a demonstration of the API, not a
-comparison). GNP's zero-warmup skips the penalty (and the second pass) during the learning-rate
+comparison). ASAM scales the perturbation by |theta|; SAM every 2nd step
+runs the second pass on every other step only. GNP's zero-warmup skips the penalty (and the second pass) during the learning-rate
 warmup, as the GNP paper recommends for adaptive optimizers.
 """
 
@@ -63,6 +64,10 @@ def main() -> None:
         adam(net), alpha=0.8, r=0.05, model=net, warmup="zero", warmup_steps=30))
     train("SGD + SAM (rho 0.05)", lambda net: SAM(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
                                                   rho=0.05, model=net))
+    train("SGD + ASAM (rho 0.5)", lambda net: SAM(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+                                                  rho=0.5, adaptive=True, model=net))
+    train("SGD + SAM every 2nd step", lambda net: SAM(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+                                                      rho=0.05, every=2, model=net))
     # DropGrad inside: it masks the combined gradient; the perturbation uses the unmasked one.
     train("Adam + GNP + DropGrad (p 0.1)", lambda net: GradientNormPenalty(
         DropGrad(adam(net), drop_rate=0.1, model=net), alpha=0.8, r=0.05, model=net))

@@ -49,5 +49,5 @@ def test_gnp_sam_example_runs_every_variant():
     rows = re.findall(r"^(.+?)\s+test loss (\d+\.\d+)\s+accuracy (\d+\.\d+)$", out, flags=re.M)
     assert [name.strip() for name, _, _ in rows] == [
         "Adam", "Adam + GNP (alpha 0.8, r 0.05)", "Adam + GNP + zero-warmup (30)", "SGD + SAM (rho 0.05)",
-        "Adam + GNP + DropGrad (p 0.1)"]
+        "SGD + ASAM (rho 0.5)", "SGD + SAM every 2nd step", "Adam + GNP + DropGrad (p 0.1)"]
     assert all(float(accuracy) > 0.4 for _, _, accuracy in rows)  # 5 classes: 0.2 is chance

@@ -87,7 +87,7 @@ def test_warmups_give_the_stated_coefficients_and_zero_runs_one_pass(warmup, exp
         assert opt.coefficients() == pytest.approx((alpha, r))
         calls = []
         opt.step(_closure(model, t, calls))
-        assert len(calls) == (1 if alpha == 0 else 2)
+        assert len(calls) == (1 if alpha == 0 or r == 0 else 2)  # r_t = 0 is a plain step
     assert opt.step_index == 6
 
 
@@ -204,10 +204,13 @@ def test_resume_is_exact(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(alpha=1.5), "alpha must be a number in \\[0, 1\\]"),
     (dict(alpha=-0.1), "alpha must be a number in \\[0, 1\\]"),
-    (dict(r=0.0), "r must be a positive finite number"),
-    (dict(r=-1.0), "r must be a positive finite number"),
+    (dict(r=-1.0), "r must be a finite number >= 0"),
+    (dict(r=float("inf")), "r must be a finite number >= 0"),
     (dict(warmup="linear"), "warmup must be one of 'none', 'lambda', 'r', 'zero'"),
-    (dict(warmup="zero"), "warmup='zero' needs warmup_steps > 0"),
+    (dict(mix="unit"), "mix must be one of 'raw', 'normalized'"),
+    (dict(every=0), "every must be an int >= 1"),
+    (dict(probability=1.5), "probability must be a number in \\[0, 1\\]"),
+    (dict(every=2, probability=0.5), "give every= .* or probability= .*, not both"),
     (dict(warmup_steps=-1), "warmup_steps must be an int >= 0"),
     (dict(perturbation="per_device"), "perturbation must be one of 'global', 'local'"),
 ])
@@ -222,6 +225,6 @@ def test_closure_missing_or_without_backward_is_refused():
     opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, model=model)
     with pytest.raises(ValueError, match="needs a closure that computes the loss, calls backward"):
         opt.step()
-    with pytest.raises(ValueError, match="the closure computed no gradient: it must call backward"):
+    with pytest.raises(ValueError, match="the closure found no gradient: the first pass must call backward"):
         opt.step(lambda: _loss(model))
     assert opt.step_index == 0

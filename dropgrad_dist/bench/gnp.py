@@ -45,6 +45,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     plain, gnp = sgd(), GradientNormPenalty(sgd(), alpha=0.8, r=0.05, model=model)
     sam = SAM(sgd(), rho=0.05, model=model)
+    asam = SAM(sgd(), rho=0.5, adaptive=True, model=model)
+    periodic = SAM(sgd(), rho=0.05, every=2, model=model)
+
+    def periodic_pair() -> None:  # two consecutive steps: one two-pass SAM step, one plain step
+        periodic.step(closure)
+        periodic.step(closure)
 
     def plain_step() -> None:
         plain.zero_grad()
@@ -52,7 +58,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plain.step()
 
     candidates = {"plain step": plain_step, "2 plain steps": lambda: (plain_step(), plain_step()),
-                  "GNP step (alpha 0.8)": lambda: gnp.step(closure), "SAM step": lambda: sam.step(closure)}
+                  "GNP step (alpha 0.8)": lambda: gnp.step(closure), "SAM step": lambda: sam.step(closure),
+                  "ASAM step": lambda: asam.step(closure),
+                  "SAM every=2, 2 steps": periodic_pair}
     for fn in candidates.values():  # warm-up: allocator, momentum buffers
         fn()
     memory = {name: peak_allocated_bytes(fn) for name, fn in candidates.items()}
@@ -73,7 +81,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    f"{param_bytes // 4:,} parameters ({param_bytes / 1e6:.1f} MB), batch {args.batch}, SGD momentum"),
         "rows": rows,
         "notes": [
-            "x_2_plain_steps: median of per-round ratios to two plain steps (the target: GNP <= 1.05)",
+            "x_2_plain_steps: median of per-round ratios to two plain steps (the target: GNP, SAM, ASAM <= 1.05)",
+            "SAM every=2, 2 steps: one SAM step and one plain step (3 passes): its x_2_plain_steps / 2 is the "
+            "average cost per step relative to two plain steps (ideal 0.75)",
             "peak_allocated_MB: most bytes of tensors allocated during one call and alive at once (op by op, "
             "allocator caching ignored)",
             "extra_over_plain_in_param_buffers: (that peak - a plain step's) / parameter bytes; "

@@ -1,0 +1,74 @@
+"""What the second (perturbed) pass of GNP/SAM must leave as the first pass left it: RNG and BatchNorm statistics.
+
+GNP/SAM evaluates the same batch twice. The two evaluations must differ only in ``theta``:
+
+- **random state**: the second pass replays the first pass's CPU and CUDA generator states, so
+  dropout (and any other sampling) sees the same sub-network; afterwards the generators are where
+  the first pass left them, so the user's random stream continues as after one plain forward;
+- **BatchNorm running statistics** (``running_mean``, ``running_var``, ``num_batches_tracked`` of
+  every ``_BatchNorm``, ``SyncBatchNorm`` included): restored after the second pass, so they are
+  updated once per step, from the unperturbed parameters, as in a plain step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["BatchNormSnapshot", "RngState", "replaying"]
+
+
+class RngState:
+    """The CPU generator's state and, where CUDA is initialized, every CUDA device's."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in range(torch.cuda.device_count())] if cuda else []
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, state in enumerate(self.cuda):
+            torch.cuda.set_rng_state(state, device)
+
+
+@contextlib.contextmanager
+def replaying(before: RngState | None) -> Iterator[None]:
+    """Run the block from the random state ``before``; afterwards the state is what it was on entry."""
+    if before is None:
+        yield
+        return
+    after = RngState()
+    before.restore()
+    try:
+        yield
+    finally:
+        after.restore()
+
+
+def _running_buffers(model: nn.Module | None) -> list[torch.Tensor]:
+    if model is None:
+        return []
+    buffers = []
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
+            buffers += [b for b in (module.running_mean, module.running_var, module.num_batches_tracked)
+                        if b is not None]
+    return buffers
+
+
+class BatchNormSnapshot:
+    """A copy of ``model``'s BatchNorm running statistics; :meth:`restore` writes it back (bitwise)."""
+
+    def __init__(self, model: nn.Module | None) -> None:
+        self._buffers = _running_buffers(model)
+        self._saved = [b.detach().clone() for b in self._buffers]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for buffer, value in zip(self._buffers, self._saved):
+            buffer.copy_(value)

@@ -55,7 +55,8 @@ def main() -> None:
     training = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         accelerator_config={"split_batches": True}, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant",
-        use_cpu=True, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, ddp_find_unused_parameters=False, logging_steps=1, save_strategy="no",
+        use_cpu=True, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, ddp_find_unused_parameters=False,
+        logging_steps=1, save_strategy="no",
         report_to="none", disable_tqdm=True, seed=0,
         # BERT's classification loss is a mean over the batch, not a sum over num_items_in_batch:
         # Trainer's token averaging would scale it by the number of processes.
@@ -68,7 +69,8 @@ def main() -> None:
 
     if trainer.accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        params = {name: p.detach().contiguous() for name, p in trainer.accelerator.unwrap_model(model).named_parameters()}
+        trained = trainer.accelerator.unwrap_model(model)
+        params = {name: p.detach().contiguous() for name, p in trained.named_parameters()}
         save_file(params, os.path.join(args.output_dir, "params.safetensors"))
         result = {"mode": callback.regularizers.mode, "step_index": callback.regularizers.step_index,
                   "world_size": trainer.accelerator.num_processes, "log_history": trainer.state.log_history}

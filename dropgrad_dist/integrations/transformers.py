@@ -15,7 +15,8 @@ then returns the norm our clipper sees (masked, unscaled, all shards) and clips 
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback

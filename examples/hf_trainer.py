@@ -15,9 +15,11 @@ import json
 import os
 
 import torch
+from accelerate.utils import FullyShardedDataParallelPlugin
 from safetensors.torch import save_file
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
+from dropgrad_dist import enable_fsdp_on_cpu
 from dropgrad_dist.integrations.transformers import add_regularizers
 
 
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="global batch, split over the processes")
     parser.add_argument("--drop_rate", type=float, default=0.5)
     parser.add_argument("--communication", choices=["dense", "compact"], default="compact")
+    parser.add_argument("--fsdp2", action="store_true", help="shard with FSDP2 (on CPU processes too)")
     parser.add_argument("--clip_level", type=float, default=0.5, help="clip the global norm to this (0: no clipping)")
     args = parser.parse_args()
 
@@ -60,17 +63,25 @@ def main() -> None:
         report_to="none", disable_tqdm=True, seed=0,
         # BERT's classification loss is a mean over the batch, not a sum over num_items_in_batch:
         # Trainer's token averaging would scale it by the number of processes.
-        average_tokens_across_devices=False)
+        average_tokens_across_devices=False,
+        **(dict(fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]})
+           if args.fsdp2 else {}))
     trainer = Trainer(model=model, args=training, train_dataset=ToyClassification(8 * args.batch_size))
+    if args.fsdp2 and trainer.accelerator.device.type == "cpu" and trainer.accelerator.num_processes > 1:
+        # Accelerate shards only on GPU-like devices and otherwise falls back to DDP: shard on CPU too.
+        enable_fsdp_on_cpu(trainer.accelerator, FullyShardedDataParallelPlugin(**training.fsdp_plugin_args))
+        trainer.is_fsdp_enabled = True
     callback = add_regularizers(
         trainer, dropgrad=dict(drop_rate=args.drop_rate, seed=3, communication=args.communication),
         clipping=dict(method="norm", clipping_level=args.clip_level) if args.clip_level > 0 else None)
     trainer.train()  # max_grad_norm stays at Trainer's default: with clipping=, ours clips instead
 
+    # FSDP2 parameters are DTensors: every rank takes part in gathering them.
+    trained = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    params = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().contiguous()
+              for name, p in trained.named_parameters()}
     if trainer.accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        trained = trainer.accelerator.unwrap_model(model)
-        params = {name: p.detach().contiguous() for name, p in trained.named_parameters()}
         save_file(params, os.path.join(args.output_dir, "params.safetensors"))
         result = {"mode": callback.regularizers.mode, "step_index": callback.regularizers.step_index,
                   "world_size": trainer.accelerator.num_processes, "log_history": trainer.state.log_history}

@@ -7,8 +7,9 @@
 does so on CUDA only); clipping is a ``ClippedOptimizer`` returned by ``configure_optimizers``.
 Each process takes ``--batch_size / devices`` samples per step (rank r: samples r, r + devices, ...),
 so the run steps on the same global batches as one process with ``--batch_size``. Writes
-``params.safetensors`` and ``result.json`` into ``--output_dir``; ``--check_refusal`` then also
-fits with SAM and ``accumulate_grad_batches=2`` and records the strategy's refusal.
+``params.safetensors`` and ``result.json`` into ``--output_dir``; ``--check_accumulation`` also fits
+with ``accumulate_grad_batches=2`` (``accumulated.safetensors``), and ``--check_refusal`` with SAM and
+``accumulate_grad_batches=2``, recording the strategy's refusal.
 """
 
 import argparse
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--drop_rate", type=float, default=0.5)
     parser.add_argument("--communication", choices=["dense", "compact"], default="compact")
     parser.add_argument("--clip_level", type=float, default=0.5)
+    parser.add_argument("--check_accumulation", action="store_true", help="also fit with accumulate_grad_batches=2")
     parser.add_argument("--check_refusal", action="store_true")
     args = parser.parse_args()
 
@@ -89,6 +91,13 @@ def main() -> None:
     result = {"step_index": strategy.dropgrad_state.step_index,
               "bytes_communicated": strategy.dropgrad_state.bytes_communicated,
               "bytes_dense_equivalent": strategy.dropgrad_state.bytes_dense_equivalent}
+    if args.check_accumulation:  # 2 micro-batches per step: the hook masks the step's gradient once
+        torch.manual_seed(0)
+        accumulated = ToyRegression(clip_level=args.clip_level, batch_size=args.batch_size)
+        again = DropGradDDPStrategy(drop_rate=args.drop_rate, seed=3, communication=args.communication,
+                                    process_group_backend="gloo")
+        fit(accumulated, again, args.devices, args.steps, accumulate=2)
+        result["accumulated_step_index"] = again.dropgrad_state.step_index
     if args.check_refusal:
         try:
             fit(ToyRegression(sam_rho=0.05, batch_size=args.batch_size),
@@ -100,6 +109,9 @@ def main() -> None:
         os.makedirs(args.output_dir, exist_ok=True)
         params = {name: p.detach().contiguous() for name, p in module.named_parameters()}
         save_file(params, os.path.join(args.output_dir, "params.safetensors"))
+        if args.check_accumulation:
+            save_file({name: p.detach().contiguous() for name, p in accumulated.named_parameters()},
+                      os.path.join(args.output_dir, "accumulated.safetensors"))
         with open(os.path.join(args.output_dir, "result.json"), "w") as file:
             json.dump(result, file)
         print(json.dumps(result))

@@ -41,7 +41,8 @@ def test_strategy_hook_runs_on_cpu_matches_one_process_and_refuses_sam_with_accu
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), str(ROOT / "examples" / "lightning_ddp.py"), "--output_dir",
-                           str(tmp_path), "--check_refusal"], env=env, capture_output=True, text=True, timeout=300)
+                           str(tmp_path), "--check_accumulation", "--check_refusal"],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     got = load_file(tmp_path / "params.safetensors")
@@ -53,6 +54,10 @@ def test_strategy_hook_runs_on_cpu_matches_one_process_and_refuses_sam_with_accu
     assert max((want[k] - got[k]).abs().max().item() for k in want) < 1e-6
     assert max((undropped[k] - got[k]).abs().max().item() for k in want) > 1e-3  # the masks mattered
     assert "accumulate_grad_batches=2 with GradientNormPenalty/SAM" in result["refusal"]
+    # accumulate_grad_batches=2: each step averages 2 micro-batches per rank, i.e. a global batch of 16.
+    assert result["accumulated_step_index"] == 4
+    accumulated, want16 = load_file(tmp_path / "accumulated.safetensors"), _one_process(0.5, batch_size=16)
+    assert max((want16[k] - accumulated[k]).abs().max().item() for k in want16) < 1e-6
 
 
 def test_strategy_refuses_other_hooks_and_bad_communication():

@@ -52,8 +52,6 @@ class DropGradDDPStrategy(DDPStrategy):
     (``step_index``, ``bytes_communicated``, ``state_dict()``).
     """
 
-    strategy_name = "dropgrad_ddp"
-
     def __init__(self, drop_rate: float | RateSpec | None = None, params: RateSpec | None = None, *,
                  drop_rate_scheduler: DropRateScheduler | None = None, seed: int = 0,
                  communication: str = "dense", **kwargs: Any) -> None:

@@ -1,0 +1,5 @@
+"""Integrations with high-level trainers; each module imports its trainer library only when imported itself.
+
+- :mod:`dropgrad_dist.integrations.transformers`: Hugging Face ``Trainer`` (``add_regularizers``).
+- :mod:`dropgrad_dist.integrations.lightning`: PyTorch Lightning (``DropGradDDPStrategy``).
+"""

@@ -1,0 +1,175 @@
+"""DeepSpeed ZeRO-1/2 through Accelerate, 2 gloo ranks on CPU, against the one-process run.
+
+One spawned run covers every configuration (DeepSpeed's import and engine setup dominate the
+time): each rank records, per step, the masked gradient its client optimizer steps on (summed
+over the ranks' partitions into whole gradients) and the final parameters; the parent compares
+them with one-process ``DropGrad`` (and clipping) on the same global batch, and the zero pattern
+with the mask engine's ``keep_mask``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from dropgrad_dist import DropGrad
+from dropgrad_dist.clip import ClippedOptimizer, GradientClipper
+from dropgrad_dist.mask import keep_mask
+from dropgrad_dist.testing import run_on_ranks
+
+pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install dropgrad-dist[deepspeed])")
+
+STEPS = 3
+SEED = 7
+RATES = dict(drop_rate=0.5, params={"0.weight": 0.3})
+# (name, ZeRO stage, bf16, optimizer, clipping level or None)
+CONFIGS = [
+    ("zero1_fp32_sgd", 1, False, "sgd", None),
+    ("zero2_fp32_adamw", 2, False, "adamw", None),
+    ("zero2_fp32_sgd_clip", 2, False, "sgd", 0.05),
+    ("zero1_bf16_adamw", 1, True, "adamw", None),
+    ("zero2_bf16_sgd", 2, True, "sgd", None),
+]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def make_optimizer(name: str, params) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    return torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 5, generator=generator), torch.randn(8, 3, generator=generator)) for _ in range(STEPS)]
+
+
+def reference(optimizer_name: str, clip: float | None) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """One process, the whole batch: the masked (and clipped) gradients per step, and the final parameters."""
+    model = make_model()
+    inner = make_optimizer(optimizer_name, model.parameters())
+    seen: list[dict[str, torch.Tensor]] = []
+    record = inner.step
+
+    def step(*args, **kwargs):
+        seen.append({name: p.grad.detach().clone().view(-1) for name, p in model.named_parameters()})
+        return record(*args, **kwargs)
+
+    inner.step = step
+    chain = ClippedOptimizer(inner, GradientClipper("norm", clip, model=model)) if clip is not None else inner
+    dropgrad = DropGrad(chain, **RATES, seed=SEED, model=model)
+    for x, y in batches():
+        dropgrad.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        dropgrad.step()
+    return seen, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _new_accelerator(stage: int, bf16: bool, clipping: float = 0.0):
+    import deepspeed.ops
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    import torch.distributed as dist
+    from accelerate.utils import DeepSpeedPlugin
+
+    # The shared-memory collective is a C++ extension DeepSpeed would compile at first use; gloo suffices.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    AcceleratorState._reset_state()  # one DeepSpeed config per Accelerator; the process group stays
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": clipping,
+              "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}, "zero_allow_untested_optimizer": True}
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
+    # Without a GPU Accelerate finds no backend and records one process of index 0 on every rank;
+    # the process group (gloo) is there: record the real ranks (checkpoint files are per rank).
+    PartialState._shared_state.update(process_index=dist.get_rank(), num_processes=dist.get_world_size(),
+                                      local_process_index=dist.get_rank())
+    assert accelerator.num_processes == 2
+    return accelerator
+
+
+def _whole_gradients(engine, client) -> dict[str, torch.Tensor]:
+    """The gradient the client optimizer is about to step on, reassembled from every rank's fragments."""
+    import torch.distributed as dist
+
+    whole = {name: torch.zeros(p.numel()) for name, p in engine.module.named_parameters()}
+    by_param = {p: name for name, p in engine.module.named_parameters()}
+    zero = engine.optimizer
+    flats = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_groups_flat_partition
+    lps = getattr(zero, "bit16_groups", None) or zero.bf16_groups
+    for flat, group in zip(flats, lps):
+        for lp in group:
+            mapping = getattr(lp, "_hp_mapping", None)
+            if mapping is not None:
+                hp, at = mapping.hp_fragment_address, mapping.lp_fragment_address.start
+                whole[by_param[lp]][at:at + hp.numel] = flat.grad.view(-1)[hp.start:hp.start + hp.numel]
+    for tensor in whole.values():
+        dist.all_reduce(tensor)
+    return whole
+
+
+def _train(accelerator, engine, steps: list[int]) -> list[dict[str, torch.Tensor]]:
+    client = engine.optimizer.optimizer
+    seen: list[dict[str, torch.Tensor]] = []
+    # A step pre-hook of the client optimizer runs after the library masked and clipped, right before the update.
+    handle = client.register_step_pre_hook(lambda *_: seen.append(_whole_gradients(engine, client)))
+    try:
+        dtype = next(engine.module.parameters()).dtype
+        data = batches()
+        rank = torch.distributed.get_rank()  # this process's rows of the global batch
+        for t in steps:
+            x, y = data[t]
+            rows = slice(rank * 4, rank * 4 + 4)
+            loss = nn.functional.mse_loss(engine(x[rows].to(dtype)).float(), y[rows])
+            accelerator.backward(loss)
+    finally:
+        handle.remove()
+    return seen
+
+
+def _ranks_main(rank: int, world_size: int, checkpoint_dir: str) -> dict:
+    from dropgrad_dist import prepare_regularizers
+
+    out: dict = {}
+    for name, stage, bf16, optimizer_name, clip in CONFIGS:
+        accelerator = _new_accelerator(stage, bf16)
+        model = make_model()
+        engine, optimizer = accelerator.prepare(model, make_optimizer(optimizer_name, model.parameters()))
+        clipping = dict(method="norm", clipping_level=clip) if clip is not None else None
+        regularizers = prepare_regularizers(accelerator, engine, optimizer, dropgrad=dict(RATES, seed=SEED),
+                                            clipping=clipping)
+        seen = _train(accelerator, engine, list(range(STEPS)))
+        out[name] = {"grads": [_plain(grads) for grads in seen], "params": _plain(dict(engine.module.named_parameters())),
+                     "step_index": regularizers.step_index, "optimizer": type(engine.optimizer).__name__}
+    return out
+
+
+def _plain(tensors: dict[str, torch.Tensor]) -> dict:
+    # numpy, not tensors: a tensor sent through the result queue lives in this process's shared memory.
+    return {name: tensor.detach().float().numpy().copy() for name, tensor in tensors.items()}
+
+
+def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
+    results = run_on_ranks(_ranks_main, 2, str(tmp_path), timeout=400, pg_timeout=120)
+    for name, stage, bf16, optimizer_name, clip in CONFIGS:
+        expected_grads, expected_params = reference(optimizer_name, clip)
+        tolerance = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-6)
+        for rank_result in results:
+            got = rank_result[name]
+            assert got["step_index"] == STEPS, name
+            assert len(got["grads"]) == STEPS, (name, got["optimizer"])  # one update per step (one group)
+            for t, (grads, want) in enumerate(zip(got["grads"], expected_grads)):
+                for key, grad in grads.items():
+                    grad = torch.from_numpy(grad)
+                    rate = 0.3 if key == "0.weight" else 0.5
+                    kept = keep_mask(grad.numel(), seed=SEED, step=t, key=key, rate=rate)
+                    # Bitwise masks: exactly the dropped coordinates are zero (the gradients are dense here).
+                    assert torch.equal(grad != 0, kept), (name, t, key)
+                    torch.testing.assert_close(grad, want[key], **tolerance, msg=f"{name} step {t} {key}")
+            for key, param in got["params"].items():
+                torch.testing.assert_close(torch.from_numpy(param), expected_params[key], **tolerance, msg=f"{name} {key}")

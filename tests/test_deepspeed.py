@@ -87,8 +87,9 @@ def _new_accelerator(stage: int, bf16: bool, clipping: float = 0.0):
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
     # Without a GPU Accelerate finds no backend and records one process of index 0 on every rank;
     # the process group (gloo) is there: record the real ranks (checkpoint files are per rank).
-    PartialState._shared_state.update(process_index=dist.get_rank(), num_processes=dist.get_world_size(),
-                                      local_process_index=dist.get_rank())
+    ranks = dict(process_index=dist.get_rank(), num_processes=dist.get_world_size(), local_process_index=dist.get_rank())
+    PartialState._shared_state.update(ranks)
+    AcceleratorState._shared_state.update(ranks)
     assert accelerator.num_processes == 2
     return accelerator
 
@@ -146,7 +147,52 @@ def _ranks_main(rank: int, world_size: int, checkpoint_dir: str) -> dict:
         seen = _train(accelerator, engine, list(range(STEPS)))
         out[name] = {"grads": [_plain(grads) for grads in seen], "params": _plain(dict(engine.module.named_parameters())),
                      "step_index": regularizers.step_index, "optimizer": type(engine.optimizer).__name__}
+    out["checkpoint"] = _resumes_exactly(rank, checkpoint_dir)
+    out["refusals"] = _refusals()
     return out
+
+
+def _resumes_exactly(rank: int, checkpoint_dir: str) -> dict:
+    """save_state after 2 steps, a 3rd step; a fresh engine loading the checkpoint takes the same 3rd step."""
+    from dropgrad_dist import prepare_regularizers
+
+    options = dict(dropgrad=dict(RATES, seed=SEED), clipping=dict(method="auto_clip", p_autoclip=0.5))
+    runs = []
+    for resume in (False, True):
+        accelerator = _new_accelerator(2, False)
+        model = make_model()
+        engine, optimizer = accelerator.prepare(model, make_optimizer("adamw", model.parameters()))
+        regularizers = prepare_regularizers(accelerator, engine, optimizer, **options)
+        if resume:
+            accelerator.load_state(checkpoint_dir)
+            assert (regularizers.step_index, len(regularizers.clipper.history)) == (2, 2)
+        else:
+            _train(accelerator, engine, [0, 1])
+            accelerator.save_state(checkpoint_dir)
+        _train(accelerator, engine, [2])
+        runs.append(_plain(dict(engine.module.named_parameters())))
+        assert regularizers.step_index == 3
+    return {"uninterrupted": runs[0], "resumed": runs[1],
+            "files": sorted(name for name in os.listdir(checkpoint_dir) if name.startswith("dropgrad_dist"))}
+
+
+def _refusals() -> dict[str, str]:
+    """What prepare_regularizers refuses under DeepSpeed, each message, and that nothing was hooked."""
+    from dropgrad_dist import prepare_regularizers
+
+    messages = {}
+    for name, stage, clipping, options in (
+            ("zero3", 3, 0.0, {}), ("deepspeed_clipping", 2, 1.0, {}),
+            ("gnp", 2, 0.0, {"gnp": dict(alpha=0.5, r=0.05)}),
+            ("layer_wise", 2, 0.0, {"clipping": dict(method="layer_wise")})):
+        accelerator = _new_accelerator(stage, False, clipping)
+        model = make_model()
+        engine, optimizer = accelerator.prepare(model, make_optimizer("sgd", model.parameters()))
+        with pytest.raises(ValueError) as refused:
+            prepare_regularizers(accelerator, engine, optimizer, dropgrad=dict(RATES, seed=SEED), **options)
+        assert "step" not in vars(engine.optimizer) and "step" not in vars(engine.optimizer.optimizer), name
+        messages[name] = str(refused.value)
+    return messages
 
 
 def _plain(tensors: dict[str, torch.Tensor]) -> dict:
@@ -173,3 +219,15 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
                     torch.testing.assert_close(grad, want[key], **tolerance, msg=f"{name} step {t} {key}")
             for key, param in got["params"].items():
                 torch.testing.assert_close(torch.from_numpy(param), expected_params[key], **tolerance, msg=f"{name} {key}")
+
+    for rank_result in results:
+        resumed = rank_result["checkpoint"]
+        for key, param in resumed["uninterrupted"].items():
+            assert (param == resumed["resumed"][key]).all(), key  # exact resume
+        assert resumed["files"] == ["dropgrad_dist_state_0.json"]
+        refusals = rank_result["refusals"]
+        assert "ZeRO stage 3 is not supported" in refusals["zero3"]
+        assert "gradient_clipping=1.0" in refusals["deepspeed_clipping"] and "set gradient_clipping to 0" in \
+            refusals["deepspeed_clipping"]
+        assert "gnp (gradient norm penalty / SAM) is not supported" in refusals["gnp"]
+        assert "'layer_wise'" in refusals["layer_wise"]

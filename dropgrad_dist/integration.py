@@ -120,6 +120,10 @@ class Regularizers:
         of a run without clipping). In wrapper modes it masks first (the step will not mask again);
         under a GradScaler it unscales first (``accelerator.unscale_gradients``, as ``clip_grad_norm_`` does).
         """
+        if self.mode == "deepspeed_zero":
+            raise ValueError("gradient_norm: under DeepSpeed accelerator.backward already stepped (the gradient lives "
+                             "in DeepSpeed's partitions only inside its step); with clipping=, read "
+                             "metrics()['grad_norm']")
         if isinstance(self.dropgrad, DropGrad) and not self.dropgrad.full_update_drop and self._final_micro_batch():
             self.dropgrad.mask_gradients_()
         if self._accelerator is not None and self._accelerator.scaler is not None:

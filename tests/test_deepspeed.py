@@ -27,14 +27,15 @@ SEED = 7
 RATES = dict(drop_rate=0.5, params={"0.weight": 0.3})
 ZERO, BF16 = "DeepSpeedZeroOptimizer", "BF16_Optimizer"
 # (name, ZeRO stage, bf16 (True: bf16 gradients, "fp32": fp32 gradient accumulation), optimizer, clipping
-# level or None, the DeepSpeed optimizer it gives)
+# level or None, the DeepSpeed optimizer it gives, micro-batches per step)
 CONFIGS = [
-    ("zero1_fp32_sgd", 1, False, "sgd", None, ZERO),
-    ("zero2_fp32_adamw", 2, False, "adamw", None, ZERO),
-    ("zero2_fp32_sgd_clip", 2, False, "sgd", 0.05, ZERO),
-    ("zero1_bf16_adamw", 1, True, "adamw", None, ZERO),
-    ("zero2_bf16_sgd", 2, True, "sgd", None, ZERO),
-    ("zero1_bf16_fp32acc_sgd_clip", 1, "fp32", "sgd", 0.05, BF16),
+    ("zero1_fp32_sgd", 1, False, "sgd", None, ZERO, 1),
+    ("zero2_fp32_adamw", 2, False, "adamw", None, ZERO, 1),
+    ("zero2_fp32_adamw_accumulate", 2, False, "adamw", None, ZERO, 2),
+    ("zero2_fp32_sgd_clip", 2, False, "sgd", 0.05, ZERO, 1),
+    ("zero1_bf16_adamw", 1, True, "adamw", None, ZERO, 1),
+    ("zero2_bf16_sgd", 2, True, "sgd", None, ZERO, 1),
+    ("zero1_bf16_fp32acc_sgd_clip", 1, "fp32", "sgd", 0.05, BF16, 1),
 ]
 
 
@@ -75,7 +76,7 @@ def reference(optimizer_name: str, clip: float | None) -> tuple[list[dict[str, t
     return seen, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def _new_accelerator(stage: int, bf16: bool | str, clipping: float = 0.0):
+def _new_accelerator(stage: int, bf16: bool | str, clipping: float = 0.0, micro: int = 1):
     import deepspeed.ops
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
@@ -85,7 +86,8 @@ def _new_accelerator(stage: int, bf16: bool | str, clipping: float = 0.0):
     # The shared-memory collective is a C++ extension DeepSpeed would compile at first use; gloo suffices.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     AcceleratorState._reset_state()  # one DeepSpeed config per Accelerator; the process group stays
-    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": clipping,
+    config = {"train_micro_batch_size_per_gpu": 4 // micro, "gradient_accumulation_steps": micro,
+              "gradient_clipping": clipping,
               "zero_optimization": {"stage": stage}, "bf16": {"enabled": bool(bf16)}, "zero_allow_untested_optimizer": True}
     if bf16 == "fp32":  # ZeRO-1 with bf16 parameters and fp32 gradients: DeepSpeed's BF16_Optimizer
         config["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -119,7 +121,7 @@ def _whole_gradients(engine, client) -> dict[str, torch.Tensor]:
     return whole
 
 
-def _train(accelerator, engine, steps: list[int]) -> list[dict[str, torch.Tensor]]:
+def _train(accelerator, engine, steps: list[int], micro: int = 1) -> list[dict[str, torch.Tensor]]:
     client = engine.optimizer.optimizer
     seen: list[dict[str, torch.Tensor]] = []
     # A step pre-hook of the client optimizer runs after the library masked and clipped, right before the update.
@@ -130,9 +132,12 @@ def _train(accelerator, engine, steps: list[int]) -> list[dict[str, torch.Tensor
         rank = torch.distributed.get_rank()  # this process's rows of the global batch
         for t in steps:
             x, y = data[t]
-            rows = slice(rank * 4, rank * 4 + 4)
-            loss = nn.functional.mse_loss(engine(x[rows].to(dtype)).float(), y[rows])
-            accelerator.backward(loss)
+            size = 4 // micro  # DeepSpeed averages the micro-batches' gradients, then the ranks'
+            for m in range(micro):
+                rows = slice(rank * 4 + m * size, rank * 4 + (m + 1) * size)
+                with accelerator.accumulate(engine):
+                    loss = nn.functional.mse_loss(engine(x[rows].to(dtype)).float(), y[rows])
+                    accelerator.backward(loss)
     finally:
         handle.remove()
     return seen
@@ -142,14 +147,14 @@ def _ranks_main(rank: int, world_size: int, checkpoint_dir: str) -> dict:
     from dropgrad_dist import prepare_regularizers
 
     out: dict = {}
-    for name, stage, bf16, optimizer_name, clip, _ in CONFIGS:
-        accelerator = _new_accelerator(stage, bf16)
+    for name, stage, bf16, optimizer_name, clip, _, micro in CONFIGS:
+        accelerator = _new_accelerator(stage, bf16, micro=micro)
         model = make_model()
         engine, optimizer = accelerator.prepare(model, make_optimizer(optimizer_name, model.parameters()))
         clipping = dict(method="norm", clipping_level=clip) if clip is not None else None
         regularizers = prepare_regularizers(accelerator, engine, optimizer, dropgrad=dict(RATES, seed=SEED),
                                             clipping=clipping)
-        seen = _train(accelerator, engine, list(range(STEPS)))
+        seen = _train(accelerator, engine, list(range(STEPS)), micro)
         out[name] = {"grads": [_plain(grads) for grads in seen], "params": _plain(dict(engine.module.named_parameters())),
                      "step_index": regularizers.step_index, "optimizer": type(engine.optimizer).__name__}
     out["checkpoint"] = _resumes_exactly(rank, checkpoint_dir)
@@ -207,7 +212,7 @@ def _plain(tensors: dict[str, torch.Tensor]) -> dict:
 
 def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
     results = run_on_ranks(_ranks_main, 2, str(tmp_path), timeout=400, pg_timeout=120)
-    for name, stage, bf16, optimizer_name, clip, zero_class in CONFIGS:
+    for name, stage, bf16, optimizer_name, clip, zero_class, _ in CONFIGS:
         expected_grads, expected_params = reference(optimizer_name, clip)
         tolerance = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-6)
         for rank_result in results:

@@ -23,7 +23,8 @@ CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepspee
 STEPS = 60
 
 
-def train(checkpoint_dir: str) -> None:
+def train(checkpoint_dir: str) -> list[float]:
+    """Train, print the loss every 20 steps, save the state; returns the printed losses."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
 
@@ -36,7 +37,7 @@ def train(checkpoint_dir: str) -> None:
         # DeepSpeed would compile a shared-memory collective (a C++ extension) at first use; gloo is enough.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # accelerate launch passes the config named in deepspeed_zero.yaml; spawned here, give it directly.
-    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    launched = "ACCELERATE_DEEPSPEED_CONFIG_FILE" in os.environ
     accelerator = Accelerator(deepspeed_plugin=None if launched else DeepSpeedPlugin(hf_ds_config=CONFIG_FILE))
     if on_cpu:
         _record_cpu_ranks()
@@ -49,6 +50,7 @@ def train(checkpoint_dir: str) -> None:
     generator = torch.Generator().manual_seed(1)
     teacher = torch.randn(8, 1, generator=generator)
     rank, world = accelerator.process_index, accelerator.num_processes
+    losses = []
     for step in range(STEPS):
         x = torch.randn(16 * world, 8, generator=generator)
         y = torch.tanh(x @ teacher)
@@ -57,10 +59,12 @@ def train(checkpoint_dir: str) -> None:
         accelerator.backward(loss)  # DeepSpeed steps here: mask, clip, update
         if step % 20 == 0 or step == STEPS - 1:
             metrics = regularizers.metrics()
+            losses.append(loss.item())
             accelerator.print(f"step {step:3d} loss {loss.item():.4f} grad norm {metrics['grad_norm']:.3f} "
                               f"clipped {bool(metrics['clipped'])}")
     accelerator.save_state(checkpoint_dir)  # DeepSpeed's checkpoint plus dropgrad_dist_state_0.json
     accelerator.print(f"{regularizers.describe()}; saved to {checkpoint_dir}")
+    return losses
 
 
 def _record_cpu_ranks() -> None:
@@ -68,7 +72,8 @@ def _record_cpu_ranks() -> None:
     import torch.distributed as dist
     from accelerate.state import AcceleratorState, PartialState
 
-    ranks = dict(process_index=dist.get_rank(), num_processes=dist.get_world_size(), local_process_index=dist.get_rank())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ranks = dict(process_index=rank, num_processes=world, local_process_index=rank)
     PartialState._shared_state.update(ranks)
     AcceleratorState._shared_state.update(ranks)
 

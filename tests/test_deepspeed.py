@@ -78,9 +78,9 @@ def reference(optimizer_name: str, clip: float | None) -> tuple[list[dict[str, t
 
 def _new_accelerator(stage: int, bf16: bool | str, clipping: float = 0.0, micro: int = 1):
     import deepspeed.ops
+    import torch.distributed as dist
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
-    import torch.distributed as dist
     from accelerate.utils import DeepSpeedPlugin
 
     # The shared-memory collective is a C++ extension DeepSpeed would compile at first use; gloo suffices.
@@ -88,13 +88,15 @@ def _new_accelerator(stage: int, bf16: bool | str, clipping: float = 0.0, micro:
     AcceleratorState._reset_state()  # one DeepSpeed config per Accelerator; the process group stays
     config = {"train_micro_batch_size_per_gpu": 4 // micro, "gradient_accumulation_steps": micro,
               "gradient_clipping": clipping,
-              "zero_optimization": {"stage": stage}, "bf16": {"enabled": bool(bf16)}, "zero_allow_untested_optimizer": True}
+              "zero_optimization": {"stage": stage}, "bf16": {"enabled": bool(bf16)},
+              "zero_allow_untested_optimizer": True}
     if bf16 == "fp32":  # ZeRO-1 with bf16 parameters and fp32 gradients: DeepSpeed's BF16_Optimizer
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
     # Without a GPU Accelerate finds no backend and records one process of index 0 on every rank;
     # the process group (gloo) is there: record the real ranks (checkpoint files are per rank).
-    ranks = dict(process_index=dist.get_rank(), num_processes=dist.get_world_size(), local_process_index=dist.get_rank())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ranks = dict(process_index=rank, num_processes=world, local_process_index=rank)
     PartialState._shared_state.update(ranks)
     AcceleratorState._shared_state.update(ranks)
     assert accelerator.num_processes == 2
@@ -155,11 +157,29 @@ def _ranks_main(rank: int, world_size: int, checkpoint_dir: str) -> dict:
         regularizers = prepare_regularizers(accelerator, engine, optimizer, dropgrad=dict(RATES, seed=SEED),
                                             clipping=clipping)
         seen = _train(accelerator, engine, list(range(STEPS)), micro)
-        out[name] = {"grads": [_plain(grads) for grads in seen], "params": _plain(dict(engine.module.named_parameters())),
+        out[name] = {"grads": [_plain(grads) for grads in seen],
+                     "params": _plain(dict(engine.module.named_parameters())),
                      "step_index": regularizers.step_index, "optimizer": type(engine.optimizer).__name__}
     out["checkpoint"] = _resumes_exactly(rank, checkpoint_dir)
     out["refusals"] = _refusals()
+    out["example"] = _example(os.path.join(checkpoint_dir, "example"))
     return out
+
+
+def _example(checkpoint_dir: str) -> list[float]:
+    """examples/deepspeed_zero.py's training, in this spawned run (a run of its own would import DeepSpeed again)."""
+    import importlib.util
+
+    from accelerate.state import AcceleratorState
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "deepspeed_zero.py")
+    spec = importlib.util.spec_from_file_location("deepspeed_zero_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    AcceleratorState._reset_state()
+    losses = example.train(checkpoint_dir)
+    assert os.path.exists(os.path.join(checkpoint_dir, "dropgrad_dist_state_0.json"))
+    return losses
 
 
 def _resumes_exactly(rank: int, checkpoint_dir: str) -> dict:
@@ -212,7 +232,7 @@ def _plain(tensors: dict[str, torch.Tensor]) -> dict:
 
 def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
     results = run_on_ranks(_ranks_main, 2, str(tmp_path), timeout=400, pg_timeout=120)
-    for name, stage, bf16, optimizer_name, clip, zero_class, _ in CONFIGS:
+    for name, _, bf16, optimizer_name, clip, zero_class, _ in CONFIGS:
         expected_grads, expected_params = reference(optimizer_name, clip)
         tolerance = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-6)
         for rank_result in results:
@@ -231,7 +251,8 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
                     assert bf16 or (grad[kept] != 0).all(), (name, t, key)
                     torch.testing.assert_close(grad, want[key], **tolerance, msg=f"{name} step {t} {key}")
             for key, param in got["params"].items():
-                torch.testing.assert_close(torch.from_numpy(param), expected_params[key], **tolerance, msg=f"{name} {key}")
+                torch.testing.assert_close(torch.from_numpy(param), expected_params[key], **tolerance,
+                                           msg=f"{name} {key}")
 
     for rank_result in results:
         resumed = rank_result["checkpoint"]
@@ -244,3 +265,5 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
             refusals["deepspeed_clipping"]
         assert "gnp (gradient norm penalty / SAM) is not supported" in refusals["gnp"]
         assert "'layer_wise'" in refusals["layer_wise"]
+        losses = rank_result["example"]
+        assert len(losses) == 4 and losses[-1] < 0.3 * losses[0]  # the example learns

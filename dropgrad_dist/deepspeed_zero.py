@@ -24,7 +24,8 @@ clipping of a ZeRO-1/2 optimizer with several parameter groups.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -162,6 +163,9 @@ def prepare_deepspeed(accelerator: Any, engine: nn.Module, optimizer: Any, *, dr
     ``engine``/``optimizer``: what ``accelerator.prepare`` returned (the ``DeepSpeedEngine`` and
     Accelerate's ``DeepSpeedOptimizerWrapper``). Validates everything before changing anything.
     """
+    if not callable(getattr(engine, "zero_optimization_stage", None)):
+        raise ValueError("prepare_regularizers under DeepSpeed: model must be the DeepSpeedEngine returned by "
+                         f"accelerator.prepare, got {type(engine).__name__}")
     zero_optimizer = engine.optimizer
     client = getattr(zero_optimizer, "optimizer", None)
     _check_engine(engine, zero_optimizer, dict(dropgrad or {}), clipping, restarts, gnp)

@@ -49,6 +49,9 @@ class ZeroPartitions:
     """
 
     def __init__(self, zero_optimizer: Any) -> None:
+        if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # DeepSpeedZeroOptimizer_Stage3
+            self._stage3(zero_optimizer)
+            return
         if hasattr(zero_optimizer, "single_partition_of_fp32_groups"):  # DeepSpeedZeroOptimizer (stage 1, 2)
             flats, lps = zero_optimizer.single_partition_of_fp32_groups, zero_optimizer.bit16_groups
         elif hasattr(zero_optimizer, "fp32_groups_flat_partition"):  # BF16_Optimizer
@@ -66,6 +69,26 @@ class ZeroPartitions:
                 (lp, lp._hp_mapping.hp_fragment_address.start, lp._hp_mapping.hp_fragment_address.numel,
                  lp._hp_mapping.lp_fragment_address.start)
                 for lp in group if getattr(lp, "_hp_mapping", None) is not None]
+
+    def _stage3(self, zero_optimizer: Any) -> None:
+        """ZeRO-3: each parameter ``p`` is split evenly; this rank holds ``p.ds_tensor`` (padded), the flat
+        coordinates from ``partition rank * p.ds_tensor.ds_numel`` on; a sub-group's fp32 partition lays
+        the parameters' pieces back to back, in the sub-group's order."""
+        self.groups = [list(group) for group in zero_optimizer.fp16_groups]
+        self.flats = list(zero_optimizer.fp32_partitioned_groups_flat)
+        self.shard_groups = [zero_optimizer._get_sub_group_process_group(i) for i in range(len(self.flats))]
+        self.fragments = {}
+        for i, (flat, group) in enumerate(zip(self.flats, self.groups)):
+            rank = zero_optimizer._get_sub_group_partition_rank(i)
+            fragments, at = [], 0
+            for lp in group:
+                size = lp.ds_tensor.ds_numel  # this rank's piece, padding included
+                start = rank * size
+                held = max(0, min(size, lp.ds_numel - start))  # the padding of the last piece is no coordinate
+                if held:
+                    fragments.append((lp, at, held, start))
+                at += size
+            self.fragments[flat] = fragments
 
     def pieces(self) -> dict[torch.Tensor, FlatPiece]:
         """Each flat partition as a piece summed over its data-parallel group (for global norms)."""
@@ -124,11 +147,6 @@ def _masking_client_step(client: torch.optim.Optimizer, partitions: ZeroPartitio
 def _check_engine(engine: Any, zero_optimizer: Any, dropgrad: Mapping[str, Any], clipping: Mapping[str, Any] | None,
                   restarts: Any, gnp: Any) -> None:
     """Refuse, before anything changes, every combination this integration would get wrong."""
-    stage = engine.zero_optimization_stage()
-    if stage == 3:
-        raise _refuse("ZeRO stage 3", "its gradient partitions are reduce-scattered per parameter inside backward "
-                      "and stepped by DeepSpeed's stage-3 optimizer, which this integration does not hook; use "
-                      "zero_optimization.stage 1 or 2, or FSDP (prepare_regularizers supports FSDP1/FSDP2)")
     if engine.fp16_enabled():
         raise _refuse("fp16", "DeepSpeed's loss scaler skips overflowing steps inside its optimizer, after DropGrad "
                       "would have counted them; use bf16 or fp32")
@@ -136,7 +154,7 @@ def _check_engine(engine: Any, zero_optimizer: Any, dropgrad: Mapping[str, Any],
         raise _refuse(f"DeepSpeed's gradient_clipping={engine.gradient_clipping()}",
                       "DeepSpeed clips before DropGrad masks; set gradient_clipping to 0 in the DeepSpeed config and "
                       "pass clipping=dict(method='norm', clipping_level=...) to prepare_regularizers instead")
-    if getattr(zero_optimizer, "cpu_offload", False):
+    if getattr(zero_optimizer, "cpu_offload", False) or getattr(zero_optimizer, "offload_optimizer", False):
         raise _refuse("offload_optimizer", "the offloaded partitions are stepped by DeepSpeed's CPU path")
     if dropgrad.get("full_update_drop") or dropgrad.get("step_skip_rate"):
         raise _refuse("full_update_drop/step_skip_rate", "DeepSpeed updates its fp32 partitions itself; only "
@@ -150,8 +168,10 @@ def _check_engine(engine: Any, zero_optimizer: Any, dropgrad: Mapping[str, Any],
         if clipping.get("method") == "layer_wise":
             raise _refuse("clipping method 'layer_wise'", "a ZeRO partition holds fragments of several parameters; "
                           "the global methods ('norm', 'auto_clip', 'coordinate_wise', the random ones) work")
-        if hasattr(zero_optimizer, "single_partition_of_fp32_groups") and len(zero_optimizer.bit16_groups) > 1:
-            raise _refuse("clipping with several parameter groups under ZeRO-1/2",
+        stepped_apart = getattr(zero_optimizer, "single_partition_of_fp32_groups", None) or \
+            getattr(zero_optimizer, "fp32_partitioned_groups_flat", [])
+        if len(stepped_apart) > 1:
+            raise _refuse("clipping with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer",
                           "DeepSpeed updates one group after another, so no global norm exists before the first "
                           "group's update; use one parameter group (or bf16 with DeepSpeed's BF16_Optimizer)")
 

@@ -25,7 +25,7 @@ pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install
 STEPS = 3
 SEED = 7
 RATES = dict(drop_rate=0.5, params={"0.weight": 0.3})
-ZERO, BF16 = "DeepSpeedZeroOptimizer", "BF16_Optimizer"
+ZERO, BF16, ZERO3 = "DeepSpeedZeroOptimizer", "BF16_Optimizer", "DeepSpeedZeroOptimizer_Stage3"
 # (name, ZeRO stage, bf16 (True: bf16 gradients, "fp32": fp32 gradient accumulation), optimizer, clipping
 # level or None, the DeepSpeed optimizer it gives, micro-batches per step)
 CONFIGS = [
@@ -36,6 +36,8 @@ CONFIGS = [
     ("zero1_bf16_adamw", 1, True, "adamw", None, ZERO, 1),
     ("zero2_bf16_sgd", 2, True, "sgd", None, ZERO, 1),
     ("zero1_bf16_fp32acc_sgd_clip", 1, "fp32", "sgd", 0.05, BF16, 1),
+    ("zero3_fp32_adamw", 3, False, "adamw", None, ZERO3, 1),
+    ("zero3_bf16_sgd_clip", 3, True, "sgd", 0.05, ZERO3, 1),
 ]
 
 
@@ -107,20 +109,28 @@ def _whole_gradients(engine, client) -> dict[str, torch.Tensor]:
     """The gradient the client optimizer is about to step on, reassembled from every rank's fragments."""
     import torch.distributed as dist
 
-    whole = {name: torch.zeros(p.numel()) for name, p in engine.module.named_parameters()}
+    from dropgrad_dist.deepspeed_zero import ZeroPartitions
+
+    whole = {name: torch.zeros(_numel(p)) for name, p in engine.module.named_parameters()}
     by_param = {p: name for name, p in engine.module.named_parameters()}
-    zero = engine.optimizer
-    flats = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_groups_flat_partition
-    lps = getattr(zero, "bit16_groups", None) or zero.bf16_groups
-    for flat, group in zip(flats, lps):
-        for lp in group:
-            mapping = getattr(lp, "_hp_mapping", None)
-            if mapping is not None:
-                hp, at = mapping.hp_fragment_address, mapping.lp_fragment_address.start
-                whole[by_param[lp]][at:at + hp.numel] = flat.grad.view(-1)[hp.start:hp.start + hp.numel]
+    for flat, fragments in ZeroPartitions(engine.optimizer).fragments.items():
+        for lp, at, numel, start in fragments:
+            whole[by_param[lp]][start:start + numel] = flat.grad.view(-1)[at:at + numel]
     for tensor in whole.values():
         dist.all_reduce(tensor)
     return whole
+
+
+def _numel(param: torch.Tensor) -> int:
+    return getattr(param, "ds_numel", param.numel())  # ZeRO-3 parameters hold nothing outside forward
+
+
+def _final_params(engine) -> dict:
+    if engine.zero_optimization_stage() == 3:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return _plain({name: safe_get_full_fp32_param(p) for name, p in engine.module.named_parameters()})
+    return _plain(dict(engine.module.named_parameters()))
 
 
 def _train(accelerator, engine, steps: list[int], micro: int = 1) -> list[dict[str, torch.Tensor]]:
@@ -158,9 +168,10 @@ def _ranks_main(rank: int, world_size: int, checkpoint_dir: str) -> dict:
                                             clipping=clipping)
         seen = _train(accelerator, engine, list(range(STEPS)), micro)
         out[name] = {"grads": [_plain(grads) for grads in seen],
-                     "params": _plain(dict(engine.module.named_parameters())),
+                     "params": _final_params(engine),
                      "step_index": regularizers.step_index, "optimizer": type(engine.optimizer).__name__}
-    out["checkpoint"] = _resumes_exactly(rank, checkpoint_dir)
+    out["checkpoint"] = {stage: _resumes_exactly(stage, os.path.join(checkpoint_dir, f"zero{stage}"))
+                         for stage in (2, 3)}
     out["refusals"] = _refusals()
     out["example"] = _example(os.path.join(checkpoint_dir, "example"))
     return out
@@ -178,18 +189,19 @@ def _example(checkpoint_dir: str) -> list[float]:
     spec.loader.exec_module(example)
     AcceleratorState._reset_state()
     losses = example.train(checkpoint_dir)
+    torch.distributed.barrier()  # rank 0 writes the JSON
     assert os.path.exists(os.path.join(checkpoint_dir, "dropgrad_dist_state_0.json"))
     return losses
 
 
-def _resumes_exactly(rank: int, checkpoint_dir: str) -> dict:
+def _resumes_exactly(stage: int, checkpoint_dir: str) -> dict:
     """save_state after 2 steps, a 3rd step; a fresh engine loading the checkpoint takes the same 3rd step."""
     from dropgrad_dist import prepare_regularizers
 
     options = dict(dropgrad=dict(RATES, seed=SEED), clipping=dict(method="auto_clip", p_autoclip=0.5))
     runs = []
     for resume in (False, True):
-        accelerator = _new_accelerator(2, False)
+        accelerator = _new_accelerator(stage, False)
         model = make_model()
         engine, optimizer = accelerator.prepare(model, make_optimizer("adamw", model.parameters()))
         regularizers = prepare_regularizers(accelerator, engine, optimizer, **options)
@@ -200,7 +212,7 @@ def _resumes_exactly(rank: int, checkpoint_dir: str) -> dict:
             _train(accelerator, engine, [0, 1])
             accelerator.save_state(checkpoint_dir)
         _train(accelerator, engine, [2])
-        runs.append(_plain(dict(engine.module.named_parameters())))
+        runs.append(_final_params(engine))
         assert regularizers.step_index == 3
     return {"uninterrupted": runs[0], "resumed": runs[1],
             "files": sorted(name for name in os.listdir(checkpoint_dir) if name.startswith("dropgrad_dist"))}
@@ -212,7 +224,7 @@ def _refusals() -> dict[str, str]:
 
     messages = {}
     for name, stage, clipping, options in (
-            ("zero3", 3, 0.0, {}), ("deepspeed_clipping", 2, 1.0, {}),
+            ("deepspeed_clipping", 2, 1.0, {}),
             ("gnp", 2, 0.0, {"gnp": dict(alpha=0.5, r=0.05)}),
             ("layer_wise", 2, 0.0, {"clipping": dict(method="layer_wise")})):
         accelerator = _new_accelerator(stage, False, clipping)
@@ -255,12 +267,11 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
                                            msg=f"{name} {key}")
 
     for rank_result in results:
-        resumed = rank_result["checkpoint"]
-        for key, param in resumed["uninterrupted"].items():
-            assert (param == resumed["resumed"][key]).all(), key  # exact resume
-        assert resumed["files"] == ["dropgrad_dist_state_0.json"]
+        for stage, resumed in rank_result["checkpoint"].items():
+            for key, param in resumed["uninterrupted"].items():
+                assert (param == resumed["resumed"][key]).all(), (stage, key)  # exact resume
+            assert resumed["files"] == ["dropgrad_dist_state_0.json"], stage
         refusals = rank_result["refusals"]
-        assert "ZeRO stage 3 is not supported" in refusals["zero3"]
         assert "gradient_clipping=1.0" in refusals["deepspeed_clipping"] and "set gradient_clipping to 0" in \
             refusals["deepspeed_clipping"]
         assert "gnp (gradient norm penalty / SAM) is not supported" in refusals["gnp"]

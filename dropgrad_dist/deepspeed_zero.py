@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2 (through Accelerate): DropGrad and clipping on this rank's fp32 gradient partition.
+"""DeepSpeed ZeRO-1/2/3 (through Accelerate): DropGrad and clipping on this rank's fp32 gradient partition.
 
 Under DeepSpeed every ``p.grad`` is ``None`` after backward: the reduced gradient lives only in
 this rank's flat fp32 partition, formed inside the ZeRO optimizer's ``step()`` and handed to the
@@ -12,14 +12,15 @@ client optimizer (the user's ``torch.optim`` optimizer) right before the update.
   then updates. Parameter ``p``'s fragment ``p._hp_mapping`` lies at
   ``hp_fragment_address.start`` of the partition and covers the flat coordinates
   ``[lp_fragment_address.start, + numel)`` of ``p``: its mask is ``(seed, t, key(p), i, rate)`` on
-  those global coordinates, exactly the one-process mask (one engine call for all fragments).
+  those global coordinates, exactly the one-process mask (one engine call for all fragments). Under
+  ZeRO-3 parameter ``p``'s piece ``p.ds_tensor`` holds the coordinates from ``rank * ds_numel`` on.
 
 Math: ``g_frag <- m_t(key, i) * g_frag / (1 - p)`` on each fragment, then ``clip``, then the update.
-Supported: ZeRO stage 1 and 2, fp32 and bf16 (DeepSpeed's ``BF16_Optimizer`` or the ZeRO
+Supported: ZeRO stage 1, 2 and 3, fp32 and bf16 (DeepSpeed's ``BF16_Optimizer`` or the ZeRO
 optimizer with bf16), any client ``torch.optim`` optimizer, ``save_state``/``load_state``.
-Refused, each with its reason: ZeRO-3, fp16 loss scaling, DeepSpeed's own ``gradient_clipping``,
-CPU offload, ``full_update_drop``/``step_skip_rate``, restarts, GNP/SAM, layer-wise clipping, and
-clipping of a ZeRO-1/2 optimizer with several parameter groups.
+Refused, each with its reason: fp16 loss scaling, DeepSpeed's own ``gradient_clipping``, optimizer
+offload, ``full_update_drop``/``step_skip_rate``, restarts, GNP/SAM, layer-wise clipping, and
+clipping when the ZeRO optimizer steps several parameter groups (or ZeRO-3 sub-groups) apart.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _refuse(what: str, why: str) -> ValueError:
 
 
 class ZeroPartitions:
-    """Where each parameter's fragment lies in this rank's flat fp32 partitions (ZeRO-1/2, BF16_Optimizer).
+    """Where each parameter's fragment lies in this rank's flat fp32 partitions (ZeRO-1/2/3, BF16_Optimizer).
 
     ``fragments[flat]``: ``[(param, start in flat, numel, start in param), ...]`` for each flat fp32
     partition ``flat`` (one per parameter group) that the client optimizer steps on.
@@ -58,8 +59,8 @@ class ZeroPartitions:
             flats, lps = zero_optimizer.fp32_groups_flat_partition, zero_optimizer.bf16_groups
         else:
             raise _refuse(f"the optimizer {type(zero_optimizer).__name__}",
-                          "DropGrad finds gradient partitions in DeepSpeed's ZeRO-1/2 optimizer and its "
-                          "BF16_Optimizer only (fp32 or bf16 with zero_optimization.stage 1 or 2)")
+                          "DropGrad finds gradient partitions in DeepSpeed's ZeRO-1/2/3 optimizers and its "
+                          "BF16_Optimizer only (fp32 or bf16 with zero_optimization.stage 1, 2 or 3)")
         self.groups: list[list[torch.Tensor]] = [list(group) for group in lps]
         self.flats: list[torch.Tensor] = list(flats)
         self.shard_groups = list(zero_optimizer.real_dp_process_group)
@@ -191,7 +192,7 @@ def prepare_deepspeed(accelerator: Any, engine: nn.Module, optimizer: Any, *, dr
     _check_engine(engine, zero_optimizer, dict(dropgrad or {}), clipping, restarts, gnp)
     if not isinstance(client, torch.optim.Optimizer):
         raise _refuse(f"the engine optimizer {type(zero_optimizer).__name__}",
-                      "DropGrad needs DeepSpeed's ZeRO-1/2 optimizer around a torch.optim client optimizer")
+                      "DropGrad needs DeepSpeed's ZeRO optimizer around a torch.optim client optimizer")
     partitions = ZeroPartitions(zero_optimizer)
     model = engine.module  # canonical names: the one-process model's (the engine adds "module.")
     drop = None

@@ -330,7 +330,7 @@ def enable_fsdp_on_cpu(accelerator: "Accelerator", plugin: Any = None) -> None:
 def _unsupported(distributed_type: Any) -> ValueError:
     return ValueError(f"prepare_regularizers does not support Accelerate's {distributed_type} setup; supported: "
                       "NO (CPU, one GPU, MPS), MULTI_GPU, MULTI_CPU (DDP comm hook), FSDP (versions 1, 2) and "
-                      "DEEPSPEED (ZeRO stage 1, 2)")
+                      "DEEPSPEED (ZeRO stage 1, 2, 3)")
 
 
 def _options(value: Mapping[str, Any] | None, argument: str, allowed: frozenset[str] | None = None) -> dict[str, Any]:
@@ -437,7 +437,7 @@ def prepare_regularizers(
 
 def _prepare_deepspeed(accelerator: "Accelerator", model: nn.Module, optimizer: Any, drop_options: dict[str, Any] | None,
                        clip_options: dict[str, Any] | None, restarts: Any, gnp: Any) -> Regularizers:
-    """DeepSpeed ZeRO-1/2: the regularizers act inside the ZeRO step (see :mod:`dropgrad_dist.deepspeed_zero`)."""
+    """DeepSpeed ZeRO: the regularizers act inside the ZeRO step (see :mod:`dropgrad_dist.deepspeed_zero`)."""
     from .deepspeed_zero import prepare_deepspeed
 
     drop, clipper = prepare_deepspeed(accelerator, model, optimizer, dropgrad=drop_options,

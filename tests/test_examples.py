@@ -51,4 +51,3 @@ def test_gnp_sam_example_runs_every_variant():
         "Adam", "Adam + GNP (alpha 0.8, r 0.05)", "Adam + GNP + zero-warmup (30)", "SGD + SAM (rho 0.05)",
         "Adam + GNP + DropGrad (p 0.1)"]
     assert all(float(accuracy) > 0.4 for _, _, accuracy in rows)  # 5 classes: 0.2 is chance
-

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DropGradHandle", "Regularizers", "check_launch", "enable_fsdp_on_cpu", "prepare_dropgrad", "prepare_regularizers"]
 
-Mode = Literal["ddp_hook", "fsdp_wrapper", "wrapper"]
+Mode = Literal["ddp_hook", "fsdp_wrapper", "wrapper", "deepspeed_zero"]
 _DROPGRAD_KEYS = frozenset({"drop_rate", "params", "drop_rate_scheduler", "seed", "communication",
                             "full_update_drop", "step_skip_rate"})
 
@@ -122,6 +122,10 @@ class Regularizers:
         of a run without clipping). In wrapper modes it masks first (the step will not mask again);
         under a GradScaler it unscales first (``accelerator.unscale_gradients``, as ``clip_grad_norm_`` does).
         """
+        if self.mode == "deepspeed_zero":
+            raise ValueError("gradient_norm: under DeepSpeed accelerator.backward already stepped (the gradient lives "
+                             "in DeepSpeed's partitions only inside its step); with clipping=, read "
+                             "metrics()['grad_norm']")
         if isinstance(self.dropgrad, DropGrad) and not self.dropgrad.full_update_drop and self._final_micro_batch():
             self.dropgrad.mask_gradients_()
         if self._accelerator is not None and self._accelerator.scaler is not None:
@@ -445,7 +449,8 @@ def check_launch(accelerator: "Accelerator") -> None:
 
 def _unsupported(distributed_type: Any) -> ValueError:
     return ValueError(f"prepare_regularizers does not support Accelerate's {distributed_type} setup; supported: "
-                      "NO (CPU, one GPU, MPS), MULTI_GPU, MULTI_CPU (DDP comm hook) and FSDP (versions 1, 2)")
+                      "NO (CPU, one GPU, MPS), MULTI_GPU, MULTI_CPU (DDP comm hook), FSDP (versions 1, 2) and "
+                      "DEEPSPEED (ZeRO stage 1, 2, 3)")
 
 
 def _options(value: Mapping[str, Any] | None, argument: str, allowed: frozenset[str] | None = None) -> dict[str, Any]:
@@ -511,6 +516,9 @@ def prepare_regularizers(
         mode: Mode = "ddp_hook"
     elif kind in (DistributedType.FSDP, DistributedType.NO):
         mode = "fsdp_wrapper" if kind == DistributedType.FSDP else "wrapper"
+    elif kind == DistributedType.DEEPSPEED:
+        return _prepare_deepspeed(accelerator, model, optimizer, drop_options if dropgrad is not None else None,
+                                  clip_options if clipping is not None else None, restarts, gnp)
     else:
         raise _unsupported(kind)
 
@@ -545,6 +553,20 @@ def prepare_regularizers(
     if drop is not None:
         _forward_drop_rate(optimizer, drop)
     handle = Regularizers(mode, model, drop, clipper, restarter, penalty, accelerator, optimizer)
+    handle._attach_to_checkpoints(accelerator)
+    return handle
+
+
+def _prepare_deepspeed(accelerator: "Accelerator", model: nn.Module, optimizer: Any, drop_options: dict[str, Any] | None,
+                       clip_options: dict[str, Any] | None, restarts: Any, gnp: Any) -> Regularizers:
+    """DeepSpeed ZeRO: the regularizers act inside the ZeRO step (see :mod:`dropgrad_dist.deepspeed_zero`)."""
+    from .deepspeed_zero import prepare_deepspeed
+
+    drop, clipper = prepare_deepspeed(accelerator, model, optimizer, dropgrad=drop_options,
+                                      clipping=clip_options, restarts=restarts, gnp=gnp)
+    if drop is not None:
+        _forward_drop_rate(optimizer, drop)
+    handle = Regularizers("deepspeed_zero", model, drop, clipper, None, None, accelerator, optimizer)
     handle._attach_to_checkpoints(accelerator)
     return handle
 

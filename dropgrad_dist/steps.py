@@ -38,9 +38,11 @@ class StepWatch:
         self._ids = {id(p) for p in params}
         self._on_step = weakref.WeakMethod(on_step) if hasattr(on_step, "__self__") else (lambda: on_step)
         this = weakref.ref(self)
+        _remove_dead_hooks()
         handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: _stepped(this, optimizer))
-        # The hook registry is global: remove the hook when the watch goes away.
-        weakref.finalize(self, handle.remove)
+        # The hook registry is global: remove the hook once the watch is gone. Not from the finalizer itself:
+        # a garbage collection inside an optimizer step would mutate the registry torch is iterating over.
+        weakref.finalize(self, _dead_hooks.append, handle)
 
     def watch(self, params: Iterable[torch.Tensor]) -> None:
         """Replace the watched parameters."""
@@ -66,6 +68,14 @@ class StepWatch:
         callback = self._on_step()
         if callback is not None:
             callback()
+
+
+_dead_hooks: list = []  # handles of the step hooks of collected watches (their hooks do nothing)
+
+
+def _remove_dead_hooks() -> None:
+    while _dead_hooks:
+        _dead_hooks.pop().remove()
 
 
 def _stepped(watch_ref: "weakref.ref[StepWatch]", optimizer: torch.optim.Optimizer) -> None:

@@ -38,8 +38,11 @@ def test_refuses_unprepared_optimizers_and_unsupported_setups(monkeypatch):
     accelerator, model, optimizer = _prepared()
     with pytest.raises(ValueError, match="optimizer must be the optimizer returned by accelerator.prepare"):
         prepare_dropgrad(accelerator, model, optimizer.optimizer, drop_rate=0.1)
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.MEGATRON_LM))
+    with pytest.raises(ValueError, match="does not support Accelerate's .*MEGATRON_LM"):
+        prepare_dropgrad(accelerator, model, optimizer, drop_rate=0.1)
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
-    with pytest.raises(ValueError, match="does not support Accelerate's .*DEEPSPEED"):
+    with pytest.raises(ValueError, match="model must be the DeepSpeedEngine"):
         prepare_dropgrad(accelerator, model, optimizer, drop_rate=0.1)
 
 

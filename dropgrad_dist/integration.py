@@ -31,6 +31,7 @@ from torch import nn
 
 from . import checkpoint as _checkpoint
 from .agreement import collective_device
+from .checks import ArgumentTypeError
 from .clip import ClippedOptimizer, GradientClipper
 from .gnp import GradientNormPenalty
 from .mask import keep_probability
@@ -269,7 +270,7 @@ DropGradHandle = Regularizers  # the name prepare_dropgrad's handle had
 
 def _section(value: object, argument: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ValueError(f"{argument} must be a dict, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{argument} must be a dict, got {type(value).__name__}")
     return value
 
 
@@ -452,7 +453,7 @@ def _options(value: Mapping[str, Any] | None, argument: str, allowed: frozenset[
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ValueError(f"{argument} must be a dict of keyword arguments, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{argument} must be a dict of keyword arguments, got {type(value).__name__}")
     unknown = sorted(set(value) - allowed) if allowed is not None else []
     if unknown:
         raise ValueError(f"{argument}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")

@@ -13,7 +13,7 @@ import warnings
 from typing import Any, Mapping
 
 from .checkpoint import read_field
-from .checks import check_count, check_int_in, check_rate
+from .checks import ArgumentTypeError, check_count, check_int_in, check_rate
 
 __all__ = [
     "CosineAnnealingDropRateScheduler",
@@ -106,7 +106,7 @@ class StepDropRateScheduler(DropRateScheduler):
         super().__init__()
         self.initial_drop_rate = check_rate(initial_drop_rate, "initial_drop_rate")
         if not isinstance(drop_rate_schedule, Mapping):
-            raise ValueError(
+            raise ArgumentTypeError(
                 f"drop_rate_schedule must be a mapping {{step: rate}}, got {type(drop_rate_schedule).__name__}"
             )
         schedule = {}

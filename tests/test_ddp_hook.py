@@ -461,7 +461,7 @@ def test_bad_inputs_raise_clear_errors():
         DropGradHookState(model, params={"decoder.*": 0.1})
     with pytest.raises(ValueError, match="communication must be 'dense' or 'compact'"):
         DropGradHookState(model, 0.1, communication="sparse")
-    with pytest.raises(ValueError, match="seed must be an int"):
+    with pytest.raises(TypeError, match="seed must be an int"):
         DropGradHookState(model, 0.1, seed=1.5)
     state = DropGradHookState(model, 0.1)
     with pytest.raises(TypeError, match="needs a torch.nn.parallel.DistributedDataParallel model, got Net"):

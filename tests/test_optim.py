@@ -187,7 +187,7 @@ def test_bad_arguments_raise_value_errors_naming_them(kwargs, message):
 
 
 def test_non_optimizer_is_rejected():
-    with pytest.raises(ValueError, match="optimizer must be a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         DropGrad(seeded_net(), drop_rate=0.1)
 
 

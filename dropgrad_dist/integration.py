@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ class Regularizers:
 
     def __init__(self, mode: Mode, model: nn.Module, dropgrad: Any = None, clipper: GradientClipper | None = None,
                  restarter: Restarter | None = None, gnp: GradientNormPenalty | None = None,
-                 accelerator: "Accelerator | None" = None, optimizer: Any = None) -> None:
+                 accelerator: Accelerator | None = None, optimizer: Any = None) -> None:
         self.mode = mode
         self.model = model
         self.dropgrad = dropgrad
@@ -240,7 +241,7 @@ class Regularizers:
                                             "dropgrad_dist")
         return self.prepare_state(state, restart_sums=sums)
 
-    def _attach_to_checkpoints(self, accelerator: "Accelerator") -> None:
+    def _attach_to_checkpoints(self, accelerator: Accelerator) -> None:
         """Save and load this state with ``accelerator.save_state``/``load_state`` (JSON + safetensors)."""
         handles = accelerator.__dict__.setdefault("_dropgrad_dist_handles", [])
         stem = self._stem = f"dropgrad_dist_state_{len(handles)}"
@@ -274,7 +275,7 @@ def _section(value: object, argument: str) -> Mapping[str, Any]:
     return value
 
 
-def _checkpoint_dir(accelerator: "Accelerator", input_dir: str | None) -> str | None:
+def _checkpoint_dir(accelerator: Accelerator, input_dir: str | None) -> str | None:
     """The folder ``accelerator.load_state(input_dir)`` will read (Accelerate's rule); None if it would refuse."""
     if input_dir is not None:
         input_dir = os.path.expanduser(input_dir)
@@ -302,7 +303,7 @@ def _all_ranks_ok(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def _make_load_state_all_or_nothing(accelerator: "Accelerator") -> None:
+def _make_load_state_all_or_nothing(accelerator: Accelerator) -> None:
     """Make ``accelerator.load_state`` validate the regularizers' files before Accelerate loads anything.
 
     Accelerate loads an FSDP model and optimizer before it runs the load pre-hooks, so a file
@@ -379,7 +380,7 @@ def _forward_drop_rate(accelerated: Any, dropgrad: Any) -> None:
     accelerated.__class__ = _FORWARDING[base]
 
 
-def _guard_accelerator_clipping(accelerator: "Accelerator", dropgrad: DropGrad | None, clipping: bool) -> None:
+def _guard_accelerator_clipping(accelerator: Accelerator, dropgrad: DropGrad | None, clipping: bool) -> None:
     """``accelerator.clip_grad_norm_``/``clip_grad_value_``: mask first (order), or refuse (double clipping).
 
     The DDP hook masks inside backward, before any clipping; masking here first gives the step
@@ -400,7 +401,7 @@ def _guard_accelerator_clipping(accelerator: "Accelerator", dropgrad: DropGrad |
         setattr(accelerator, name, guarded)
 
 
-def enable_fsdp_on_cpu(accelerator: "Accelerator", plugin: Any = None) -> None:
+def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: Any = None) -> None:
     """Make ``accelerator.prepare`` shard with FSDP on CPU processes (gloo), e.g. to test FSDP setups in CI.
 
     Accelerate (1.6 to 1.15 at least) enables FSDP only for GPU-like devices and silently falls
@@ -419,7 +420,7 @@ def enable_fsdp_on_cpu(accelerator: "Accelerator", plugin: Any = None) -> None:
     AcceleratorState().fsdp_plugin = plugin if plugin is not None else FullyShardedDataParallelPlugin()
 
 
-def check_launch(accelerator: "Accelerator") -> None:
+def check_launch(accelerator: Accelerator) -> None:
     """Refuse an Accelerator that runs alone (``DistributedType.NO``) among several ranks of a process group.
 
     ``accelerate launch --multi_gpu`` on a machine without a usable GPU (a CUDA build of torch,
@@ -461,7 +462,7 @@ def _options(value: Mapping[str, Any] | None, argument: str, allowed: frozenset[
 
 
 def prepare_regularizers(
-    accelerator: "Accelerator",
+    accelerator: Accelerator,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
@@ -559,7 +560,7 @@ def _wrappers(chain: torch.optim.Optimizer):
 
 
 def prepare_dropgrad(
-    accelerator: "Accelerator",
+    accelerator: Accelerator,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     drop_rate: float | RateSpec | None = None,

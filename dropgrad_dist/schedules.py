@@ -10,7 +10,8 @@ from __future__ import annotations
 import abc
 import math
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .checkpoint import read_field
 from .checks import ArgumentTypeError, check_count, check_int_in, check_rate

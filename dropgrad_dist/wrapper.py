@@ -11,7 +11,8 @@ so an error anywhere leaves every wrapper unchanged.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 

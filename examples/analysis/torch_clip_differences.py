@@ -4,15 +4,22 @@ torch-clip is not a dependency: unpack its sdist (``pip download --no-deps torch
 ``TORCH_CLIP_SRC=/path/to/torch_clip-0.0.6 PYTHONPATH=. python examples/analysis/torch_clip_differences.py``
 from the repository root. About 30 s on one CPU core.
 """
-import contextlib, io, math, os, statistics, sys
+import contextlib
+import io
+import math
+import os
+import statistics
+import sys
+
 sys.path.insert(0, os.environ.get("TORCH_CLIP_SRC", "torch_clip-0.0.6"))
 import torch
-from torch import nn
 import torch_clip.optimizers as tco
-from torch_clip.restarter import Restarter as TCRestarter
+from torch import nn
 from torch_clip.optimizers_collector import OptimizerProperties as TCProps
+from torch_clip.restarter import Restarter as TCRestarter
 from torch_clip.utils import GradHistory
-from dropgrad_dist.compat.torch_clip import ClippedSGD, Restarter, OptimizerProperties
+
+from dropgrad_dist.compat.torch_clip import ClippedSGD, OptimizerProperties, Restarter
 from tests.nets import seeded_net
 
 STEPS = 200

@@ -15,6 +15,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dropgrad_dist import DropGrad, DropGradHookState, dropgrad_hook, keep_mask
 from dropgrad_dist.testing import run_on_ranks
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 PG_TIMEOUT = 60.0  # seconds; every error must arrive well inside it
 
 

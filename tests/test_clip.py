@@ -7,8 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from dropgrad_dist import (CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, DropGrad, GradientClipper, Restarter,
-                           keep_mask)
+from dropgrad_dist import (
+    CLIPPING_METHODS,
+    ClippedOptimizer,
+    ClippedSGD,
+    DropGrad,
+    GradientClipper,
+    Restarter,
+    keep_mask,
+)
 from dropgrad_dist.clip import NormHistory
 
 from .nets import seeded_net

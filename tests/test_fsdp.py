@@ -24,6 +24,8 @@ from dropgrad_dist.testing import free_port, run_on_ranks
 
 from .fsdp_common import CONFIGS, clip_dense, make_model, reference_masked_ones, reference_params, train
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 TOL = dict(rtol=1e-5, atol=1e-6)
 MASK_KW = dict(drop_rate=0.5, seed=11)
 
@@ -134,7 +136,11 @@ def _save(model: nn.Module, dropgrad: DropGrad, ckpt_dir: str, use_dcp: bool) ->
 def _load(model: nn.Module, dropgrad: DropGrad, ckpt_dir: str, use_dcp: bool, saved: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = saved
     if use_dcp:

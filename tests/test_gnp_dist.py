@@ -18,6 +18,8 @@ from dropgrad_dist.testing import run_on_ranks
 
 from .fsdp_common import GLOBAL_BATCH, batch, make_model
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 STEPS = 10
 ALPHA, R = 0.6, 0.05
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dropgrad_dist import SAM, GradientNormPenalty
-from dropgrad_dist.mask import MaskStream, key_hash, keep_threshold, uniform_u32
+from dropgrad_dist.mask import MaskStream, keep_threshold, key_hash, uniform_u32
 
 from .nets import seeded_net
 

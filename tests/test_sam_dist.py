@@ -17,6 +17,8 @@ from dropgrad_dist.testing import run_on_ranks
 from .fsdp_common import make_model
 from .test_gnp_dist import _full, _half
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 STEPS = 6
 HIDDEN = 6
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")

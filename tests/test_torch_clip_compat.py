@@ -17,8 +17,13 @@ import torch
 from torch import nn
 
 from dropgrad_dist import Restarter as NativeRestarter
-from dropgrad_dist.compat.torch_clip import (ClippedSGD, ModelProperties, OptimizerProperties, RestartProperties,
-                                             Restarter)
+from dropgrad_dist.compat.torch_clip import (
+    ClippedSGD,
+    ModelProperties,
+    OptimizerProperties,
+    Restarter,
+    RestartProperties,
+)
 
 from .nets import Net, seeded_net
 

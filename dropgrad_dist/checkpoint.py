@@ -247,4 +247,5 @@ def read_tensors(path: str | os.PathLike, owner: str) -> dict[str, Any]:
     try:
         return load_file(str(path))
     except (SafetensorError, ValueError, OSError) as err:
-        raise ValueError(f"{owner}: {str(path)!r} is not a safetensors checkpoint ({err}); refusing to load it") from None
+        raise ValueError(f"{owner}: {str(path)!r} is not a safetensors checkpoint ({err}); "
+                         "refusing to load it") from None

@@ -46,7 +46,8 @@ from .shards import flat_param_pieces
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["DropGradHandle", "Regularizers", "check_launch", "enable_fsdp_on_cpu", "prepare_dropgrad", "prepare_regularizers"]
+__all__ = ["DropGradHandle", "Regularizers", "check_launch", "enable_fsdp_on_cpu", "prepare_dropgrad",
+           "prepare_regularizers"]
 
 Mode = Literal["ddp_hook", "fsdp_wrapper", "wrapper"]
 _DROPGRAD_KEYS = frozenset({"drop_rate", "params", "drop_rate_scheduler", "seed", "communication",
@@ -233,7 +234,9 @@ class Regularizers:
         return apply
 
     def prepare_checkpoint(self, input_dir: str) -> Callable[[], None]:
-        """Read and validate this handle's files in ``input_dir`` (JSON, this rank's restart sums); return what applies them."""
+        """Read and validate this handle's files in ``input_dir`` (JSON, this rank's restart sums).
+
+        Returns the function that applies them."""
         state = _checkpoint.read_json(os.path.join(input_dir, f"{self._stem}.json"), "dropgrad_dist")
         sums = None
         if self.restarter is not None:

@@ -90,7 +90,8 @@ class LinearDropRateScheduler(_AnnealingScheduler):
 
 
 class CosineAnnealingDropRateScheduler(_AnnealingScheduler):
-    """``p(t) = final + (initial - final) * (1 + cos(pi * t / num_steps)) / 2`` for ``t < num_steps``, then ``final``."""
+    """``p(t) = final + (initial - final) * (1 + cos(pi * t / num_steps)) / 2`` for ``t < num_steps``,
+    then ``final``."""
 
     def _anneal(self, progress: float) -> float:
         cosine = 1.0 + math.cos(math.pi * progress)

@@ -365,7 +365,7 @@ def _bytes_ratio(rank: int, rate: float) -> float:
     state = DropGradHookState(ddp, rate, communication="compact")
     state.register()
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
-    for step in range(3):
+    for _ in range(3):
         ddp(torch.randn(8, 256)).square().mean().backward()
         opt.step()
         opt.zero_grad()

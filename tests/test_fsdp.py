@@ -256,9 +256,10 @@ def _check_fsdp1_training(rank: int, world_size: int) -> list[str]:
 
 def _fsdp1_all(rank: int, world_size: int, ckpt_dir: str) -> list[str]:
     set_mask_backend("eager")
+    # use_dcp=False: torch 2.15's DCP load of this FSDP1 optimizer state raises "Missing key optim.param_groups"
     return (_check_fsdp1_masks(rank) + _check_fsdp1_errors() + _check_fsdp1_training(rank, world_size)
             + _check_resume(rank, world_size, _fsdp1_model, ckpt_dir, _dense_fsdp1, _fsdp1_clip,
-                            use_dcp=False))  # torch 2.15: DCP load of this FSDP1 optimizer state raises "Missing key optim.param_groups"
+                            use_dcp=False))
 
 
 def test_fsdp1_orig_params_masks_training_clipping_and_resume_match_one_process(tmp_path):

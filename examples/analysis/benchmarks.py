@@ -443,7 +443,7 @@ def prepare_output_dir(path: str) -> Path:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as err:
-        raise SystemExit(f"{PROG}: error: cannot write to --output_dir {path!r}: {err.strerror or err}")
+        raise SystemExit(f"{PROG}: error: cannot write to --output_dir {path!r}: {err.strerror or err}") from None
     return out
 
 

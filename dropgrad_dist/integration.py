@@ -497,7 +497,7 @@ def prepare_regularizers(
     from accelerate.utils import DistributedType
 
     if not isinstance(optimizer, AcceleratedOptimizer):
-        raise ValueError("optimizer must be the optimizer returned by accelerator.prepare "
+        raise ArgumentTypeError("optimizer must be the optimizer returned by accelerator.prepare "
                          f"(an AcceleratedOptimizer), got {type(optimizer).__name__}")
     for earlier in accelerator.__dict__.get("_dropgrad_dist_handles", []):
         if earlier._optimizer is optimizer or earlier.model is model:

@@ -8,8 +8,14 @@ from .agreement import RankDisagreement
 from .clip import CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, GradientClipper
 from .ddp_hook import DropGradHookState, dropgrad_hook, dropgrad_wrapper
 from .gnp import SAM, GradientNormPenalty
-from .integration import (DropGradHandle, Regularizers, check_launch, enable_fsdp_on_cpu, prepare_dropgrad,
-                          prepare_regularizers)
+from .integration import (
+    DropGradHandle,
+    Regularizers,
+    check_launch,
+    enable_fsdp_on_cpu,
+    prepare_dropgrad,
+    prepare_regularizers,
+)
 from .mask import (
     MaskStream,
     Segment,

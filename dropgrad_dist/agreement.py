@@ -19,7 +19,8 @@ ranks all-gather the fingerprints to name the ranks that differ, then all raise.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,7 +70,7 @@ def _fold(fields: Mapping[str, object]) -> list[tuple[str, object]]:
 class PendingCheck:
     """An agreement all-reduce in flight; :meth:`wait` raises if the ranks disagree."""
 
-    def __init__(self, check: "AgreementCheck", items: list[tuple[str, object]], local: torch.Tensor,
+    def __init__(self, check: AgreementCheck, items: list[tuple[str, object]], local: torch.Tensor,
                  vector: torch.Tensor, work: Any) -> None:
         self._check, self._items, self._local, self._vector, self._work = check, items, local, vector, work
 

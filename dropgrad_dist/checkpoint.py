@@ -25,8 +25,9 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 __all__ = ["FORMAT", "MAX_DEPTH", "MAX_JSON_BYTES", "check_config", "check_plain", "plain", "read_field",
            "read_json", "read_tensor_field", "read_tensors", "write_json", "write_tensors"]
@@ -246,4 +247,5 @@ def read_tensors(path: str | os.PathLike, owner: str) -> dict[str, Any]:
     try:
         return load_file(str(path))
     except (SafetensorError, ValueError, OSError) as err:
-        raise ValueError(f"{owner}: {str(path)!r} is not a safetensors checkpoint ({err}); refusing to load it") from None
+        raise ValueError(f"{owner}: {str(path)!r} is not a safetensors checkpoint ({err}); "
+                         "refusing to load it") from None

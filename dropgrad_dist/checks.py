@@ -1,7 +1,8 @@
 """Argument checks shared by every regularizer: one wording, one rule per kind of argument.
 
-Each check returns the value in its canonical type (``float`` or ``int``) or raises
-``ValueError`` naming the argument and what is allowed. A number is any real scalar: a Python
+Each check returns the value in its canonical type (``float`` or ``int``) or raises naming the
+argument and what is allowed: ``ArgumentTypeError`` (a ``TypeError``) for a value of the wrong
+type, ``ValueError`` for a value out of range. A number is any real scalar: a Python
 ``int``/``float``, a NumPy scalar (``np.float32``, ``np.int64``, ...) or a 0-d real tensor.
 Booleans are never accepted as numbers (``True`` is not a rate or a seed), and an integer
 argument takes only integer types (``3.0`` is not a seed).
@@ -14,10 +15,18 @@ import numbers
 
 import torch
 
-__all__ = ["SEED_LIMIT", "check_count", "check_int_in", "check_number_in", "check_positive", "check_rate",
-           "check_seed", "real_scalar", "shown"]
+__all__ = ["SEED_LIMIT", "ArgumentTypeError", "check_count", "check_int_in", "check_number_in", "check_positive",
+           "check_rate", "check_seed", "real_scalar", "shown"]
 
 SEED_LIMIT = 1 << 64  # seeds and step counts enter the mask salt as 64-bit words: larger ones would alias
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (a str or a bool for a number, a float for an int, ...).
+
+    A ``TypeError``; also a ``ValueError`` so that callers who catch ``ValueError`` for any bad
+    argument keep working.
+    """
 
 
 def shown(value: object, limit: int = 60) -> str:
@@ -62,7 +71,7 @@ def check_number_in(value: object, argument: str, low: float, high: float, *, lo
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     number = real_scalar(value)
     if number is None:
-        raise ValueError(f"{argument} must be a number in {interval}, got {_describe(value)}")
+        raise ArgumentTypeError(f"{argument} must be a number in {interval}, got {_describe(value)}")
     above = number > low if low_open else number >= low
     below = number < high if high_open else number <= high
     if not (above and below):  # also rejects NaN
@@ -71,7 +80,7 @@ def check_number_in(value: object, argument: str, low: float, high: float, *, lo
 
 
 def check_rate(value: object, argument: str) -> float:
-    """``value`` as a float if it is a number in [0, 1], else ``ValueError`` naming ``argument``."""
+    """``value`` as a float if it is a number in [0, 1]; raises naming ``argument`` otherwise."""
     return check_number_in(value, argument, 0.0, 1.0)
 
 
@@ -80,7 +89,7 @@ def check_int_in(value: object, argument: str, low: int, high: int | None = None
     allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
     number = _integer(value)
     if number is None:
-        raise ValueError(f"{argument} must be {allowed}, got {_describe(value)}")
+        raise ArgumentTypeError(f"{argument} must be {allowed}, got {_describe(value)}")
     if number < low or (high is not None and number >= high):
         raise ValueError(f"{argument} must be {allowed}, got {shown(value)}")
     return number
@@ -99,6 +108,8 @@ def check_count(value: object, argument: str) -> int:
 def check_positive(value: object, argument: str) -> float:
     """A positive finite number (an integer is accepted as that number)."""
     number = real_scalar(value)
-    if number is None or not math.isfinite(number) or number <= 0.0:
+    if number is None:
+        raise ArgumentTypeError(f"{argument} must be a positive finite number, got {_describe(value)}")
+    if not math.isfinite(number) or number <= 0.0:
         raise ValueError(f"{argument} must be a positive finite number, got {_describe(value)}")
     return number

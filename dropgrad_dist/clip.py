@@ -47,7 +47,8 @@ from torch import nn
 
 from . import checkpoint as _checkpoint
 from .agreement import AgreementCheck
-from .checks import check_count, check_int_in, check_number_in, check_positive, check_seed, real_scalar
+from .checks import (ArgumentTypeError, check_count, check_int_in, check_number_in, check_positive, check_seed,
+                     real_scalar)
 from .mask import MaskStream, uniform_u32
 from .norms import grad_norms, stage_group
 from .shards import flat_param_pieces, local_tensor
@@ -160,7 +161,8 @@ def _check_beta(beta: object, method: str, argument: str = "beta") -> float:
     number = real_scalar(beta)
     if number is None or not 0.0 < number < 1.0:
         never = " (beta=0 would never clip: the probability beta ** a is 0)" if number == 0 else ""
-        raise ValueError(f"{argument} must be a number in (0, 1) for method {method!r}{never}, got {beta!r}")
+        error = ArgumentTypeError if number is None else ValueError
+        raise error(f"{argument} must be a number in (0, 1) for method {method!r}{never}, got {beta!r}")
     return number
 
 
@@ -236,7 +238,7 @@ class GradientClipper:
             raise ValueError(f"norm_scope must be one of {', '.join(NORM_SCOPES)}; got {norm_scope!r}")
         self.norm_scope = norm_scope
         if model is not None and not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.pp_group = stage_group(pp_mesh)
         self.step_index = 0
@@ -494,13 +496,13 @@ def _check_history(value: object, argument: str) -> list[float]:
 
 def _check_histories(value: object, argument: str) -> list[list[float]]:
     if not isinstance(value, list):
-        raise ValueError(f"{argument} must be a list of per-group norm lists")
+        raise ArgumentTypeError(f"{argument} must be a list of per-group norm lists")
     return [_check_history(item, f"{argument}[{i}]") for i, item in enumerate(value)]
 
 
 def _check_dict(value: object, argument: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ValueError(f"{argument} must be a dict, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{argument} must be a dict, got {type(value).__name__}")
     return value
 
 
@@ -532,7 +534,7 @@ class ClippedOptimizer(OptimizerWrapper):
 
     def __init__(self, optimizer: torch.optim.Optimizer, clipper: GradientClipper) -> None:
         if not isinstance(clipper, GradientClipper):
-            raise ValueError(f"clipper must be a GradientClipper, got {type(clipper).__name__}")
+            raise ArgumentTypeError(f"clipper must be a GradientClipper, got {type(clipper).__name__}")
         super().__init__(optimizer)
         self.clipper = clipper
 

@@ -44,7 +44,8 @@ from torch import nn
 from . import checkpoint as _checkpoint
 from . import mask as _mask
 from .agreement import AgreementCheck
-from .checks import check_count, check_int_in, check_number_in, check_positive, check_rate, check_seed, real_scalar
+from .checks import (ArgumentTypeError, check_count, check_int_in, check_number_in, check_positive, check_rate,
+                     check_seed, real_scalar)
 from .norms import grad_norms, stage_group
 from .ownership import hook_state_masking
 from .second_pass import BatchNormSnapshot, RngState, replaying
@@ -73,8 +74,8 @@ def check_radius(value: object, argument: str) -> float:
         return 0.0
     try:
         return check_positive(value, argument)
-    except ValueError:
-        raise ValueError(f"{argument} must be a finite number >= 0 (0: plain training), got {value!r}") from None
+    except ValueError as error:  # keeps the kind: ArgumentTypeError for a wrong type
+        raise type(error)(f"{argument} must be a finite number >= 0 (0: plain training), got {value!r}") from None
 
 
 def _check_bool(value: object, argument: str) -> bool:
@@ -160,7 +161,7 @@ class GradientNormPenalty(OptimizerWrapper):
         self.bn_stats_from_first_pass = _check_bool(bn_stats_from_first_pass, "bn_stats_from_first_pass")
         self.first_pass = _check_choice(first_pass, "first_pass", FIRST_PASSES)
         if model is not None and not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.pp_group = stage_group(pp_mesh)
         params = self._params()

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from . import checkpoint as _checkpoint
 from .agreement import collective_device
+from .checks import ArgumentTypeError
 from .clip import ClippedOptimizer, GradientClipper
 from .gnp import GradientNormPenalty
 from .mask import keep_probability
@@ -44,7 +46,8 @@ from .shards import flat_param_pieces
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["DropGradHandle", "Regularizers", "check_launch", "enable_fsdp_on_cpu", "prepare_dropgrad", "prepare_regularizers"]
+__all__ = ["DropGradHandle", "Regularizers", "check_launch", "enable_fsdp_on_cpu", "prepare_dropgrad",
+           "prepare_regularizers"]
 
 Mode = Literal["ddp_hook", "fsdp_wrapper", "wrapper", "deepspeed_zero"]
 _DROPGRAD_KEYS = frozenset({"drop_rate", "params", "drop_rate_scheduler", "seed", "communication",
@@ -61,7 +64,7 @@ class Regularizers:
 
     def __init__(self, mode: Mode, model: nn.Module, dropgrad: Any = None, clipper: GradientClipper | None = None,
                  restarter: Restarter | None = None, gnp: GradientNormPenalty | None = None,
-                 accelerator: "Accelerator | None" = None, optimizer: Any = None) -> None:
+                 accelerator: Accelerator | None = None, optimizer: Any = None) -> None:
         self.mode = mode
         self.model = model
         self.dropgrad = dropgrad
@@ -235,7 +238,9 @@ class Regularizers:
         return apply
 
     def prepare_checkpoint(self, input_dir: str) -> Callable[[], None]:
-        """Read and validate this handle's files in ``input_dir`` (JSON, this rank's restart sums); return what applies them."""
+        """Read and validate this handle's files in ``input_dir`` (JSON, this rank's restart sums).
+
+        Returns the function that applies them."""
         state = _checkpoint.read_json(os.path.join(input_dir, f"{self._stem}.json"), "dropgrad_dist")
         sums = None
         if self.restarter is not None:
@@ -243,7 +248,7 @@ class Regularizers:
                                             "dropgrad_dist")
         return self.prepare_state(state, restart_sums=sums)
 
-    def _attach_to_checkpoints(self, accelerator: "Accelerator") -> None:
+    def _attach_to_checkpoints(self, accelerator: Accelerator) -> None:
         """Save and load this state with ``accelerator.save_state``/``load_state`` (JSON + safetensors)."""
         handles = accelerator.__dict__.setdefault("_dropgrad_dist_handles", [])
         stem = self._stem = f"dropgrad_dist_state_{len(handles)}"
@@ -273,11 +278,11 @@ DropGradHandle = Regularizers  # the name prepare_dropgrad's handle had
 
 def _section(value: object, argument: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ValueError(f"{argument} must be a dict, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{argument} must be a dict, got {type(value).__name__}")
     return value
 
 
-def _checkpoint_dir(accelerator: "Accelerator", input_dir: str | None) -> str | None:
+def _checkpoint_dir(accelerator: Accelerator, input_dir: str | None) -> str | None:
     """The folder ``accelerator.load_state(input_dir)`` will read (Accelerate's rule); None if it would refuse."""
     if input_dir is not None:
         input_dir = os.path.expanduser(input_dir)
@@ -305,7 +310,7 @@ def _all_ranks_ok(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def _make_load_state_all_or_nothing(accelerator: "Accelerator") -> None:
+def _make_load_state_all_or_nothing(accelerator: Accelerator) -> None:
     """Make ``accelerator.load_state`` validate the regularizers' files before Accelerate loads anything.
 
     Accelerate loads an FSDP model and optimizer before it runs the load pre-hooks, so a file
@@ -382,7 +387,7 @@ def _forward_drop_rate(accelerated: Any, dropgrad: Any) -> None:
     accelerated.__class__ = _FORWARDING[base]
 
 
-def _guard_accelerator_clipping(accelerator: "Accelerator", dropgrad: DropGrad | None, clipping: bool) -> None:
+def _guard_accelerator_clipping(accelerator: Accelerator, dropgrad: DropGrad | None, clipping: bool) -> None:
     """``accelerator.clip_grad_norm_``/``clip_grad_value_``: mask first (order), or refuse (double clipping).
 
     The DDP hook masks inside backward, before any clipping; masking here first gives the step
@@ -403,7 +408,7 @@ def _guard_accelerator_clipping(accelerator: "Accelerator", dropgrad: DropGrad |
         setattr(accelerator, name, guarded)
 
 
-def enable_fsdp_on_cpu(accelerator: "Accelerator", plugin: Any = None) -> None:
+def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: Any = None) -> None:
     """Make ``accelerator.prepare`` shard with FSDP on CPU processes (gloo), e.g. to test FSDP setups in CI.
 
     Accelerate (1.6 to 1.15 at least) enables FSDP only for GPU-like devices and silently falls
@@ -422,7 +427,7 @@ def enable_fsdp_on_cpu(accelerator: "Accelerator", plugin: Any = None) -> None:
     AcceleratorState().fsdp_plugin = plugin if plugin is not None else FullyShardedDataParallelPlugin()
 
 
-def check_launch(accelerator: "Accelerator") -> None:
+def check_launch(accelerator: Accelerator) -> None:
     """Refuse an Accelerator that runs alone (``DistributedType.NO``) among several ranks of a process group.
 
     ``accelerate launch --multi_gpu`` on a machine without a usable GPU (a CUDA build of torch,
@@ -457,7 +462,7 @@ def _options(value: Mapping[str, Any] | None, argument: str, allowed: frozenset[
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ValueError(f"{argument} must be a dict of keyword arguments, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{argument} must be a dict of keyword arguments, got {type(value).__name__}")
     unknown = sorted(set(value) - allowed) if allowed is not None else []
     if unknown:
         raise ValueError(f"{argument}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
@@ -465,7 +470,7 @@ def _options(value: Mapping[str, Any] | None, argument: str, allowed: frozenset[
 
 
 def prepare_regularizers(
-    accelerator: "Accelerator",
+    accelerator: Accelerator,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
@@ -497,7 +502,7 @@ def prepare_regularizers(
     from accelerate.utils import DistributedType
 
     if not isinstance(optimizer, AcceleratedOptimizer):
-        raise ValueError("optimizer must be the optimizer returned by accelerator.prepare "
+        raise ArgumentTypeError("optimizer must be the optimizer returned by accelerator.prepare "
                          f"(an AcceleratedOptimizer), got {type(optimizer).__name__}")
     for earlier in accelerator.__dict__.get("_dropgrad_dist_handles", []):
         if earlier._optimizer is optimizer or earlier.model is model:
@@ -580,7 +585,7 @@ def _wrappers(chain: torch.optim.Optimizer):
 
 
 def prepare_dropgrad(
-    accelerator: "Accelerator",
+    accelerator: Accelerator,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     drop_rate: float | RateSpec | None = None,

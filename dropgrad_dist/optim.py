@@ -17,7 +17,7 @@ from torch import nn
 from . import checkpoint as _checkpoint
 from . import mask as _mask
 from .agreement import AgreementCheck, PendingCheck
-from .checks import check_count, check_rate, check_seed
+from .checks import ArgumentTypeError, check_count, check_rate, check_seed
 from .ownership import refuse_dropgrad_inside, refuse_hook_masked
 from .params import DropPlan, RateSpec, named_params_of_optimizer
 from .schedules import DropRateScheduler, read_schedule_state
@@ -78,7 +78,7 @@ class DropGrad(OptimizerWrapper):
     ) -> None:
         refuse_dropgrad_inside(optimizer, DropGrad)  # through clipping, GNP, restarts, Accelerate
         if model is not None and not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         super().__init__(optimizer)
         self.seed = check_seed(seed)
         self.plan = DropPlan(named_params_of_optimizer(optimizer.param_groups, model), drop_rate, params,

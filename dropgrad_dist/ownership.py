@@ -16,7 +16,8 @@ Two masks of the same gradient scale kept coordinates by ``1/(1-p)**2`` and drop
 from __future__ import annotations
 
 import weakref
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary

@@ -18,8 +18,9 @@ schedule), or are left untouched when there is none.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from .schedules import DropRateScheduler
 __all__ = ["DropPlan", "NamedParam", "ParamEntry", "RateSpec", "canonical_name", "canonical_names",
            "named_parameters"]
 
-RateSpec = Mapping[Union[nn.Parameter, torch.Tensor, str], float]
+RateSpec = Mapping[nn.Parameter | torch.Tensor | str, float]
 
 _WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 

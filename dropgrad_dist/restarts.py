@@ -10,7 +10,8 @@ by ``restart_coeff``. Once the period exceeds ``max_steps`` no more restarts hap
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist

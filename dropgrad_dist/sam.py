@@ -17,7 +17,8 @@ optimizer that updates the parameters: LR schedulers may be built on it) and ``p
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist

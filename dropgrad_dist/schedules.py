@@ -10,10 +10,11 @@ from __future__ import annotations
 import abc
 import math
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .checkpoint import read_field
-from .checks import check_count, check_int_in, check_rate
+from .checks import ArgumentTypeError, check_count, check_int_in, check_rate
 
 __all__ = [
     "CosineAnnealingDropRateScheduler",
@@ -89,7 +90,8 @@ class LinearDropRateScheduler(_AnnealingScheduler):
 
 
 class CosineAnnealingDropRateScheduler(_AnnealingScheduler):
-    """``p(t) = final + (initial - final) * (1 + cos(pi * t / num_steps)) / 2`` for ``t < num_steps``, then ``final``."""
+    """``p(t) = final + (initial - final) * (1 + cos(pi * t / num_steps)) / 2`` for ``t < num_steps``,
+    then ``final``."""
 
     def _anneal(self, progress: float) -> float:
         cosine = 1.0 + math.cos(math.pi * progress)
@@ -106,7 +108,7 @@ class StepDropRateScheduler(DropRateScheduler):
         super().__init__()
         self.initial_drop_rate = check_rate(initial_drop_rate, "initial_drop_rate")
         if not isinstance(drop_rate_schedule, Mapping):
-            raise ValueError(
+            raise ArgumentTypeError(
                 f"drop_rate_schedule must be a mapping {{step: rate}}, got {type(drop_rate_schedule).__name__}"
             )
         schedule = {}

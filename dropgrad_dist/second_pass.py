@@ -13,7 +13,7 @@ GNP/SAM evaluates the same batch twice. The two evaluations must differ only in 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

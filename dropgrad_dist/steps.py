@@ -16,7 +16,7 @@ step on the very same gradients is then recognized without any communication).
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -78,7 +78,7 @@ def _remove_dead_hooks() -> None:
         _dead_hooks.pop().remove()
 
 
-def _stepped(watch_ref: "weakref.ref[StepWatch]", optimizer: torch.optim.Optimizer) -> None:
+def _stepped(watch_ref: weakref.ref[StepWatch], optimizer: torch.optim.Optimizer) -> None:
     watch = watch_ref()
     if watch is not None:
         watch._fire(optimizer)

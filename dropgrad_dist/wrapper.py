@@ -11,9 +11,12 @@ so an error anywhere leaves every wrapper unchanged.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
+
+from .checks import ArgumentTypeError
 
 __all__ = ["OptimizerWrapper"]
 
@@ -29,7 +32,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise ArgumentTypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         # False when the state is checkpointed elsewhere (the Accelerate integration's JSON file).
         self.include_state_in_state_dict = True

@@ -6,9 +6,9 @@ GNP replaces the gradient by ``(1 - alpha) g(theta) + alpha g(theta + r g / |g|)
 r = rho). ``step(closure)`` evaluates the closure twice; the closure computes the loss, calls
 backward and returns the loss. A small classifier trains on a small noisy training set and
 prints its held-out loss and accuracy per method (one seed: a demonstration of the API, not a
-comparison). ASAM scales the perturbation by |theta|; SAM every 2nd step
-runs the second pass on every other step only. GNP's zero-warmup skips the penalty (and the second pass) during the learning-rate
-warmup, as the GNP paper recommends for adaptive optimizers.
+comparison). ASAM scales the perturbation by |theta|; SAM every 2nd step runs the second pass on
+every other step only. GNP's zero-warmup skips the penalty (and the second pass) during the
+learning-rate warmup, as the GNP paper recommends for adaptive optimizers.
 """
 
 import torch

@@ -15,6 +15,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dropgrad_dist import DropGrad, DropGradHookState, dropgrad_hook, keep_mask
 from dropgrad_dist.testing import run_on_ranks
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 PG_TIMEOUT = 60.0  # seconds; every error must arrive well inside it
 
 
@@ -208,10 +210,13 @@ def outcomes():
     ("hook and wrapper on the same gradients", "masked by a DropGradHookState .* and again by a DropGrad wrapper"),
     ("hook by ddp.register_comm_hook and wrapper", "masked by a DropGradHookState .* and again by a DropGrad wrapper"),
     ("hook dense: one rank steps twice",
-     "DropGradHookState: ranks disagree on 'optimizer.step\\(\\) calls since the last backward' \\(ranks \\[0\\] vs \\[1\\]\\)"),
+     "DropGradHookState: ranks disagree on 'optimizer.step\\(\\) calls since the last backward' "
+     "\\(ranks \\[0\\] vs \\[1\\]\\)"),
     ("hook compact: one rank steps twice",
-     "DropGradHookState: ranks disagree on 'optimizer.step\\(\\) calls since the last backward' \\(ranks \\[0\\] vs \\[1\\]\\)"),
-    ("hook: one rank assigns another drop_rate", "DropGradHookState: ranks disagree on 'rates' \\(ranks \\[0\\] vs \\[1\\]\\)"),
+     "DropGradHookState: ranks disagree on 'optimizer.step\\(\\) calls since the last backward' "
+     "\\(ranks \\[0\\] vs \\[1\\]\\)"),
+    ("hook: one rank assigns another drop_rate",
+     "DropGradHookState: ranks disagree on 'rates' \\(ranks \\[0\\] vs \\[1\\]\\)"),
     ("hook: sparse gradients", "does not support sparse gradients"),
 ])
 def test_every_rank_gets_a_clear_error_within_seconds(outcomes, scenario, message):

@@ -138,6 +138,7 @@ def benchmarks(monkeypatch):
     """The script as a module, with the eager mask backend as the script uses (no compile wait)."""
     monkeypatch.syspath_prepend(str(ANALYSIS))
     import benchmarks
+
     from dropgrad_dist import mask_backend, set_mask_backend
 
     previous = mask_backend()

@@ -1,4 +1,6 @@
-"""Rates, seeds and other numbers are accepted as any real scalar (NumPy, 0-d tensors), never as bools."""
+"""Rates, seeds and other numbers are accepted as any real scalar (NumPy, 0-d tensors), never as bools.
+
+A wrong type is a ``TypeError``, a wrong value a ``ValueError``."""
 
 import numpy as np
 import pytest
@@ -6,6 +8,7 @@ import torch
 from torch import nn
 
 from dropgrad_dist import DropGrad, GradientClipper, LinearDropRateScheduler, StepDropRateScheduler
+from dropgrad_dist.checks import ArgumentTypeError, check_rate
 from dropgrad_dist.ddp_hook import DropGradHookState
 
 from .nets import seeded_net
@@ -73,31 +76,64 @@ def test_clipper_takes_real_scalars():
 
 
 @pytest.mark.parametrize("value", NOT_NUMBERS, ids=repr)
-def test_bools_and_non_scalars_are_refused_naming_the_argument(value):
+def test_bools_and_non_scalars_are_type_errors_naming_the_argument(value):
     model = seeded_net()
-    with pytest.raises(ValueError, match=r"drop_rate must be a number in \[0, 1\]"):
+    with pytest.raises(TypeError, match=r"drop_rate must be a number in \[0, 1\]"):
         DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=value, model=model)
-    with pytest.raises(ValueError, match="seed must be an int in"):
+    with pytest.raises(TypeError, match="seed must be an int in"):
         DropGradHookState(model, drop_rate=0.1, seed=value)
-    with pytest.raises(ValueError, match="clipping_level must be a positive finite number"):
+    with pytest.raises(TypeError, match="clipping_level must be a positive finite number"):
         GradientClipper("norm", value)
+
+
+def test_type_errors_are_still_value_errors_for_callers_who_catch_those():
+    with pytest.raises(ValueError, match="drop_rate"):
+        check_rate("0.5", "drop_rate")
+    assert issubclass(ArgumentTypeError, TypeError) and issubclass(ArgumentTypeError, ValueError)
+
+
+@pytest.mark.parametrize("model", ["net", 3, None.__class__])
+def test_a_model_that_is_no_module_is_a_type_error(model):
+    net = seeded_net()
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        DropGrad(torch.optim.SGD(net.parameters(), lr=0.1), drop_rate=0.1, model=model)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        GradientClipper("norm", 1.0, model=model)
+
+
+def _value_error_only(call, match):
+    """``call()`` raises a ValueError matching ``match`` that is no TypeError (a wrong value, not a wrong type)."""
+    with pytest.raises(ValueError, match=match) as error:
+        call()
+    assert not isinstance(error.value, TypeError)
 
 
 @pytest.mark.parametrize("value", [np.float32(1.5), np.float64("nan"), torch.tensor(-0.1), 10 ** 400],
                          ids=["float32", "nan", "tensor", "huge_int"])
-def test_out_of_range_scalars_are_refused(value):
+def test_out_of_range_scalars_are_value_errors(value):
     model = seeded_net()
-    with pytest.raises(ValueError, match=r"drop_rate must be a number in \[0, 1\]"):
-        DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=value, model=model)
+    _value_error_only(lambda: DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=value, model=model),
+                      r"drop_rate must be a number in \[0, 1\]")
 
 
-@pytest.mark.parametrize("seed", [np.float32(3.0), torch.tensor(3.0), 3.0, np.int64(-1)])
+@pytest.mark.parametrize("level", [0, np.float32(-1.0), float("inf"), torch.tensor(float("nan"))], ids=repr)
+def test_non_positive_levels_are_value_errors(level):
+    _value_error_only(lambda: GradientClipper("norm", level), "clipping_level must be a positive finite number")
+
+
+@pytest.mark.parametrize("seed", [np.float32(3.0), torch.tensor(3.0), 3.0, 1.5])
 def test_seeds_must_be_integers(seed):
-    with pytest.raises(ValueError, match="seed must be an int in"):
+    with pytest.raises(TypeError, match="seed must be an int in"):
         GradientClipper("norm", 1.0, seed=seed)
+
+
+@pytest.mark.parametrize("seed", [np.int64(-1), -1, 2 ** 64])
+def test_seeds_out_of_range_are_value_errors(seed):
+    _value_error_only(lambda: GradientClipper("norm", 1.0, seed=seed), "seed must be an int in")
 
 
 def test_huge_values_are_shown_short_in_messages():
     with pytest.raises(ValueError, match="num_steps must be an int >= 1") as error:
         LinearDropRateScheduler(0.5, 0.0, -10 ** 400)
     assert len(str(error.value)) < 200
+    assert not isinstance(error.value, TypeError)

@@ -7,8 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from dropgrad_dist import (CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, DropGrad, GradientClipper, Restarter,
-                           keep_mask)
+from dropgrad_dist import (
+    CLIPPING_METHODS,
+    ClippedOptimizer,
+    ClippedSGD,
+    DropGrad,
+    GradientClipper,
+    Restarter,
+    keep_mask,
+)
 from dropgrad_dist.clip import NormHistory
 
 from .nets import seeded_net
@@ -161,7 +168,8 @@ def test_resume_mid_run_is_exact(tmp_path):
 def test_mask_then_clip_then_step_under_dropgrad():
     model, reference = seeded_net(), seeded_net()
     clipper = GradientClipper("norm", 0.01)
-    optimizer = DropGrad(ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), clipper), 0.5, model=model, seed=1)
+    optimizer = DropGrad(ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), clipper), 0.5, model=model,
+                         seed=1)
     _backward(model, 0)
     _backward(reference, 0)
     optimizer.step()
@@ -198,7 +206,8 @@ def test_bad_input_raises_clear_errors(kwargs, message):
 
 def test_an_int_level_is_that_number():
     assert GradientClipper("norm", 2).clipping_level == 2.0
-    assert ClippedSGD(seeded_net().parameters(), lr=0.1, clipping_type="layer_wise", clipping_level=1).clipper.clipping_level == 1.0
+    clipped = ClippedSGD(seeded_net().parameters(), lr=0.1, clipping_type="layer_wise", clipping_level=1)
+    assert clipped.clipper.clipping_level == 1.0
 
 
 def test_restarter_sets_the_exact_mean_resets_the_optimizer_and_grows_the_period():

@@ -16,6 +16,8 @@ from dropgrad_dist.testing import run_on_ranks
 
 from .fsdp_common import GLOBAL_BATCH, batch, make_model
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 STEPS = 20
 # name -> (clipper kwargs, DropGrad rate or None)
 CONFIGS = {

@@ -14,18 +14,36 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dropgrad_dist import (CLIPPING_METHODS, SAM, DropGrad, DropGradHookState, GradientClipper,
-                           GradientNormPenalty, LinearDropRateScheduler, drop_, drop_segments_, drop_tensors_,
-                           mask_backend, set_mask_backend)
+from dropgrad_dist import (
+    CLIPPING_METHODS,
+    SAM,
+    DropGrad,
+    DropGradHookState,
+    GradientClipper,
+    GradientNormPenalty,
+    LinearDropRateScheduler,
+    drop_,
+    drop_segments_,
+    drop_tensors_,
+    mask_backend,
+    set_mask_backend,
+)
 from dropgrad_dist.testing import run_on_ranks
 
 from .nets import seeded_net
-from .test_ddp_hook import (CONFIGS, SEED, STEPS, _loss, _micro_batch, _model, _optimizer, _rates,
-                            _train_reference)
+from .test_ddp_hook import CONFIGS, SEED, STEPS, _loss, _micro_batch, _model, _optimizer, _rates, _train_reference
 from .test_gnp import _data
-from .test_mask import (CFG, RATES, STARTS, _bits, _compaction_cases, _index_path, _pack_path,
-                        _reference_drop, _tensors)
-from .test_mask import backend  # noqa: F401, F811  (a fixture: restores the mask backend after each test)
+from .test_mask import (
+    CFG,
+    RATES,
+    STARTS,
+    _bits,
+    _compaction_cases,
+    _index_path,
+    _pack_path,
+    _reference_drop,
+    _tensors,
+)
 from .test_optim import _batch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -248,6 +266,7 @@ def _ddp_on(rank: int, world_size: int, device: str) -> dict:
 
 
 @pytest.mark.cuda
+@pytest.mark.distributed
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
 def test_ddp_hook_dense_and_compact_on_two_ranks_equal_one_process():
     # CUDA only: the CPU case (about 20 s of spawned ranks) is what test_ddp_hook covers.

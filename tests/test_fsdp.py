@@ -24,6 +24,8 @@ from dropgrad_dist.testing import free_port, run_on_ranks
 
 from .fsdp_common import CONFIGS, clip_dense, make_model, reference_masked_ones, reference_params, train
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 TOL = dict(rtol=1e-5, atol=1e-6)
 MASK_KW = dict(drop_rate=0.5, seed=11)
 
@@ -134,7 +136,11 @@ def _save(model: nn.Module, dropgrad: DropGrad, ckpt_dir: str, use_dcp: bool) ->
 def _load(model: nn.Module, dropgrad: DropGrad, ckpt_dir: str, use_dcp: bool, saved: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = saved
     if use_dcp:
@@ -250,9 +256,10 @@ def _check_fsdp1_training(rank: int, world_size: int) -> list[str]:
 
 def _fsdp1_all(rank: int, world_size: int, ckpt_dir: str) -> list[str]:
     set_mask_backend("eager")
+    # use_dcp=False: torch 2.15's DCP load of this FSDP1 optimizer state raises "Missing key optim.param_groups"
     return (_check_fsdp1_masks(rank) + _check_fsdp1_errors() + _check_fsdp1_training(rank, world_size)
             + _check_resume(rank, world_size, _fsdp1_model, ckpt_dir, _dense_fsdp1, _fsdp1_clip,
-                            use_dcp=False))  # torch 2.15: DCP load of this FSDP1 optimizer state raises "Missing key optim.param_groups"
+                            use_dcp=False))
 
 
 def test_fsdp1_orig_params_masks_training_clipping_and_resume_match_one_process(tmp_path):

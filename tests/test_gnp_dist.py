@@ -18,6 +18,8 @@ from dropgrad_dist.testing import run_on_ranks
 
 from .fsdp_common import GLOBAL_BATCH, batch, make_model
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 STEPS = 10
 ALPHA, R = 0.6, 0.05
 
@@ -64,7 +66,8 @@ def train(config: str, layout: str = "single", rank: int = 0, world_size: int = 
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     if config == "dropgrad":
         if layout.startswith("ddp"):
-            DropGradHookState(model, 0.4, seed=2, communication="compact" if "compact" in layout else "dense").register()
+            communication = "compact" if "compact" in layout else "dense"
+            DropGradHookState(model, 0.4, seed=2, communication=communication).register()
         else:
             base = DropGrad(base, 0.4, seed=2, model=model)
     perturbation = "local" if config == "local" else "global"
@@ -137,7 +140,7 @@ def _close(got: dict, want: dict, tol: float = 1e-5) -> None:
         torch.testing.assert_close(torch.from_numpy(got[name]), torch.from_numpy(value), rtol=tol, atol=tol, msg=name)
 
 
-@pytest.mark.parametrize("config, layout", [(c, l) for c, ls in LAYOUTS.items() if c != "local" for l in ls])
+@pytest.mark.parametrize("config, layout", [(c, layout) for c, ls in LAYOUTS.items() if c != "local" for layout in ls])
 def test_global_perturbation_equals_one_process_on_the_global_batch(ranks, config, layout):
     want = train("dropgrad" if config == "dropgrad" else "global")
     if config == "dropgrad":  # the masks matter: the reference is not the unmasked run

@@ -17,6 +17,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from dropgrad_dist.testing import free_port  # noqa: E402
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "examples" / "hf_trainer.py")
 

@@ -22,6 +22,8 @@ from dropgrad_dist.testing import run_on_ranks
 
 from .fsdp_common import CONFIGS, GLOBAL_BATCH, batch, make_model, reference_masked_ones, reference_params, train
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 TOL = dict(rtol=1e-5, atol=1e-6)
 MASK_KW = dict(drop_rate=0.5, seed=11)
 MESH_SHAPE = (2, 2)  # (replicate, shard): rank = replica * 2 + shard

@@ -36,7 +36,7 @@ def test_single_process_gets_the_step_wrapper_and_a_checkpointable_handle():
 
 def test_refuses_unprepared_optimizers_and_unsupported_setups(monkeypatch):
     accelerator, model, optimizer = _prepared()
-    with pytest.raises(ValueError, match="optimizer must be the optimizer returned by accelerator.prepare"):
+    with pytest.raises(TypeError, match="optimizer must be the optimizer returned by accelerator.prepare"):
         prepare_dropgrad(accelerator, model, optimizer.optimizer, drop_rate=0.1)
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.MEGATRON_LM))
     with pytest.raises(ValueError, match="does not support Accelerate's .*MEGATRON_LM"):

@@ -13,6 +13,8 @@ import torch
 
 from dropgrad_dist.testing import free_port
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 ROOT = Path(__file__).resolve().parents[1]
 # One global batch per epoch (train_size == batch_size), so every layout sees the same batch
 # each step and runs can be compared parameter by parameter. SGD: no Adam sign amplification.

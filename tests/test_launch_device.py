@@ -16,6 +16,8 @@ import torch
 from dropgrad_dist.agreement import AgreementCheck, RankDisagreement, collective_device
 from dropgrad_dist.testing import free_port, run_on_ranks
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--num_layers", "1", "--hidden_dim", "32", "--mlp_dim", "64", "--num_heads", "2", "--patch_size", "8",
         "--batch_size", "32", "--train_size", "32", "--test_size", "32", "--max_steps", "1"]

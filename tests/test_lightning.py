@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import lightning_ddp  # noqa: E402
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 
 def _one_process(drop_rate: float, steps: int = 4, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """The run in plain PyTorch: DropGrad masks, then the clipper, then SGD, on the same global batches."""

@@ -21,6 +21,8 @@ from dropgrad_dist.testing import run_on_ranks
 
 from .fsdp_common import batch, make_model
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 PG_TIMEOUT = 30.0  # seconds: an error must arrive well inside it, not as a collective timeout
 
 

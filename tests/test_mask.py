@@ -10,18 +10,9 @@ import pytest
 import torch
 
 from dropgrad_dist import mask
-from dropgrad_dist.mask import backends, compaction
-from dropgrad_dist.mask import MaskStream, drop_, keep_mask, keep_threshold
+from dropgrad_dist.mask import MaskStream, backends, compaction, drop_, keep_mask, keep_threshold
 
 CFG = dict(seed=7, step=3, key="blocks.0.attn.weight", rate=0.3)
-
-
-@pytest.fixture
-def backend():
-    """Run a test under a given backend and restore the previous one."""
-    previous = mask.mask_backend()
-    yield mask.set_mask_backend
-    mask.set_mask_backend(previous)
 
 
 def _reference_keep(index: int, *, seed: int, step: int, key: str, rate: float,

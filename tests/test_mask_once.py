@@ -9,8 +9,17 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from dropgrad_dist import (ClippedOptimizer, DropGrad, DropGradHookState, GradientClipper, GradientNormPenalty,
-                           Restarter, RestartingOptimizer, keep_mask, prepare_regularizers)
+from dropgrad_dist import (
+    ClippedOptimizer,
+    DropGrad,
+    DropGradHookState,
+    GradientClipper,
+    GradientNormPenalty,
+    Restarter,
+    RestartingOptimizer,
+    keep_mask,
+    prepare_regularizers,
+)
 
 from .nets import seeded_net
 

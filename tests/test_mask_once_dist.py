@@ -4,6 +4,7 @@ One spawn runs every configuration; each rank returns the gradients it stepped o
 with the one-process values of ``test_mask_once.py``.
 """
 
+import pytest
 import torch
 from torch import nn
 
@@ -11,6 +12,8 @@ from dropgrad_dist import prepare_regularizers
 from dropgrad_dist.testing import run_on_ranks
 
 from .test_mask_once import N, Weights, expected_grad
+
+pytestmark = pytest.mark.distributed  # every test here starts several processes
 
 
 def _accelerated(gradient_accumulation_steps: int):

@@ -28,6 +28,8 @@ from dropgrad_dist.testing import free_port
 
 from .test_launch import TINY
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 150  # seconds for both nodes together; a hang would otherwise last gloo's 30-minute timeout
 

@@ -60,6 +60,7 @@ def _clip_twice_on_one_rank(rank: int, world_size: int) -> dict:
     return out
 
 
+@pytest.mark.distributed
 def test_a_rank_clipping_twice_neither_aborts_nor_diverges():
     start = time.perf_counter()
     results = run_on_ranks(_clip_twice_on_one_rank, 2, timeout=120, pg_timeout=PG_TIMEOUT)
@@ -80,6 +81,7 @@ def _dropgrad_double_step(rank: int, world_size: int, layout: str) -> None:
 
 
 @pytest.mark.parametrize("layout", ["fsdp2", "ddp"])
+@pytest.mark.distributed
 def test_a_rank_stepping_dropgrad_twice_raises_within_seconds(layout):
     # The wall time includes spawning both ranks (seconds on a loaded machine): a long process-group
     # timeout keeps "the error came well before the timeout" meaningful and the bound robust.
@@ -152,6 +154,7 @@ def _clip_again_after_a_change(rank: int) -> tuple[str | None, float]:
     return None, time.perf_counter() - start
 
 
+@pytest.mark.distributed
 def test_a_skipped_step_or_an_extra_clip_on_one_rank_is_named_on_every_rank_within_seconds():
     results = run_on_ranks(_skip_or_double, 2, timeout=180, pg_timeout=PG_TIMEOUT)
     for rank, result in enumerate(results):

@@ -125,7 +125,8 @@ def test_mask_keys_are_unique_per_model():
             self.weight = nn.Parameter(torch.ones(2, 2))
 
     model = OwnModuleAttribute()
-    keys = [e.key for e in DropGrad(torch.optim.SGD(model.parameters(), lr=1.0), drop_rate=0.5, model=model).plan.entries]
+    plan = DropGrad(torch.optim.SGD(model.parameters(), lr=1.0), drop_rate=0.5, model=model).plan
+    keys = [e.key for e in plan.entries]
     assert keys == ["weight", "module.weight"]  # own parameters first, as named_parameters() lists them
 
     class Colliding(nn.Module):
@@ -187,7 +188,7 @@ def test_bad_arguments_raise_value_errors_naming_them(kwargs, message):
 
 
 def test_non_optimizer_is_rejected():
-    with pytest.raises(ValueError, match="optimizer must be a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         DropGrad(seeded_net(), drop_rate=0.1)
 
 

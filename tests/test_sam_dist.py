@@ -17,6 +17,8 @@ from dropgrad_dist.testing import run_on_ranks
 from .fsdp_common import make_model
 from .test_gnp_dist import _full, _half
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 STEPS = 6
 HIDDEN = 6
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -146,7 +148,7 @@ def _close(got: dict, want: dict, tol: float = 1e-5) -> None:
         torch.testing.assert_close(torch.from_numpy(got[name]), torch.from_numpy(value), rtol=tol, atol=tol, msg=name)
 
 
-@pytest.mark.parametrize("config, layout", [(c, l) for c, ls in LAYOUTS.items() for l in ls])
+@pytest.mark.parametrize("config, layout", [(c, layout) for c, ls in LAYOUTS.items() for layout in ls])
 def test_two_ranks_equal_one_process_on_the_global_batch(ranks, config, layout):
     want = train(config)
     for results in ranks:

@@ -6,6 +6,8 @@ import torch.distributed as dist
 
 from dropgrad_dist.testing import run_on_ranks
 
+pytestmark = pytest.mark.distributed  # every test here starts several processes
+
 
 def _sum_ranks(rank: int, world_size: int, offset: int) -> tuple[int, float]:
     value = torch.tensor([float(rank + offset)])

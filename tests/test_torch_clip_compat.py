@@ -17,8 +17,13 @@ import torch
 from torch import nn
 
 from dropgrad_dist import Restarter as NativeRestarter
-from dropgrad_dist.compat.torch_clip import (ClippedSGD, ModelProperties, OptimizerProperties, RestartProperties,
-                                             Restarter)
+from dropgrad_dist.compat.torch_clip import (
+    ClippedSGD,
+    ModelProperties,
+    OptimizerProperties,
+    Restarter,
+    RestartProperties,
+)
 
 from .nets import Net, seeded_net
 
@@ -370,7 +375,8 @@ def test_do_restarts_is_recorded_like_torch_clips_and_changes_nothing():
     ("clipping_level", -1.0, ValueError, r"param_groups\[1\]\['clipping_level'\] must be a positive finite number"),
     ("clipping_level", "1", ValueError, r"param_groups\[1\]\['clipping_level'\] must be a positive finite number"),
     ("p_autoclip", 0.0, ValueError, r"param_groups\[1\]\['p_autoclip'\] must be a number in \(0, 1\]"),
-    ("clipping_type", "layer_wise", ValueError, r"param_groups\[1\]\['clipping_type'\] is 'layer_wise'; the method is fixed"),
+    ("clipping_type", "layer_wise", ValueError,
+     r"param_groups\[1\]\['clipping_type'\] is 'layer_wise'; the method is fixed"),
 ])
 def test_param_group_options_are_validated_at_the_next_step(key, value, error, message):
     model = seeded_net()

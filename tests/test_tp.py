@@ -25,8 +25,14 @@ from dropgrad_dist import SAM, ClippedOptimizer, DropGrad, GradientClipper, Grad
 from dropgrad_dist.mask import drop_
 from dropgrad_dist.norms import stage_group
 from dropgrad_dist.params import canonical_name
-from dropgrad_dist.shards import (check_strided_layout, drop_local_, held_runs, local_segments, placement_kind,
-                                  segment_layout)
+from dropgrad_dist.shards import (
+    check_strided_layout,
+    drop_local_,
+    held_runs,
+    local_segments,
+    placement_kind,
+    segment_layout,
+)
 from dropgrad_dist.testing import run_on_ranks
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fsdp_tp.py"
@@ -287,6 +293,7 @@ def _tp_2d(rank: int, world_size: int) -> list[str]:
             + _check_trainings(mesh, ("dp",)))
 
 
+@pytest.mark.distributed
 def test_fsdp2_tp_2x2_mesh_offsets_masks_norms_and_trainings_match_one_process():
     results = run_on_ranks(_tp_2d, 4, timeout=300, pg_timeout=120)
     assert all(r == results[0] for r in results)
@@ -385,6 +392,7 @@ def _pipeline(rank: int, world_size: int) -> list[str]:
     return done
 
 
+@pytest.mark.distributed
 def test_pipeline_stages_clip_and_penalize_with_the_whole_models_norm():
     results = run_on_ranks(_pipeline, 2, timeout=240, pg_timeout=120)
     assert results[0] == results[1] == ["pipeline norm == 1-process", "pipeline layer_wise == 1-process",
@@ -410,6 +418,7 @@ def _tp_3d(rank: int, world_size: int) -> list[str]:
 @pytest.mark.skipif(not os.environ.get("DROPGRAD_SLOW_TESTS"),
                     reason="8 gloo ranks take ~110 s on 2 loaded cores (over the suite's budget); "
                            "run with DROPGRAD_SLOW_TESTS=1")
+@pytest.mark.distributed
 def test_hsdp_tp_2x2x2_mesh_masks_and_trainings_match_one_process():
     results = run_on_ranks(_tp_3d, 8, timeout=300, pg_timeout=120)
     assert all(r == ["masks == 1-process masks", "norm == 1-process", "sam == 1-process"] for r in results), results

@@ -51,7 +51,7 @@ def test_synthetic_data_is_learnable_by_a_tiny_model():
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     images, labels = train_set.tensors
-    for epoch in range(3):
+    for _ in range(3):
         for i in range(0, 2000, 50):
             loss = torch.nn.functional.cross_entropy(model(images[i:i + 50]), labels[i:i + 50])
             opt.zero_grad()

@@ -15,7 +15,8 @@ unrounded period: steps 10, 25, 48, 82, 133, 209.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

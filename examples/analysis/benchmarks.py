@@ -39,9 +39,10 @@ import multiprocessing
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -442,7 +443,7 @@ def prepare_output_dir(path: str) -> Path:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as err:
-        raise SystemExit(f"{PROG}: error: cannot write to --output_dir {path!r}: {err.strerror or err}")
+        raise SystemExit(f"{PROG}: error: cannot write to --output_dir {path!r}: {err.strerror or err}") from None
     return out
 
 

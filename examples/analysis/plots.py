@@ -16,8 +16,8 @@ import functools
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -72,7 +72,7 @@ def _pyplot():
     return plt
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _landscape(function: str, n: int = 150) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     benchmark = BENCHMARKS[function]
     x0, x1, y0, y1 = benchmark.box

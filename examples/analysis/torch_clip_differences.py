@@ -4,15 +4,22 @@ torch-clip is not a dependency: unpack its sdist (``pip download --no-deps torch
 ``TORCH_CLIP_SRC=/path/to/torch_clip-0.0.6 PYTHONPATH=. python examples/analysis/torch_clip_differences.py``
 from the repository root. About 30 s on one CPU core.
 """
-import contextlib, io, math, os, statistics, sys
+import contextlib
+import io
+import math
+import os
+import statistics
+import sys
+
 sys.path.insert(0, os.environ.get("TORCH_CLIP_SRC", "torch_clip-0.0.6"))
 import torch
-from torch import nn
 import torch_clip.optimizers as tco
-from torch_clip.restarter import Restarter as TCRestarter
+from torch import nn
 from torch_clip.optimizers_collector import OptimizerProperties as TCProps
+from torch_clip.restarter import Restarter as TCRestarter
 from torch_clip.utils import GradHistory
-from dropgrad_dist.compat.torch_clip import ClippedSGD, Restarter, OptimizerProperties
+
+from dropgrad_dist.compat.torch_clip import ClippedSGD, OptimizerProperties, Restarter
 from tests.nets import seeded_net
 
 STEPS = 200
@@ -55,7 +62,8 @@ def moved(a):
     start = torch.cat([p.detach().flatten() for p in seeded_net().parameters()])
     return float((a - start).norm())
 
-print("## deterministic methods, float clipping_level (ours vs torch-clip): relative parameter difference after 200 steps")
+print("## deterministic methods, float clipping_level (ours vs torch-clip): "
+      "relative parameter difference after 200 steps")
 for m, level in [("norm", 1.0), ("layer_wise", 0.5), ("coordinate_wise", 0.1)]:
     for mom in (0.0, 0.9):
         a, _ = run(lambda p: ClippedSGD(p, 0.05, mom, m, level))
@@ -75,8 +83,9 @@ b, _ = run(lambda p: tco.ClippedSGD(p, 0.05, 0.0, "norm", 0.5), groups=True)
 print(f"ours group vs tc: {rel(g, b):.2e}; ours global vs tc: {rel(a, b):.2e} (distance travelled {moved(b):.3f})")
 
 print("## AutoClip level: torch-clip's heap percentile vs the exact quantile, p = 0.75 (and 0.5, 0.9)")
+LOGNORMAL_NORMS = torch.randn(2000, generator=torch.Generator().manual_seed(0)).exp().tolist()
 for p_auto in (0.5, 0.75, 0.9):
-    for name, stream in [("lognormal(0,1) norms", torch.randn(2000, generator=torch.Generator().manual_seed(0)).exp().tolist()),
+    for name, stream in [("lognormal(0,1) norms", LOGNORMAL_NORMS),
                          ("training norms", run(lambda p: ClippedSGD(p, 0.05, 0.0, "no_clip"))[1]),
                          ("decaying norms 10/sqrt(t)", [10 / math.sqrt(t + 1) for t in range(2000)])]:
         h = GradHistory("auto_clip", p_auto)
@@ -90,7 +99,8 @@ for p_auto in (0.5, 0.75, 0.9):
               f"range [{min(diffs):+.3f}, {max(diffs):+.3f}]; second half median {statistics.median(late):+.3f}")
 a, _ = run(lambda p: ClippedSGD(p, 0.05, 0.0, "auto_clip", p_autoclip=0.75))
 b, _ = run(lambda p: tco.ClippedSGD(p, 0.05, 0.0, "auto_clip", p_autoclip=0.75))
-print(f"auto_clip p=0.75 params after 200 steps: |ours - tc| / |tc| = {rel(a, b):.2e} (distance travelled {moved(b):.3f})")
+print(f"auto_clip p=0.75 params after 200 steps: |ours - tc| / |tc| = {rel(a, b):.2e} "
+      f"(distance travelled {moved(b):.3f})")
 
 print("## restart point: torch-clip divides the sum of n iterates by the number of tensors (4 here)")
 a, _ = run(lambda p: ClippedSGD(p, 0.05, 0.0, "layer_wise", 0.5), steps=51,
@@ -107,10 +117,12 @@ for m in ("linear_rand_norm", "quadratic_rand_norm"):
     model = seeded_net()
     for s in range(STEPS):
         x, y = BATCHES[s]
-        model.zero_grad(); nn.functional.mse_loss(model(x), y).backward()
+        model.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
         norm = math.sqrt(sum(float(p.grad.square().sum()) for p in model.parameters()))
         a = 0.5 / norm
-        if a >= 1: continue
+        if a >= 1:
+            continue
         theirs_steps += 1
         prob = 0.5 ** (a if m.startswith("linear") else a * a)
         decisions = [bool(torch.rand(1) < prob) for _ in model.parameters()]

@@ -20,6 +20,8 @@ from dropgrad_dist.clip import ClippedOptimizer, GradientClipper
 from dropgrad_dist.mask import keep_mask
 from dropgrad_dist.testing import run_on_ranks
 
+pytestmark = pytest.mark.distributed
+
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install dropgrad-dist[deepspeed])")
 
 STEPS = 3

@@ -6,7 +6,7 @@ coordinate index, rate), never on rank, world size, bucket layout, shard boundar
 
 from .agreement import RankDisagreement
 from .clip import CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, GradientClipper
-from .ddp_hook import DropGradHookState, dropgrad_hook, dropgrad_wrapper
+from .ddp_hook import DropGradHookState, compressed_hook, dropgrad_hook, dropgrad_wrapper
 from .gnp import SAM, GradientNormPenalty
 from .integration import (DropGradHandle, Regularizers, check_launch, enable_fsdp_on_cpu, prepare_dropgrad,
                           prepare_regularizers)
@@ -62,6 +62,7 @@ __all__ = [
     "drop_segments_",
     "drop_tensors_",
     "dropgrad_hook",
+    "compressed_hook",
     "dropgrad_wrapper",
     "enable_fsdp_on_cpu",
     "keep_mask",

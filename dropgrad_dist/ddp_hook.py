@@ -70,6 +70,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as _checkpoint
@@ -82,7 +83,7 @@ from .params import DropPlan, ParamEntry, RateSpec, named_parameters
 from .schedules import DropRateScheduler, read_schedule_state
 from .steps import StepWatch
 
-__all__ = ["DropGradHookState", "dropgrad_hook", "dropgrad_wrapper"]
+__all__ = ["DropGradHookState", "compressed_hook", "dropgrad_hook", "dropgrad_wrapper"]
 
 Communication = Literal["dense", "compact"]
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
@@ -183,6 +184,8 @@ class DropGradHookState:
         elif any(p not in self._known for p in target.parameters() if p.requires_grad):
             raise ValueError("ddp_model holds parameters this state was not built from; "
                              "build DropGradHookState from the same model")
+        if getattr(target, "_use_python_reducer", False):
+            raise ValueError(_PYTHON_REDUCER)
         if getattr(target, "_comm_hooks", None):
             raise RuntimeError(
                 "this DDP model already has a communication hook and DDP allows only one "
@@ -474,6 +477,7 @@ def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.fu
     kept coordinates (plus one non-finite flag element) and scatter them back; dropped
     coordinates become zero.
     """
+    _refuse_per_parameter_call(bucket)
     with without_backward_context():
         return _dropgrad_hook(state, bucket)
 
@@ -565,27 +569,47 @@ def _compact_all_reduce_indexed(state: DropGradHookState, bucket: dist.GradBucke
     return work.get_future().then(unpack)
 
 
-def dropgrad_wrapper(hook: Hook) -> Hook:
-    """Mask first, then let ``hook`` (e.g. ``bf16_compress_hook``, ``allreduce_hook``) communicate.
+# Hooks that map each coordinate to itself (a zero stays a zero): no second mask needed after them.
+_ELEMENTWISE_HOOKS = (default_hooks.allreduce_hook, default_hooks.fp16_compress_hook,
+                      default_hooks.bf16_compress_hook)
 
-    ``b <- hook(process_group, b * keep / (1 - p))``; ``hook`` receives ``state.process_group``
-    as its state and averages the bucket. Register with
-    ``state.register(ddp_model, dropgrad_wrapper(bf16_compress_hook))``; the state must use
-    ``communication="dense"``. The traffic is the wrapped hook's: the byte counters do not move.
+
+def dropgrad_wrapper(hook: Hook, state: Any = None) -> Hook:
+    """Mask first, then let ``hook`` (e.g. ``bf16_compress_hook``, ``powerSGD_hook``) communicate.
+
+    ``b <- hook(inner_state, b * keep / (1 - p))``, and for a hook that is not elementwise (anything
+    but torch's ``allreduce_hook``/``fp16_compress_hook``/``bf16_compress_hook``, e.g. PowerSGD,
+    whose low-rank approximation spreads values into dropped coordinates) ``b <- keep * b`` after
+    it, so dropped coordinates are zero on every rank. ``inner_state`` is ``state`` when given
+    (PowerSGD needs its ``PowerSGDState``), else the DropGrad state's process group. ``hook``
+    averages the bucket. Register with ``state.register(ddp_model, dropgrad_wrapper(hook, ...))``;
+    the DropGrad state must use ``communication="dense"``. The traffic is the wrapped hook's: the
+    byte counters do not move.
     """
+    if not callable(hook):
+        raise TypeError(f"hook must be a DDP communication hook (a callable), got {type(hook).__name__}")
     name = f"dropgrad_wrapper({getattr(hook, '__qualname__', type(hook).__name__)})"
+    remask = hook not in _ELEMENTWISE_HOOKS
+    inner_state = state
 
     def dropgrad_wrapper_hook(state: DropGradHookState,
                               bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        _refuse_per_parameter_call(bucket)
         if state.communication != "dense":
             raise ValueError("dropgrad_wrapper masks densely and lets the wrapped hook communicate: "
                              "build the state with communication='dense' (compact is dropgrad_hook's own)")
         with without_backward_context():
             state._enter(bucket, name, wait_now=False)
             try:
+                keep = None
                 if not state._suspended:
-                    state._mask_bucket_(bucket, 1, keep=None)
-                future = hook(state.process_group, bucket)
+                    buffer = bucket.buffer()
+                    if remask:
+                        keep = torch.empty(buffer.numel(), dtype=torch.bool, device=buffer.device)
+                    state._mask_bucket_(bucket, 1, keep=keep)
+                future = hook(state.process_group if inner_state is None else inner_state, bucket)
+                if keep is not None:
+                    future = future.then(_times_keep(keep))
             except BaseException:
                 state._abort_round()
                 raise
@@ -594,3 +618,51 @@ def dropgrad_wrapper(hook: Hook) -> Hook:
 
     dropgrad_wrapper_hook.__qualname__ = name
     return dropgrad_wrapper_hook
+
+
+def _times_keep(keep: torch.Tensor) -> Callable[[torch.futures.Future], torch.Tensor]:
+    def remask(fut: torch.futures.Future) -> torch.Tensor:
+        value = fut.value()
+        tensor = value[0] if isinstance(value, (list, tuple)) else value
+        return tensor.mul_(keep)
+    return remask
+
+
+Compress = Literal["bf16", "fp16", "powersgd"]
+
+
+def compressed_hook(compress: "Compress | powerSGD_hook.PowerSGDState",
+                    process_group: dist.ProcessGroup | None = None) -> Hook:
+    """DropGrad's mask composed with one of torch's compression hooks: mask, then compress.
+
+    ``compress``: ``"bf16"``/``"fp16"`` (``b <- all_reduce(half(b * keep / (1 - p)) / n)``),
+    ``"powersgd"`` (rank-1 PowerSGD with torch's defaults on ``process_group``) or a
+    ``PowerSGDState`` (PowerSGD with those settings); PowerSGD's result is masked again, so
+    dropped coordinates are zero.
+    """
+    if isinstance(compress, powerSGD_hook.PowerSGDState):
+        return dropgrad_wrapper(powerSGD_hook.powerSGD_hook, state=compress)
+    if not isinstance(compress, str):
+        raise TypeError("compress must be 'bf16', 'fp16', 'powersgd' or a PowerSGDState, "
+                        f"got {type(compress).__name__}")
+    if compress == "bf16":
+        return dropgrad_wrapper(default_hooks.bf16_compress_hook)
+    if compress == "fp16":
+        return dropgrad_wrapper(default_hooks.fp16_compress_hook)
+    if compress == "powersgd":
+        return dropgrad_wrapper(powerSGD_hook.powerSGD_hook,
+                                state=powerSGD_hook.PowerSGDState(process_group=process_group))
+    raise ValueError(f"compress must be 'bf16', 'fp16', 'powersgd' or a PowerSGDState, got {compress!r}")
+
+
+_PYTHON_REDUCER = (
+    "DropGrad's DDP hook masks whole buckets; compiled DDP's python reducer "
+    "(torch._dynamo.config.optimize_ddp = 'python_reducer') calls communication hooks once per "
+    "parameter with (grad, param) inside compiled autograd, which it does not support. Use the "
+    "default optimize_ddp (DDPOptimizer: torch.compile on the DDP model works with the hook), or "
+    "the DropGrad optimizer wrapper on an uncompiled backward")
+
+
+def _refuse_per_parameter_call(bucket: Any) -> None:
+    if isinstance(bucket, tuple):
+        raise RuntimeError(_PYTHON_REDUCER)

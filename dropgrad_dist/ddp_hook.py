@@ -78,8 +78,9 @@ from . import mask as _mask
 from .agreement import AgreementCheck, PendingCheck
 from .checks import check_count, check_seed
 from .collectives import SentTensors, without_backward_context
+from .ddp_buckets import BucketTable, BucketTables
 from .ownership import claim_for_hook
-from .params import DropPlan, ParamEntry, RateSpec, named_parameters
+from .params import DropPlan, RateSpec, named_parameters
 from .schedules import DropRateScheduler, read_schedule_state
 from .steps import StepWatch
 
@@ -154,6 +155,7 @@ class DropGradHookState:
         named = named_parameters(model, trainable_only=True)
         self.plan = DropPlan(named, drop_rate, params, drop_rate_scheduler, names_allowed=True)
         self._known = {item.param for item in named}
+        self._tables = BucketTables()
         self._install_watchers()
 
     def _install_watchers(self) -> None:
@@ -322,39 +324,21 @@ class DropGradHookState:
                 "optimizer.step() calls since the last backward": self._step_watch.steps - self._steps_at_round}
 
     # -- masking a bucket ---------------------------------------------------------------------------
-    def _segments(self, bucket: dist.GradBucket) -> list[tuple[int, int, ParamEntry | None, bool]]:
-        """``(offset, length, entry, is_complex)`` per parameter, in bucket order (back to back)."""
-        buffer = bucket.buffer()
-        if buffer.layout != torch.strided:
-            raise ValueError("DropGrad's DDP hook does not support sparse gradients (an embedding with "
-                             "sparse=True?); use dense gradients")
-        segments, offset = [], 0
-        for param in bucket.parameters():
-            if param not in self._known:
-                raise ValueError("a DDP bucket holds a parameter this DropGradHookState was not built "
-                                 "from: build the state from the DDP model it is registered on")
-            # DDP all-reduces a complex gradient as pairs of reals.
-            length = param.numel() * (2 if param.is_complex() else 1)
-            segments.append((offset, length, self.plan.entry(param), param.is_complex()))
-            offset += length
-        if offset != buffer.numel():
-            raise RuntimeError(f"unexpected DDP bucket layout: parameters hold {offset} elements, "
-                               f"the bucket {buffer.numel()}")
-        return segments
+    def bucket_table(self, bucket: dist.GradBucket) -> BucketTable:
+        """The bucket's segments and engine pieces, built once per bucket layout (see ddp_buckets.py)."""
+        return self._tables.table(bucket, self.plan, self._known)
 
     def _mask_bucket_(self, bucket: dist.GradBucket, world_size: int, keep: torch.Tensor | None) -> None:
         """In place: masked coordinates times ``keep / (1 - p) / world_size``, others ``/ world_size``.
 
         One engine call for the whole bucket, whatever the number of parameters in it.
         """
-        buffer, segments = bucket.buffer(), self._segments(bucket)
-        if not any(is_complex for *_, is_complex in segments):
-            _mask.drop_segments_(buffer, [(length, None if entry is None else entry.key, 0,
-                                           None if entry is None else self.plan.rate_of(entry))
-                                          for _, length, entry, _ in segments],
-                                 seed=self.seed, step=self.step_index, extra_scale=1.0 / world_size, mask_out=keep)
+        buffer, table = bucket.buffer(), self.bucket_table(bucket)
+        if not table.has_complex:
+            _mask.drop_segments_(buffer, table.pieces(self.plan), seed=self.seed, step=self.step_index,
+                                 extra_scale=1.0 / world_size, mask_out=keep)
             return
-        for offset, length, entry, is_complex in segments:  # rare: complex numbers are one coordinate
+        for offset, length, entry, is_complex in table.segments:  # rare: complex numbers are one coordinate
             view = buffer[offset:offset + length]
             keep_view = None if keep is None else keep[offset:offset + length]
             if entry is None:
@@ -437,6 +421,7 @@ class DropGradHookState:
         self.bytes_communicated = state["state"].get("bytes_communicated", 0)
         self.bytes_dense_equivalent = state["state"].get("bytes_dense_equivalent", 0)
         self._known = set()
+        self._tables = BucketTables()
         self._model = None
         self._registered_on = None
         self._hook_ran = False
@@ -522,11 +507,10 @@ def _compact_all_reduce(state: DropGradHookState, bucket: dist.GradBucket,
     Real buckets: the engine packs (masks on the fly into a contiguous send buffer; no bool mask, no
     index array) and unpacks (recomputes the mask from the hash). Complex buckets: a mask and indices.
     """
-    buffer, segments = bucket.buffer(), state._segments(bucket)
-    if state._compact_via_index or any(is_complex for *_, is_complex in segments):
+    buffer, table = bucket.buffer(), state.bucket_table(bucket)
+    if state._compact_via_index or table.has_complex:
         return _compact_all_reduce_indexed(state, bucket, world_size)
-    pieces = [(length, None, 0, None) if entry is None else (length, entry.key, 0, state.plan.rate_of(entry))
-              for _, length, entry, _ in segments]
+    pieces = table.pieces(state.plan)
     step = state.step_index  # the unpack must recompute the very masks the pack used
     # The kept count (so the send size) depends on no rank data: every rank sends the same size.
     send = _mask.pack_segments(buffer, pieces, seed=state.seed, step=step, extra_scale=1.0 / world_size)

@@ -1,4 +1,5 @@
-"""Mask-then-compress DDP hooks (bf16, fp16, PowerSGD; directly and through Accelerate) and compiled DDP.
+"""Mask-then-compress DDP hooks (bf16, fp16, PowerSGD; directly and through Accelerate), compiled DDP,
+and the hook's per-layout bucket tables across a DDP bucket rebuild.
 
 One spawn of 2 gloo ranks runs every configuration; each rank returns the synchronized gradient of
 every step (learning rate 0, so every step sees the same parameters), compared here with the
@@ -101,11 +102,46 @@ def _python_reducer_refusals() -> list[str]:
     return messages
 
 
+class _OutOfOrder(nn.Module):
+    """Parameters registered in one order, used in another: DDP's bucket rebuild reorders them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.last, self.first = nn.Linear(16, 3), nn.Linear(6, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.tanh(self.first(x)))
+
+
+def _bucket_rebuild(rank: int) -> dict:
+    """Every round's zero pattern against the engine's keep mask, across DDP's bucket rebuild."""
+    results = {}
+    for communication in ("dense", "compact"):
+        ddp = DDP(_OutOfOrder(), bucket_cap_mb=0.0001)  # about one parameter per bucket
+        state = DropGradHookState(ddp, drop_rate=RATE, seed=SEED, communication=communication)
+        state.register(ddp)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        layouts, exact = [], []
+        names = dict((p, n) for n, p in ddp.module.named_parameters())
+        for step in range(STEPS):
+            optimizer.zero_grad()
+            _loss(ddp, *_batch(step, rank)).backward()
+            layouts.append(state._tables.builds)
+            exact.append(all(
+                torch.equal(p.grad.reshape(-1) != 0, keep_mask(p.numel(), seed=SEED, step=step, key=names[p], rate=RATE))
+                for p in ddp.parameters()))
+            optimizer.step()
+        results[communication] = dict(layouts=layouts, exact=exact)
+    return results
+
+
 def _all_configs(rank: int, world_size: int) -> dict:
     results = {f"direct-{c}": _direct(rank, c) for c in ("bf16", "fp16", "powersgd")}
     results.update({f"accelerate-{how}": _accelerated(rank, how) for how in ("option", "kwargs")})
     results["compiled-ddpoptimizer"] = _compiled(rank)
     results["python_reducer"] = _python_reducer_refusals()
+    results["bucket_rebuild"] = _bucket_rebuild(rank)
     return results
 
 
@@ -171,6 +207,15 @@ def test_python_reducer_is_refused_with_a_clear_message(ranks):
     for messages in ranks:
         assert len(messages["python_reducer"]) == 2
         assert all("python_reducer" in m and "DDPOptimizer" in m for m in messages["python_reducer"])
+
+
+@pytest.mark.parametrize("communication", ["dense", "compact"])
+def test_bucket_tables_follow_a_ddp_bucket_rebuild(ranks, communication):
+    for per_rank in ranks:
+        seen = per_rank["bucket_rebuild"][communication]
+        # The rebuild after the first iteration brings new layouts (new tables), then none.
+        assert seen["layouts"][1] > seen["layouts"][0] and seen["layouts"][-1] == seen["layouts"][1]
+        assert all(seen["exact"]), seen["exact"]  # zeros exactly where the engine's mask drops
 
 
 def test_compress_and_wrapper_arguments_are_checked():

@@ -6,7 +6,8 @@ coordinate index, rate), never on rank, world size, bucket layout, shard boundar
 
 from .agreement import RankDisagreement
 from .clip import CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, GradientClipper
-from .ddp_hook import DropGradHookState, compressed_hook, dropgrad_hook, dropgrad_wrapper
+from .ddp_compose import compressed_hook, dropgrad_wrapper
+from .ddp_hook import DropGradHookState, dropgrad_hook
 from .gnp import SAM, GradientNormPenalty
 from .integration import (DropGradHandle, Regularizers, check_launch, enable_fsdp_on_cpu, prepare_dropgrad,
                           prepare_regularizers)

@@ -42,7 +42,7 @@ Registration, agreement, checkpoints
 ------------------------------------
 ``state.register(ddp_model)`` registers the hook and, since DDP accepts one hook per model,
 refuses a second one with a message naming the hook already there (use
-``dropgrad_wrapper(other_hook)`` to combine). Every round the ranks check, with one
+``dropgrad_wrapper(other_hook)`` from :mod:`dropgrad_dist.ddp_compose` to combine). Every round the ranks check, with one
 asynchronous all-reduce of a dozen int64 fingerprints (:mod:`dropgrad_dist.agreement`), that
 they agree on seed, communication, hook, rates, schedule, step ``t`` and the number of
 ``optimizer.step()`` calls since the previous round (``t`` advances once per round, so only this
@@ -70,21 +70,19 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as _checkpoint
 from . import mask as _mask
-from .agreement import AgreementCheck, PendingCheck
 from .checks import check_count, check_seed
-from .collectives import SentTensors, without_backward_context
+from .collectives import without_backward_context
 from .ddp_buckets import BucketTable, BucketTables
 from .ownership import claim_for_hook
 from .params import DropPlan, RateSpec, named_parameters
+from .ddp_rounds import Rounds
 from .schedules import DropRateScheduler, read_schedule_state
-from .steps import StepWatch
 
-__all__ = ["DropGradHookState", "compressed_hook", "dropgrad_hook", "dropgrad_wrapper"]
+__all__ = ["DropGradHookState", "dropgrad_hook"]
 
 Communication = Literal["dense", "compact"]
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
@@ -141,9 +139,7 @@ class DropGradHookState:
         self._registered_on: weakref.ref | None = None
         self._hook_ran = False  # a hook of this state has masked a whole round (claimed its parameters)
         self._suspended = False
-        self._agreement = AgreementCheck("DropGradHookState", process_group)
-        self._sent = SentTensors()  # the last round's send buffers (see collectives.py)
-        self._reset_rounds()
+        self.rounds = Rounds("DropGradHookState", process_group)  # rounds, agreement, held send buffers
         self._bind(model, drop_rate, params, drop_rate_scheduler)
 
     # -- binding to a model --------------------------------------------------------------------
@@ -160,8 +156,7 @@ class DropGradHookState:
 
     def _install_watchers(self) -> None:
         this = weakref.ref(self)
-        self._step_watch = StepWatch(self._known, self._optimizer_stepped, count_all=True)
-        self._steps_at_round = 0  # the watch's step count when the last round opened
+        self.rounds.watch(self._known, self._optimizer_stepped)
         handles = [entry.param.register_hook(_held_grad_check(this, weakref.ref(entry.param)))
                    for entry in self.plan.entries]
         # Tensor hooks outlive the state otherwise: drop them when it goes away.
@@ -247,14 +242,12 @@ class DropGradHookState:
             if rate > 0.0:  # drop_ masks a complex number as one coordinate, like a bucket's pairs
                 _mask.drop_(tensor, seed=self.seed, step=self.step_index, key=entry.key, rate=rate)
 
-    def _reset_rounds(self) -> None:
-        self._rounds_pending = 0  # synchronizing backward passes since the last optimizer step
-        self._in_round = False
-        self._pending_check: PendingCheck | None = None
-        if getattr(self, "_step_watch", None) is not None:
-            self._step_watch.disarm()
+    @property
+    def is_suspended(self) -> bool:
+        """Whether backward passes now average without masking (inside :meth:`suspended`)."""
+        return self._suspended
 
-    def _enter(self, bucket: dist.GradBucket, hook_name: str, wait_now: bool) -> None:
+    def begin_bucket(self, bucket: dist.GradBucket, hook_name: str, wait_now: bool) -> None:
         """Called for every bucket; the first bucket of a backward pass opens a round.
 
         Opening a round launches the agreement check; ``wait_now`` waits for it here (compact:
@@ -266,46 +259,34 @@ class DropGradHookState:
                                "call state.register(ddp_model) instead of ddp_model.register_comm_hook")
         if not self._hook_ran:
             self._claim_bucket(bucket)
-        if self._in_round:
+        if self.rounds.in_round:
             return
         name = f"{hook_name} (suspended)" if self._suspended else hook_name
-        self._sent.release()  # the previous round's collectives completed before its optimizer step
-        pending = self._agreement.start(self.agreement_fields(name), bucket.buffer().device)
-        self._steps_at_round = self._step_watch.steps
-        self._in_round = True
-        if not self._suspended:
-            self._rounds_pending += 1
-            self._step_watch.arm()
-        if wait_now and pending is not None:
-            try:
-                pending.wait()
-            except BaseException:
-                self._in_round = False
-                raise
-        else:
-            self._pending_check = pending
+        self.rounds.open(self.agreement_fields(name), bucket.buffer().device, masking=not self._suspended,
+                         wait_now=wait_now)
 
-    def _abort_round(self) -> None:
-        self._in_round = False
-        self._pending_check = None
+    def end_bucket(self, bucket: dist.GradBucket) -> None:
+        """After every bucket: the last one closes the round (DDP reduces buckets in index order)."""
+        if bucket.is_last():
+            self.rounds.close()
 
-    def _end_call(self, bucket: dist.GradBucket) -> None:
-        if not bucket.is_last():  # DDP reduces buckets in index order; the last one closes the round
-            return
-        self._in_round = False
-        pending, self._pending_check = self._pending_check, None
-        if pending is not None:
-            pending.wait()  # raises on every rank before any optimizer steps on these gradients
+    def abort_round(self) -> None:
+        """A bucket raised: the round ends without its agreement check."""
+        self.rounds.abort()
+
+    def count_bytes(self, sent: int, dense: int) -> None:
+        """Add to the traffic counters: ``sent`` bytes all-reduced, ``dense`` a dense all-reduce would send."""
+        self.bytes_communicated += sent
+        self.bytes_dense_equivalent += dense
 
     def _optimizer_stepped(self) -> None:
         """The first optimizer step over this model's parameters after a round: ``t`` advances."""
         self.step_index += 1
         self.plan.advance()
-        self._rounds_pending = 0
+        self.rounds.consumed()
 
     def _check_held_grad(self, param: torch.Tensor) -> None:
-        unconsumed = self._rounds_pending - (1 if self._in_round else 0)
-        if unconsumed > 0 and param.grad is not None and bool(param.grad.detach().ne(0).any()):
+        if self.rounds.unconsumed() > 0 and param.grad is not None and bool(param.grad.detach().ne(0).any()):
             raise RuntimeError(
                 "DropGrad DDP hook: gradients were synchronized (and masked) and are still accumulated "
                 "in .grad without an optimizer step in between. Accumulating gradients across "
@@ -321,14 +302,14 @@ class DropGradHookState:
                 "schedule position": scheduler.state_dict() if scheduler is not None else None,
                 # Every optimizer.step() over the model since the last round, not just the one that
                 # advanced t: a rank that steps twice diverges without changing t.
-                "optimizer.step() calls since the last backward": self._step_watch.steps - self._steps_at_round}
+                "optimizer.step() calls since the last backward": self.rounds.steps_since_round()}
 
     # -- masking a bucket ---------------------------------------------------------------------------
     def bucket_table(self, bucket: dist.GradBucket) -> BucketTable:
         """The bucket's segments and engine pieces, built once per bucket layout (see ddp_buckets.py)."""
         return self._tables.table(bucket, self.plan, self._known)
 
-    def _mask_bucket_(self, bucket: dist.GradBucket, world_size: int, keep: torch.Tensor | None) -> None:
+    def mask_bucket_(self, bucket: dist.GradBucket, world_size: int, keep: torch.Tensor | None) -> None:
         """In place: masked coordinates times ``keep / (1 - p) / world_size``, others ``/ world_size``.
 
         One engine call for the whole bucket, whatever the number of parameters in it.
@@ -394,7 +375,7 @@ class DropGradHookState:
                 scheduler.load_state_dict(scheduler_state)  # a duck-typed schedule validates here
             self.step_index = step_index
             self.bytes_communicated, self.bytes_dense_equivalent = counters
-            self._reset_rounds()
+            self.rounds.reset()
 
         return apply
 
@@ -426,9 +407,7 @@ class DropGradHookState:
         self._registered_on = None
         self._hook_ran = False
         self._suspended = False
-        self._agreement = AgreementCheck("DropGradHookState", None)
-        self._sent = SentTensors()
-        self._reset_rounds()
+        self.rounds = Rounds("DropGradHookState", None)
 
     def __repr__(self) -> str:
         masked = len(self.plan.entries) if self.plan is not None else "unbound"
@@ -458,9 +437,17 @@ def _group_size(state: DropGradHookState) -> int:
 def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Mask the bucket with the state's seeded masks and average it across ranks.
 
-    Dense: ``b <- all_reduce(b * keep / (1 - p) / world_size)``. Compact: all-reduce only the
-    kept coordinates (plus one non-finite flag element) and scatter them back; dropped
-    coordinates become zero.
+    Dense: ``b <- all_reduce(b * keep / (1 - p) / n)``. Compact: all-reduce only the kept
+    coordinates of that (plus one non-finite flag element) and scatter them back; dropped
+    coordinates become zero. Per bucket:
+
+    1. The first bucket of a backward pass opens a round: the agreement check starts (compact
+       waits for it now, since what it sends depends on ``t``).
+    2. Dense (or suspended): mask and scale the bucket in place (suspended: only ``/ n``) and
+       all-reduce it whole. Compact: pack the kept coordinates, all-reduce them, unpack when done.
+    3. Count the bytes sent and the dense equivalent.
+    4. The last bucket closes the round: the agreement check is waited for, so a disagreement
+       raises on every rank before any optimizer step.
     """
     _refuse_per_parameter_call(bucket)
     with without_backward_context():
@@ -468,27 +455,31 @@ def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.fu
 
 
 def _dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    state._enter(bucket, "dropgrad_hook", wait_now=state.communication == "compact" and not state._suspended)
+    masking = not state.is_suspended
+    compact = state.communication == "compact" and masking
+    state.begin_bucket(bucket, "dropgrad_hook", wait_now=compact)  # 1.
     try:
         world_size = _group_size(state)
         buffer = bucket.buffer()
-        nbytes = buffer.numel() * buffer.element_size()
-        state.bytes_dense_equivalent += nbytes
-        if state.communication == "compact" and not state._suspended:
-            future = _compact_all_reduce(state, bucket, world_size)
+        if compact:  # 2.
+            future, sent = _compact_all_reduce(state, bucket, world_size)
         else:
-            if state._suspended:
-                buffer.div_(world_size)  # a plain average (e.g. SAM's perturbation pass)
+            if masking:
+                state.mask_bucket_(bucket, world_size, keep=None)
             else:
-                state._mask_bucket_(bucket, world_size, keep=None)
-            state.bytes_communicated += nbytes
-            work = dist.all_reduce(buffer, group=state.process_group, async_op=True)
-            future = work.get_future().then(lambda fut: fut.value()[0])
+                buffer.div_(world_size)  # a plain average (e.g. SAM's perturbation pass)
+            future, sent = _all_reduce(buffer, state.process_group), buffer.numel() * buffer.element_size()
+        state.count_bytes(sent, buffer.numel() * buffer.element_size())  # 3.
     except BaseException:
-        state._abort_round()
+        state.abort_round()
         raise
-    state._end_call(bucket)
+    state.end_bucket(bucket)  # 4.
     return future
+
+
+def _all_reduce(buffer: torch.Tensor, group: dist.ProcessGroup | None) -> torch.futures.Future[torch.Tensor]:
+    work = dist.all_reduce(buffer, group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def _kept_indices(keep: torch.Tensor) -> torch.Tensor:
@@ -501,9 +492,10 @@ def _kept_indices(keep: torch.Tensor) -> torch.Tensor:
 
 
 def _compact_all_reduce(state: DropGradHookState, bucket: dist.GradBucket,
-                        world_size: int) -> torch.futures.Future[torch.Tensor]:
+                        world_size: int) -> tuple[torch.futures.Future[torch.Tensor], int]:
     """All-reduce the kept coordinates of ``bucket * keep / (1 - p) / world_size`` and a non-finite flag.
 
+    Returns the future of the bucket and the bytes sent.
     Real buckets: the engine packs (masks on the fly into a contiguous send buffer; no bool mask, no
     index array) and unpacks (recomputes the mask from the hash). Complex buckets: a mask and indices.
     """
@@ -514,23 +506,22 @@ def _compact_all_reduce(state: DropGradHookState, bucket: dist.GradBucket,
     step = state.step_index  # the unpack must recompute the very masks the pack used
     # The kept count (so the send size) depends on no rank data: every rank sends the same size.
     send = _mask.pack_segments(buffer, pieces, seed=state.seed, step=step, extra_scale=1.0 / world_size)
-    state.bytes_communicated += send.numel() * send.element_size()
-    state._sent.hold(send)
+    state.rounds.sent.hold(send)
 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:
         # Kept coordinates from the sum, dropped ones x * 0, + the summed flag on the first element.
         return _mask.unpack_segments_(buffer, pieces, fut.value()[0], seed=state.seed, step=step)
 
     work = dist.all_reduce(send, group=state.process_group, async_op=True)
-    return work.get_future().then(unpack)
+    return work.get_future().then(unpack), send.numel() * send.element_size()
 
 
 def _compact_all_reduce_indexed(state: DropGradHookState, bucket: dist.GradBucket,
-                                world_size: int) -> torch.futures.Future[torch.Tensor]:
+                                world_size: int) -> tuple[torch.futures.Future[torch.Tensor], int]:
     """The compact all-reduce through a bool mask and an index (buckets holding complex parameters)."""
     buffer = bucket.buffer()
     keep = torch.empty(buffer.numel(), dtype=torch.bool, device=buffer.device)
-    state._mask_bucket_(bucket, world_size, keep=keep)
+    state.mask_bucket_(bucket, world_size, keep=keep)
     index = _kept_indices(keep)  # the same on every rank: masks depend on no rank data
     kept = index.numel()
     send = torch.empty(kept + 1, dtype=buffer.dtype, device=buffer.device)
@@ -540,8 +531,7 @@ def _compact_all_reduce_indexed(state: DropGradHookState, bucket: dist.GradBucke
     # unlike a sum it cannot overflow, and it stays in the bucket's dtype.
     low, high = torch.aminmax(buffer)
     send[kept:].copy_((low * 0 + high * 0).reshape(1))
-    state.bytes_communicated += send.numel() * send.element_size()
-    state._sent.hold(send)
+    state.rounds.sent.hold(send)
 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:
         received = fut.value()[0]
@@ -550,93 +540,7 @@ def _compact_all_reduce_indexed(state: DropGradHookState, bucket: dist.GradBucke
         return buffer
 
     work = dist.all_reduce(send, group=state.process_group, async_op=True)
-    return work.get_future().then(unpack)
-
-
-# Hooks that map each coordinate to itself (a zero stays a zero): no second mask needed after them.
-_ELEMENTWISE_HOOKS = (default_hooks.allreduce_hook, default_hooks.fp16_compress_hook,
-                      default_hooks.bf16_compress_hook)
-
-
-def dropgrad_wrapper(hook: Hook, state: Any = None) -> Hook:
-    """Mask first, then let ``hook`` (e.g. ``bf16_compress_hook``, ``powerSGD_hook``) communicate.
-
-    ``b <- hook(inner_state, b * keep / (1 - p))``, and for a hook that is not elementwise (anything
-    but torch's ``allreduce_hook``/``fp16_compress_hook``/``bf16_compress_hook``, e.g. PowerSGD,
-    whose low-rank approximation spreads values into dropped coordinates) ``b <- keep * b`` after
-    it, so dropped coordinates are zero on every rank. ``inner_state`` is ``state`` when given
-    (PowerSGD needs its ``PowerSGDState``), else the DropGrad state's process group. ``hook``
-    averages the bucket. Register with ``state.register(ddp_model, dropgrad_wrapper(hook, ...))``;
-    the DropGrad state must use ``communication="dense"``. The traffic is the wrapped hook's: the
-    byte counters do not move.
-    """
-    if not callable(hook):
-        raise TypeError(f"hook must be a DDP communication hook (a callable), got {type(hook).__name__}")
-    name = f"dropgrad_wrapper({getattr(hook, '__qualname__', type(hook).__name__)})"
-    remask = hook not in _ELEMENTWISE_HOOKS
-    inner_state = state
-
-    def dropgrad_wrapper_hook(state: DropGradHookState,
-                              bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        _refuse_per_parameter_call(bucket)
-        if state.communication != "dense":
-            raise ValueError("dropgrad_wrapper masks densely and lets the wrapped hook communicate: "
-                             "build the state with communication='dense' (compact is dropgrad_hook's own)")
-        with without_backward_context():
-            state._enter(bucket, name, wait_now=False)
-            try:
-                keep = None
-                if not state._suspended:
-                    buffer = bucket.buffer()
-                    if remask:
-                        keep = torch.empty(buffer.numel(), dtype=torch.bool, device=buffer.device)
-                    state._mask_bucket_(bucket, 1, keep=keep)
-                future = hook(state.process_group if inner_state is None else inner_state, bucket)
-                if keep is not None:
-                    future = future.then(_times_keep(keep))
-            except BaseException:
-                state._abort_round()
-                raise
-            state._end_call(bucket)
-        return future
-
-    dropgrad_wrapper_hook.__qualname__ = name
-    return dropgrad_wrapper_hook
-
-
-def _times_keep(keep: torch.Tensor) -> Callable[[torch.futures.Future], torch.Tensor]:
-    def remask(fut: torch.futures.Future) -> torch.Tensor:
-        value = fut.value()
-        tensor = value[0] if isinstance(value, (list, tuple)) else value
-        return tensor.mul_(keep)
-    return remask
-
-
-Compress = Literal["bf16", "fp16", "powersgd"]
-
-
-def compressed_hook(compress: "Compress | powerSGD_hook.PowerSGDState",
-                    process_group: dist.ProcessGroup | None = None) -> Hook:
-    """DropGrad's mask composed with one of torch's compression hooks: mask, then compress.
-
-    ``compress``: ``"bf16"``/``"fp16"`` (``b <- all_reduce(half(b * keep / (1 - p)) / n)``),
-    ``"powersgd"`` (rank-1 PowerSGD with torch's defaults on ``process_group``) or a
-    ``PowerSGDState`` (PowerSGD with those settings); PowerSGD's result is masked again, so
-    dropped coordinates are zero.
-    """
-    if isinstance(compress, powerSGD_hook.PowerSGDState):
-        return dropgrad_wrapper(powerSGD_hook.powerSGD_hook, state=compress)
-    if not isinstance(compress, str):
-        raise TypeError("compress must be 'bf16', 'fp16', 'powersgd' or a PowerSGDState, "
-                        f"got {type(compress).__name__}")
-    if compress == "bf16":
-        return dropgrad_wrapper(default_hooks.bf16_compress_hook)
-    if compress == "fp16":
-        return dropgrad_wrapper(default_hooks.fp16_compress_hook)
-    if compress == "powersgd":
-        return dropgrad_wrapper(powerSGD_hook.powerSGD_hook,
-                                state=powerSGD_hook.PowerSGDState(process_group=process_group))
-    raise ValueError(f"compress must be 'bf16', 'fp16', 'powersgd' or a PowerSGDState, got {compress!r}")
+    return work.get_future().then(unpack), send.numel() * send.element_size()
 
 
 _PYTHON_REDUCER = (

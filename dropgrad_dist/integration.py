@@ -530,7 +530,8 @@ def prepare_regularizers(
         if drop_options.get("full_update_drop") or drop_options.get("step_skip_rate"):
             raise ValueError("full_update_drop and step_skip_rate need the step wrapper; under DDP DropGrad "
                              "masks gradients in the all-reduce hook (use FSDP or one process for them)")
-        from .ddp_hook import DropGradHookState, compressed_hook
+        from .ddp_compose import compressed_hook
+        from .ddp_hook import DropGradHookState
 
         # The hook counts optimizer steps through torch's global step hooks (fired by the inner
         # optimizer, not by AcceleratedOptimizer), so nothing here may advance it.

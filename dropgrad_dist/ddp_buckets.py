@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from . import mask as _mask
 from .params import DropPlan, ParamEntry
 
 Piece = tuple[int, str | None, int, float | None]  # (numel, key, start, rate): the engine's segment
@@ -97,3 +98,31 @@ def _segments(buffer: torch.Tensor, params: list[torch.Tensor], plan: DropPlan, 
         raise RuntimeError(f"unexpected DDP bucket layout: parameters hold {offset} elements, "
                            f"the bucket {buffer.numel()}")
     return segments
+
+
+def mask_table_(buffer: torch.Tensor, table: BucketTable, plan: DropPlan, *, seed: int, step: int, scale: float,
+                keep: torch.Tensor | None) -> None:
+    """In place: ``buffer * keep / (1 - p) * scale`` on masked segments, ``buffer * scale`` elsewhere.
+
+    Real buckets: one engine call. Buckets holding complex parameters go segment by segment (a
+    complex number is one coordinate, its two reals dropped together).
+    """
+    if not table.has_complex:
+        _mask.drop_segments_(buffer, table.pieces(plan), seed=seed, step=step, extra_scale=scale, mask_out=keep)
+        return
+    for offset, length, entry, is_complex in table.segments:
+        view = buffer[offset:offset + length]
+        keep_view = None if keep is None else keep[offset:offset + length]
+        if entry is None:
+            view.mul_(scale)
+            if keep_view is not None:
+                keep_view.fill_(True)
+            continue
+        args = dict(seed=seed, step=step, key=entry.key, rate=plan.rate_of(entry), extra_scale=scale)
+        if not is_complex:
+            _mask.drop_(view, mask_out=keep_view, **args)
+            continue
+        pair_keep = None if keep_view is None else torch.empty(length // 2, dtype=torch.bool, device=view.device)
+        _mask.drop_pairs_(view.view(-1, 2), mask_out=pair_keep, **args)
+        if keep_view is not None:
+            keep_view.view(-1, 2).copy_(pair_keep[:, None])

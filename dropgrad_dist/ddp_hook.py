@@ -42,7 +42,8 @@ Registration, agreement, checkpoints
 ------------------------------------
 ``state.register(ddp_model)`` registers the hook and, since DDP accepts one hook per model,
 refuses a second one with a message naming the hook already there (use
-``dropgrad_wrapper(other_hook)`` from :mod:`dropgrad_dist.ddp_compose` to combine). Every round the ranks check, with one
+``dropgrad_wrapper(other_hook)`` from :mod:`dropgrad_dist.ddp_compose` to combine). Every round
+the ranks check, with one
 asynchronous all-reduce of a dozen int64 fingerprints (:mod:`dropgrad_dist.agreement`), that
 they agree on seed, communication, hook, rates, schedule, step ``t`` and the number of
 ``optimizer.step()`` calls since the previous round (``t`` advances once per round, so only this
@@ -76,10 +77,10 @@ from . import checkpoint as _checkpoint
 from . import mask as _mask
 from .checks import check_count, check_seed
 from .collectives import without_backward_context
-from .ddp_buckets import BucketTable, BucketTables
+from .ddp_buckets import BucketTable, BucketTables, mask_table_
+from .ddp_rounds import Rounds
 from .ownership import claim_for_hook
 from .params import DropPlan, RateSpec, named_parameters
-from .ddp_rounds import Rounds
 from .schedules import DropRateScheduler, read_schedule_state
 
 __all__ = ["DropGradHookState", "dropgrad_hook"]
@@ -312,30 +313,11 @@ class DropGradHookState:
     def mask_bucket_(self, bucket: dist.GradBucket, world_size: int, keep: torch.Tensor | None) -> None:
         """In place: masked coordinates times ``keep / (1 - p) / world_size``, others ``/ world_size``.
 
-        One engine call for the whole bucket, whatever the number of parameters in it.
+        One engine call for the whole bucket, whatever the number of parameters in it; ``keep``
+        (bool, bucket-sized) receives the keep mask when given.
         """
-        buffer, table = bucket.buffer(), self.bucket_table(bucket)
-        if not table.has_complex:
-            _mask.drop_segments_(buffer, table.pieces(self.plan), seed=self.seed, step=self.step_index,
-                                 extra_scale=1.0 / world_size, mask_out=keep)
-            return
-        for offset, length, entry, is_complex in table.segments:  # rare: complex numbers are one coordinate
-            view = buffer[offset:offset + length]
-            keep_view = None if keep is None else keep[offset:offset + length]
-            if entry is None:
-                view.mul_(1.0 / world_size)
-                if keep_view is not None:
-                    keep_view.fill_(True)
-                continue
-            args = dict(seed=self.seed, step=self.step_index, key=entry.key, rate=self.plan.rate_of(entry),
-                        extra_scale=1.0 / world_size)
-            if not is_complex:
-                _mask.drop_(view, mask_out=keep_view, **args)
-                continue
-            pair_keep = None if keep_view is None else torch.empty(length // 2, dtype=torch.bool, device=view.device)
-            _mask.drop_pairs_(view.view(-1, 2), mask_out=pair_keep, **args)
-            if keep_view is not None:
-                keep_view.view(-1, 2).copy_(pair_keep[:, None])
+        mask_table_(bucket.buffer(), self.bucket_table(bucket), self.plan, seed=self.seed, step=self.step_index,
+                    scale=1.0 / world_size, keep=keep)
 
     # -- checkpointing (rules: dropgrad_dist.checkpoint) ------------------------------------------
     def _config(self) -> dict[str, Any]:

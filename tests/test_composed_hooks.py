@@ -128,9 +128,9 @@ def _bucket_rebuild(rank: int) -> dict:
             optimizer.zero_grad()
             _loss(ddp, *_batch(step, rank)).backward()
             layouts.append(state._tables.builds)
-            exact.append(all(
-                torch.equal(p.grad.reshape(-1) != 0, keep_mask(p.numel(), seed=SEED, step=step, key=names[p], rate=RATE))
-                for p in ddp.parameters()))
+            exact.append(all(torch.equal(p.grad.reshape(-1) != 0,
+                                         keep_mask(p.numel(), seed=SEED, step=step, key=names[p], rate=RATE))
+                             for p in ddp.parameters()))
             optimizer.step()
         results[communication] = dict(layouts=layouts, exact=exact)
     return results

@@ -3,7 +3,8 @@
 Three models: a ~5M-parameter MLP (8 gradient tensors), a 12-block transformer encoder with its
 LayerNorms and biases (~5M parameters, 150 gradient tensors) and 500 x ``Linear(64, 64)`` (1000
 small gradient tensors: the hook's per-tensor Python work shows there). Targets: dense at p=0.1 at
-most 5% slower than ``allreduce_hook`` on the first two, 3% on the 1000-tensor model; compact at p=0.5 winning below a crossover link bandwidth
+most 5% slower than ``allreduce_hook`` on the first two, 3% on the 1000-tensor model; compact at
+p=0.5 winning below a crossover link bandwidth
 of at least 25 Gbit/s (see :func:`crossover_gbit_s`). Each candidate trains its own copy of the
 model; the candidates take turns, one block of steps per round, so machine noise hits all alike.
 """

@@ -6,7 +6,8 @@ coordinate index, rate), never on rank, world size, bucket layout, shard boundar
 
 from .agreement import RankDisagreement
 from .clip import CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, GradientClipper
-from .ddp_hook import DropGradHookState, dropgrad_hook, dropgrad_wrapper
+from .ddp_compose import compressed_hook, dropgrad_wrapper
+from .ddp_hook import DropGradHookState, dropgrad_hook
 from .gnp import SAM, GradientNormPenalty
 from .integration import (
     DropGradHandle,
@@ -68,6 +69,7 @@ __all__ = [
     "drop_segments_",
     "drop_tensors_",
     "dropgrad_hook",
+    "compressed_hook",
     "dropgrad_wrapper",
     "enable_fsdp_on_cpu",
     "keep_mask",

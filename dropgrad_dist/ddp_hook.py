@@ -42,7 +42,8 @@ Registration, agreement, checkpoints
 ------------------------------------
 ``state.register(ddp_model)`` registers the hook and, since DDP accepts one hook per model,
 refuses a second one with a message naming the hook already there (use
-``dropgrad_wrapper(other_hook)`` to combine). Every round the ranks check, with one
+``dropgrad_wrapper(other_hook)`` from :mod:`dropgrad_dist.ddp_compose` to combine). Every round
+the ranks check, with one
 asynchronous all-reduce of a dozen int64 fingerprints (:mod:`dropgrad_dist.agreement`), that
 they agree on seed, communication, hook, rates, schedule, step ``t`` and the number of
 ``optimizer.step()`` calls since the previous round (``t`` advances once per round, so only this
@@ -74,15 +75,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as _checkpoint
 from . import mask as _mask
-from .agreement import AgreementCheck, PendingCheck
 from .checks import check_count, check_seed
-from .collectives import SentTensors, without_backward_context
+from .collectives import without_backward_context
+from .ddp_buckets import BucketTable, BucketTables, mask_table_
+from .ddp_rounds import Rounds
 from .ownership import claim_for_hook
-from .params import DropPlan, ParamEntry, RateSpec, named_parameters
+from .params import DropPlan, RateSpec, named_parameters
 from .schedules import DropRateScheduler, read_schedule_state
-from .steps import StepWatch
 
-__all__ = ["DropGradHookState", "dropgrad_hook", "dropgrad_wrapper"]
+__all__ = ["DropGradHookState", "dropgrad_hook"]
 
 Communication = Literal["dense", "compact"]
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
@@ -139,9 +140,7 @@ class DropGradHookState:
         self._registered_on: weakref.ref | None = None
         self._hook_ran = False  # a hook of this state has masked a whole round (claimed its parameters)
         self._suspended = False
-        self._agreement = AgreementCheck("DropGradHookState", process_group)
-        self._sent = SentTensors()  # the last round's send buffers (see collectives.py)
-        self._reset_rounds()
+        self.rounds = Rounds("DropGradHookState", process_group)  # rounds, agreement, held send buffers
         self._bind(model, drop_rate, params, drop_rate_scheduler)
 
     # -- binding to a model --------------------------------------------------------------------
@@ -153,12 +152,12 @@ class DropGradHookState:
         named = named_parameters(model, trainable_only=True)
         self.plan = DropPlan(named, drop_rate, params, drop_rate_scheduler, names_allowed=True)
         self._known = {item.param for item in named}
+        self._tables = BucketTables()
         self._install_watchers()
 
     def _install_watchers(self) -> None:
         this = weakref.ref(self)
-        self._step_watch = StepWatch(self._known, self._optimizer_stepped, count_all=True)
-        self._steps_at_round = 0  # the watch's step count when the last round opened
+        self.rounds.watch(self._known, self._optimizer_stepped)
         handles = [entry.param.register_hook(_held_grad_check(this, weakref.ref(entry.param)))
                    for entry in self.plan.entries]
         # Tensor hooks outlive the state otherwise: drop them when it goes away.
@@ -183,6 +182,8 @@ class DropGradHookState:
         elif any(p not in self._known for p in target.parameters() if p.requires_grad):
             raise ValueError("ddp_model holds parameters this state was not built from; "
                              "build DropGradHookState from the same model")
+        if getattr(target, "_use_python_reducer", False):
+            raise ValueError(_PYTHON_REDUCER)
         if getattr(target, "_comm_hooks", None):
             raise RuntimeError(
                 "this DDP model already has a communication hook and DDP allows only one "
@@ -242,14 +243,12 @@ class DropGradHookState:
             if rate > 0.0:  # drop_ masks a complex number as one coordinate, like a bucket's pairs
                 _mask.drop_(tensor, seed=self.seed, step=self.step_index, key=entry.key, rate=rate)
 
-    def _reset_rounds(self) -> None:
-        self._rounds_pending = 0  # synchronizing backward passes since the last optimizer step
-        self._in_round = False
-        self._pending_check: PendingCheck | None = None
-        if getattr(self, "_step_watch", None) is not None:
-            self._step_watch.disarm()
+    @property
+    def is_suspended(self) -> bool:
+        """Whether backward passes now average without masking (inside :meth:`suspended`)."""
+        return self._suspended
 
-    def _enter(self, bucket: dist.GradBucket, hook_name: str, wait_now: bool) -> None:
+    def begin_bucket(self, bucket: dist.GradBucket, hook_name: str, wait_now: bool) -> None:
         """Called for every bucket; the first bucket of a backward pass opens a round.
 
         Opening a round launches the agreement check; ``wait_now`` waits for it here (compact:
@@ -261,46 +260,34 @@ class DropGradHookState:
                                "call state.register(ddp_model) instead of ddp_model.register_comm_hook")
         if not self._hook_ran:
             self._claim_bucket(bucket)
-        if self._in_round:
+        if self.rounds.in_round:
             return
         name = f"{hook_name} (suspended)" if self._suspended else hook_name
-        self._sent.release()  # the previous round's collectives completed before its optimizer step
-        pending = self._agreement.start(self.agreement_fields(name), bucket.buffer().device)
-        self._steps_at_round = self._step_watch.steps
-        self._in_round = True
-        if not self._suspended:
-            self._rounds_pending += 1
-            self._step_watch.arm()
-        if wait_now and pending is not None:
-            try:
-                pending.wait()
-            except BaseException:
-                self._in_round = False
-                raise
-        else:
-            self._pending_check = pending
+        self.rounds.open(self.agreement_fields(name), bucket.buffer().device, masking=not self._suspended,
+                         wait_now=wait_now)
 
-    def _abort_round(self) -> None:
-        self._in_round = False
-        self._pending_check = None
+    def end_bucket(self, bucket: dist.GradBucket) -> None:
+        """After every bucket: the last one closes the round (DDP reduces buckets in index order)."""
+        if bucket.is_last():
+            self.rounds.close()
 
-    def _end_call(self, bucket: dist.GradBucket) -> None:
-        if not bucket.is_last():  # DDP reduces buckets in index order; the last one closes the round
-            return
-        self._in_round = False
-        pending, self._pending_check = self._pending_check, None
-        if pending is not None:
-            pending.wait()  # raises on every rank before any optimizer steps on these gradients
+    def abort_round(self) -> None:
+        """A bucket raised: the round ends without its agreement check."""
+        self.rounds.abort()
+
+    def count_bytes(self, sent: int, dense: int) -> None:
+        """Add to the traffic counters: ``sent`` bytes all-reduced, ``dense`` a dense all-reduce would send."""
+        self.bytes_communicated += sent
+        self.bytes_dense_equivalent += dense
 
     def _optimizer_stepped(self) -> None:
         """The first optimizer step over this model's parameters after a round: ``t`` advances."""
         self.step_index += 1
         self.plan.advance()
-        self._rounds_pending = 0
+        self.rounds.consumed()
 
     def _check_held_grad(self, param: torch.Tensor) -> None:
-        unconsumed = self._rounds_pending - (1 if self._in_round else 0)
-        if unconsumed > 0 and param.grad is not None and bool(param.grad.detach().ne(0).any()):
+        if self.rounds.unconsumed() > 0 and param.grad is not None and bool(param.grad.detach().ne(0).any()):
             raise RuntimeError(
                 "DropGrad DDP hook: gradients were synchronized (and masked) and are still accumulated "
                 "in .grad without an optimizer step in between. Accumulating gradients across "
@@ -316,58 +303,21 @@ class DropGradHookState:
                 "schedule position": scheduler.state_dict() if scheduler is not None else None,
                 # Every optimizer.step() over the model since the last round, not just the one that
                 # advanced t: a rank that steps twice diverges without changing t.
-                "optimizer.step() calls since the last backward": self._step_watch.steps - self._steps_at_round}
+                "optimizer.step() calls since the last backward": self.rounds.steps_since_round()}
 
     # -- masking a bucket ---------------------------------------------------------------------------
-    def _segments(self, bucket: dist.GradBucket) -> list[tuple[int, int, ParamEntry | None, bool]]:
-        """``(offset, length, entry, is_complex)`` per parameter, in bucket order (back to back)."""
-        buffer = bucket.buffer()
-        if buffer.layout != torch.strided:
-            raise ValueError("DropGrad's DDP hook does not support sparse gradients (an embedding with "
-                             "sparse=True?); use dense gradients")
-        segments, offset = [], 0
-        for param in bucket.parameters():
-            if param not in self._known:
-                raise ValueError("a DDP bucket holds a parameter this DropGradHookState was not built "
-                                 "from: build the state from the DDP model it is registered on")
-            # DDP all-reduces a complex gradient as pairs of reals.
-            length = param.numel() * (2 if param.is_complex() else 1)
-            segments.append((offset, length, self.plan.entry(param), param.is_complex()))
-            offset += length
-        if offset != buffer.numel():
-            raise RuntimeError(f"unexpected DDP bucket layout: parameters hold {offset} elements, "
-                               f"the bucket {buffer.numel()}")
-        return segments
+    def bucket_table(self, bucket: dist.GradBucket) -> BucketTable:
+        """The bucket's segments and engine pieces, built once per bucket layout (see ddp_buckets.py)."""
+        return self._tables.table(bucket, self.plan, self._known)
 
-    def _mask_bucket_(self, bucket: dist.GradBucket, world_size: int, keep: torch.Tensor | None) -> None:
+    def mask_bucket_(self, bucket: dist.GradBucket, world_size: int, keep: torch.Tensor | None) -> None:
         """In place: masked coordinates times ``keep / (1 - p) / world_size``, others ``/ world_size``.
 
-        One engine call for the whole bucket, whatever the number of parameters in it.
+        One engine call for the whole bucket, whatever the number of parameters in it; ``keep``
+        (bool, bucket-sized) receives the keep mask when given.
         """
-        buffer, segments = bucket.buffer(), self._segments(bucket)
-        if not any(is_complex for *_, is_complex in segments):
-            _mask.drop_segments_(buffer, [(length, None if entry is None else entry.key, 0,
-                                           None if entry is None else self.plan.rate_of(entry))
-                                          for _, length, entry, _ in segments],
-                                 seed=self.seed, step=self.step_index, extra_scale=1.0 / world_size, mask_out=keep)
-            return
-        for offset, length, entry, is_complex in segments:  # rare: complex numbers are one coordinate
-            view = buffer[offset:offset + length]
-            keep_view = None if keep is None else keep[offset:offset + length]
-            if entry is None:
-                view.mul_(1.0 / world_size)
-                if keep_view is not None:
-                    keep_view.fill_(True)
-                continue
-            args = dict(seed=self.seed, step=self.step_index, key=entry.key, rate=self.plan.rate_of(entry),
-                        extra_scale=1.0 / world_size)
-            if not is_complex:
-                _mask.drop_(view, mask_out=keep_view, **args)
-                continue
-            pair_keep = None if keep_view is None else torch.empty(length // 2, dtype=torch.bool, device=view.device)
-            _mask.drop_pairs_(view.view(-1, 2), mask_out=pair_keep, **args)
-            if keep_view is not None:
-                keep_view.view(-1, 2).copy_(pair_keep[:, None])
+        mask_table_(bucket.buffer(), self.bucket_table(bucket), self.plan, seed=self.seed, step=self.step_index,
+                    scale=1.0 / world_size, keep=keep)
 
     # -- checkpointing (rules: dropgrad_dist.checkpoint) ------------------------------------------
     def _config(self) -> dict[str, Any]:
@@ -407,7 +357,7 @@ class DropGradHookState:
                 scheduler.load_state_dict(scheduler_state)  # a duck-typed schedule validates here
             self.step_index = step_index
             self.bytes_communicated, self.bytes_dense_equivalent = counters
-            self._reset_rounds()
+            self.rounds.reset()
 
         return apply
 
@@ -434,13 +384,12 @@ class DropGradHookState:
         self.bytes_communicated = state["state"].get("bytes_communicated", 0)
         self.bytes_dense_equivalent = state["state"].get("bytes_dense_equivalent", 0)
         self._known = set()
+        self._tables = BucketTables()
         self._model = None
         self._registered_on = None
         self._hook_ran = False
         self._suspended = False
-        self._agreement = AgreementCheck("DropGradHookState", None)
-        self._sent = SentTensors()
-        self._reset_rounds()
+        self.rounds = Rounds("DropGradHookState", None)
 
     def __repr__(self) -> str:
         masked = len(self.plan.entries) if self.plan is not None else "unbound"
@@ -470,36 +419,49 @@ def _group_size(state: DropGradHookState) -> int:
 def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Mask the bucket with the state's seeded masks and average it across ranks.
 
-    Dense: ``b <- all_reduce(b * keep / (1 - p) / world_size)``. Compact: all-reduce only the
-    kept coordinates (plus one non-finite flag element) and scatter them back; dropped
-    coordinates become zero.
+    Dense: ``b <- all_reduce(b * keep / (1 - p) / n)``. Compact: all-reduce only the kept
+    coordinates of that (plus one non-finite flag element) and scatter them back; dropped
+    coordinates become zero. Per bucket:
+
+    1. The first bucket of a backward pass opens a round: the agreement check starts (compact
+       waits for it now, since what it sends depends on ``t``).
+    2. Dense (or suspended): mask and scale the bucket in place (suspended: only ``/ n``) and
+       all-reduce it whole. Compact: pack the kept coordinates, all-reduce them, unpack when done.
+    3. Count the bytes sent and the dense equivalent.
+    4. The last bucket closes the round: the agreement check is waited for, so a disagreement
+       raises on every rank before any optimizer step.
     """
+    _refuse_per_parameter_call(bucket)
     with without_backward_context():
         return _dropgrad_hook(state, bucket)
 
 
 def _dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    state._enter(bucket, "dropgrad_hook", wait_now=state.communication == "compact" and not state._suspended)
+    masking = not state.is_suspended
+    compact = state.communication == "compact" and masking
+    state.begin_bucket(bucket, "dropgrad_hook", wait_now=compact)  # 1.
     try:
         world_size = _group_size(state)
         buffer = bucket.buffer()
-        nbytes = buffer.numel() * buffer.element_size()
-        state.bytes_dense_equivalent += nbytes
-        if state.communication == "compact" and not state._suspended:
-            future = _compact_all_reduce(state, bucket, world_size)
+        if compact:  # 2.
+            future, sent = _compact_all_reduce(state, bucket, world_size)
         else:
-            if state._suspended:
-                buffer.div_(world_size)  # a plain average (e.g. SAM's perturbation pass)
+            if masking:
+                state.mask_bucket_(bucket, world_size, keep=None)
             else:
-                state._mask_bucket_(bucket, world_size, keep=None)
-            state.bytes_communicated += nbytes
-            work = dist.all_reduce(buffer, group=state.process_group, async_op=True)
-            future = work.get_future().then(lambda fut: fut.value()[0])
+                buffer.div_(world_size)  # a plain average (e.g. SAM's perturbation pass)
+            future, sent = _all_reduce(buffer, state.process_group), buffer.numel() * buffer.element_size()
+        state.count_bytes(sent, buffer.numel() * buffer.element_size())  # 3.
     except BaseException:
-        state._abort_round()
+        state.abort_round()
         raise
-    state._end_call(bucket)
+    state.end_bucket(bucket)  # 4.
     return future
+
+
+def _all_reduce(buffer: torch.Tensor, group: dist.ProcessGroup | None) -> torch.futures.Future[torch.Tensor]:
+    work = dist.all_reduce(buffer, group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def _kept_indices(keep: torch.Tensor) -> torch.Tensor:
@@ -512,37 +474,36 @@ def _kept_indices(keep: torch.Tensor) -> torch.Tensor:
 
 
 def _compact_all_reduce(state: DropGradHookState, bucket: dist.GradBucket,
-                        world_size: int) -> torch.futures.Future[torch.Tensor]:
+                        world_size: int) -> tuple[torch.futures.Future[torch.Tensor], int]:
     """All-reduce the kept coordinates of ``bucket * keep / (1 - p) / world_size`` and a non-finite flag.
 
+    Returns the future of the bucket and the bytes sent.
     Real buckets: the engine packs (masks on the fly into a contiguous send buffer; no bool mask, no
     index array) and unpacks (recomputes the mask from the hash). Complex buckets: a mask and indices.
     """
-    buffer, segments = bucket.buffer(), state._segments(bucket)
-    if state._compact_via_index or any(is_complex for *_, is_complex in segments):
+    buffer, table = bucket.buffer(), state.bucket_table(bucket)
+    if state._compact_via_index or table.has_complex:
         return _compact_all_reduce_indexed(state, bucket, world_size)
-    pieces = [(length, None, 0, None) if entry is None else (length, entry.key, 0, state.plan.rate_of(entry))
-              for _, length, entry, _ in segments]
+    pieces = table.pieces(state.plan)
     step = state.step_index  # the unpack must recompute the very masks the pack used
     # The kept count (so the send size) depends on no rank data: every rank sends the same size.
     send = _mask.pack_segments(buffer, pieces, seed=state.seed, step=step, extra_scale=1.0 / world_size)
-    state.bytes_communicated += send.numel() * send.element_size()
-    state._sent.hold(send)
+    state.rounds.sent.hold(send)
 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:
         # Kept coordinates from the sum, dropped ones x * 0, + the summed flag on the first element.
         return _mask.unpack_segments_(buffer, pieces, fut.value()[0], seed=state.seed, step=step)
 
     work = dist.all_reduce(send, group=state.process_group, async_op=True)
-    return work.get_future().then(unpack)
+    return work.get_future().then(unpack), send.numel() * send.element_size()
 
 
 def _compact_all_reduce_indexed(state: DropGradHookState, bucket: dist.GradBucket,
-                                world_size: int) -> torch.futures.Future[torch.Tensor]:
+                                world_size: int) -> tuple[torch.futures.Future[torch.Tensor], int]:
     """The compact all-reduce through a bool mask and an index (buckets holding complex parameters)."""
     buffer = bucket.buffer()
     keep = torch.empty(buffer.numel(), dtype=torch.bool, device=buffer.device)
-    state._mask_bucket_(bucket, world_size, keep=keep)
+    state.mask_bucket_(bucket, world_size, keep=keep)
     index = _kept_indices(keep)  # the same on every rank: masks depend on no rank data
     kept = index.numel()
     send = torch.empty(kept + 1, dtype=buffer.dtype, device=buffer.device)
@@ -552,8 +513,7 @@ def _compact_all_reduce_indexed(state: DropGradHookState, bucket: dist.GradBucke
     # unlike a sum it cannot overflow, and it stays in the bucket's dtype.
     low, high = torch.aminmax(buffer)
     send[kept:].copy_((low * 0 + high * 0).reshape(1))
-    state.bytes_communicated += send.numel() * send.element_size()
-    state._sent.hold(send)
+    state.rounds.sent.hold(send)
 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:
         received = fut.value()[0]
@@ -562,35 +522,17 @@ def _compact_all_reduce_indexed(state: DropGradHookState, bucket: dist.GradBucke
         return buffer
 
     work = dist.all_reduce(send, group=state.process_group, async_op=True)
-    return work.get_future().then(unpack)
+    return work.get_future().then(unpack), send.numel() * send.element_size()
 
 
-def dropgrad_wrapper(hook: Hook) -> Hook:
-    """Mask first, then let ``hook`` (e.g. ``bf16_compress_hook``, ``allreduce_hook``) communicate.
+_PYTHON_REDUCER = (
+    "DropGrad's DDP hook masks whole buckets; compiled DDP's python reducer "
+    "(torch._dynamo.config.optimize_ddp = 'python_reducer') calls communication hooks once per "
+    "parameter with (grad, param) inside compiled autograd, which it does not support. Use the "
+    "default optimize_ddp (DDPOptimizer: torch.compile on the DDP model works with the hook), or "
+    "the DropGrad optimizer wrapper on an uncompiled backward")
 
-    ``b <- hook(process_group, b * keep / (1 - p))``; ``hook`` receives ``state.process_group``
-    as its state and averages the bucket. Register with
-    ``state.register(ddp_model, dropgrad_wrapper(bf16_compress_hook))``; the state must use
-    ``communication="dense"``. The traffic is the wrapped hook's: the byte counters do not move.
-    """
-    name = f"dropgrad_wrapper({getattr(hook, '__qualname__', type(hook).__name__)})"
 
-    def dropgrad_wrapper_hook(state: DropGradHookState,
-                              bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        if state.communication != "dense":
-            raise ValueError("dropgrad_wrapper masks densely and lets the wrapped hook communicate: "
-                             "build the state with communication='dense' (compact is dropgrad_hook's own)")
-        with without_backward_context():
-            state._enter(bucket, name, wait_now=False)
-            try:
-                if not state._suspended:
-                    state._mask_bucket_(bucket, 1, keep=None)
-                future = hook(state.process_group, bucket)
-            except BaseException:
-                state._abort_round()
-                raise
-            state._end_call(bucket)
-        return future
-
-    dropgrad_wrapper_hook.__qualname__ = name
-    return dropgrad_wrapper_hook
+def _refuse_per_parameter_call(bucket: Any) -> None:
+    if isinstance(bucket, tuple):
+        raise RuntimeError(_PYTHON_REDUCER)

@@ -50,7 +50,7 @@ __all__ = ["DropGradHandle", "Regularizers", "check_launch", "enable_fsdp_on_cpu
            "prepare_regularizers"]
 
 Mode = Literal["ddp_hook", "fsdp_wrapper", "wrapper", "deepspeed_zero"]
-_DROPGRAD_KEYS = frozenset({"drop_rate", "params", "drop_rate_scheduler", "seed", "communication",
+_DROPGRAD_KEYS = frozenset({"drop_rate", "params", "drop_rate_scheduler", "seed", "communication", "compress",
                             "full_update_drop", "step_skip_rate"})
 
 
@@ -488,8 +488,11 @@ def prepare_regularizers(
     Args:
         accelerator, model, optimizer: what ``accelerator.prepare`` returned.
         dropgrad: :class:`~dropgrad_dist.DropGrad` options (``drop_rate``, ``params``,
-            ``drop_rate_scheduler``, ``seed``, ``full_update_drop``, ``step_skip_rate``) and
-            ``communication`` (``"dense"``/``"compact"``, the DDP hook's).
+            ``drop_rate_scheduler``, ``seed``, ``full_update_drop``, ``step_skip_rate``),
+            ``communication`` (``"dense"``/``"compact"``, the DDP hook's) and ``compress``
+            (DDP only: ``"bf16"``/``"fp16"``/``"powersgd"`` or a ``PowerSGDState``: mask, then
+            compress; see :func:`~dropgrad_dist.compressed_hook`). Accelerate's own
+            ``DistributedDataParallelKwargs(comm_hook=...)`` is read and composed the same way.
         clipping: :class:`~dropgrad_dist.GradientClipper` options (``method``, ``clipping_level``,
             ``beta``, ``p_autoclip``, ``history_size``, ``seed``).
         restarts: :class:`~dropgrad_dist.Restarter` options.
@@ -513,6 +516,7 @@ def prepare_regularizers(
     communication = drop_options.pop("communication", "dense")
     if communication not in ("dense", "compact"):
         raise ValueError(f"communication must be 'dense' or 'compact', got {communication!r}")
+    compress = drop_options.pop("compress", None)
     clip_options, restart_options = _options(clipping, "clipping"), _options(restarts, "restarts")
     gnp_options = _options(gnp, "gnp")
     check_launch(accelerator)
@@ -522,6 +526,9 @@ def prepare_regularizers(
     elif kind in (DistributedType.FSDP, DistributedType.NO):
         mode = "fsdp_wrapper" if kind == DistributedType.FSDP else "wrapper"
     elif kind == DistributedType.DEEPSPEED:
+        if compress is not None:  # DeepSpeed reduces its partitions itself: there is no hook to compose with
+            raise ValueError("dropgrad compress= composes with DDP's communication hook; DeepSpeed reduces "
+                             "gradients itself (use its own communication_data_type instead)")
         return _prepare_deepspeed(accelerator, model, optimizer, drop_options if dropgrad is not None else None,
                                   clip_options if clipping is not None else None, restarts, gnp)
     else:
@@ -539,13 +546,18 @@ def prepare_regularizers(
         if drop_options.get("full_update_drop") or drop_options.get("step_skip_rate"):
             raise ValueError("full_update_drop and step_skip_rate need the step wrapper; under DDP DropGrad "
                              "masks gradients in the all-reduce hook (use FSDP or one process for them)")
+        from .ddp_compose import compressed_hook
         from .ddp_hook import DropGradHookState
 
         # The hook counts optimizer steps through torch's global step hooks (fired by the inner
         # optimizer, not by AcceleratedOptimizer), so nothing here may advance it.
+        compress = _compression(accelerator, model, compress, communication)
         drop = DropGradHookState(model, **drop_options, communication=communication)
-        drop.register(model)
+        drop.register(model, compressed_hook(compress, drop.process_group) if compress is not None else None)
     elif dropgrad is not None:
+        if compress is not None:
+            raise ValueError(f"dropgrad compress={compress!r} composes with DDP's communication hook; "
+                             f"Accelerate's {kind} setup has none (use it with MULTI_GPU or MULTI_CPU)")
         drop = chain = DropGrad(chain, **drop_options, model=model)
     penalty = GradientNormPenalty(chain, **gnp_options, model=model) if gnp is not None else None
     if penalty is not None:
@@ -574,6 +586,54 @@ def _prepare_deepspeed(accelerator: "Accelerator", model: nn.Module, optimizer: 
     handle = Regularizers("deepspeed_zero", model, drop, clipper, None, None, accelerator, optimizer)
     handle._attach_to_checkpoints(accelerator)
     return handle
+
+
+# Accelerate's DDPCommunicationHookType names -> the compress option that composes the same hook.
+_ACCELERATE_HOOKS = {"FP16": "fp16", "BF16": "bf16", "POWER_SGD": "powersgd"}
+
+
+def _compression(accelerator: "Accelerator", model: nn.Module, compress: Any, communication: str) -> Any:
+    """The compression to compose with the mask: ``compress``, or what Accelerate's comm_hook set.
+
+    Accelerate registered its hook in ``prepare`` and DDP keeps the first one: the model is then
+    given a fresh reducer (the same buckets and parameters) so the composed hook replaces it.
+    """
+    handler = getattr(accelerator, "ddp_handler", None)
+    accel_hook = getattr(getattr(handler, "comm_hook", None), "name", "NO")
+    accel_wrapper = getattr(getattr(handler, "comm_wrapper", None), "name", "NO")
+    if accel_hook != "NO" or accel_wrapper != "NO":
+        if accel_hook not in _ACCELERATE_HOOKS or accel_wrapper != "NO":
+            raise ValueError(f"Accelerate's DistributedDataParallelKwargs(comm_hook={accel_hook}, "
+                             f"comm_wrapper={accel_wrapper}) cannot be composed with DropGrad's mask; set "
+                             "comm_hook to FP16, BF16 or POWER_SGD without comm_wrapper, or leave it unset "
+                             "and pass dropgrad=dict(compress='fp16'|'bf16'|'powersgd')")
+        wanted = _ACCELERATE_HOOKS[accel_hook]
+        if wanted == "powersgd":
+            from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
+            wanted = PowerSGDState(None, **handler.comm_state_option)
+        if compress is not None and compress != wanted:
+            raise ValueError(f"dropgrad compress={compress!r} disagrees with Accelerate's comm_hook={accel_hook}; "
+                             "set one of them")
+        compress = wanted if compress is None else compress
+        _drop_registered_hook(model)
+    if compress is not None and communication != "dense":
+        raise ValueError("dropgrad compress= composes the dense mask with a compressing all-reduce; "
+                         "it needs communication='dense' (compact sends only kept coordinates itself)")
+    return compress
+
+
+def _drop_registered_hook(model: nn.Module) -> None:
+    """Give the DDP model a fresh reducer without a hook, built as DDP's own unpickling builds it.
+
+    Called right after ``accelerator.prepare`` (no backward has run), so nothing is lost.
+    """
+    parameters, expect_sparse_gradient = model._build_params_for_reducer()
+    names = model._build_debug_param_to_name_mapping(parameters)
+    model._ddp_init_helper(parameters, expect_sparse_gradient, names, model.static_graph)
+    if model.static_graph:
+        model.reducer._set_static_graph()
+        model.logger._set_static_graph()
+    model._comm_hooks = []
 
 
 def _wrappers(chain: torch.optim.Optimizer):

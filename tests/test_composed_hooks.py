@@ -15,6 +15,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dropgrad_dist import DropGrad, DropGradHookState, compressed_hook, dropgrad_hook, keep_mask
 from dropgrad_dist.testing import run_on_ranks
 
+pytestmark = pytest.mark.distributed
+
 SEED, RATE, STEPS = 11, 0.5, 4
 
 

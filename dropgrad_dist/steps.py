@@ -23,6 +23,16 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .shards import local_tensor
 
+_PLAIN_OR_NONE = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
+
+
+def _locals(params: Iterable[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The local tensor of each parameter's gradient (None where it has none), one list pass when all are plain."""
+    grads = [param.grad for param in params]
+    if set(map(type, grads)) <= _PLAIN_OR_NONE:
+        return grads
+    return [None if grad is None else local_tensor(grad) for grad in grads]
+
 __all__ = ["GradientStamp", "StepWatch"]
 
 
@@ -83,11 +93,7 @@ class GradientStamp:
     """
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
-        self._grads = []
-        for param in params:
-            grad = param.grad
-            local = None if grad is None else local_tensor(grad)
-            self._grads.append(None if local is None else (weakref.ref(local), local._version))
+        self._grads = [None if local is None else (weakref.ref(local), local._version) for local in _locals(params)]
 
     def unchanged(self, params: Iterable[torch.Tensor]) -> bool:
         """Whether ``params`` hold the very gradients of this stamp, unmodified (and at least one)."""

@@ -21,17 +21,7 @@ from typing import Callable, Iterable
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .shards import local_tensor
-
-_PLAIN_OR_NONE = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
-
-
-def _locals(params: Iterable[torch.Tensor]) -> list[torch.Tensor | None]:
-    """The local tensor of each parameter's gradient (None where it has none), one list pass when all are plain."""
-    grads = [param.grad for param in params]
-    if set(map(type, grads)) <= _PLAIN_OR_NONE:
-        return grads
-    return [None if grad is None else local_tensor(grad) for grad in grads]
+from .shards import local_grads, local_tensor
 
 __all__ = ["GradientStamp", "StepWatch"]
 
@@ -93,7 +83,7 @@ class GradientStamp:
     """
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
-        self._grads = [None if local is None else (weakref.ref(local), local._version) for local in _locals(params)]
+        self._grads = [None if local is None else (weakref.ref(local), local._version) for local in local_grads(params)]
 
     def unchanged(self, params: Iterable[torch.Tensor]) -> bool:
         """Whether ``params`` hold the very gradients of this stamp, unmodified (and at least one)."""

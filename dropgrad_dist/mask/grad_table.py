@@ -92,7 +92,8 @@ class GradTable:
             self.rebuilds += 1
         if self._batches is None:
             return None
-        return _apply(self._batches, locals_, seed, step, stream), locals_
+        positions = _apply(self._batches, locals_, seed, step, stream)
+        return None if positions is None else (positions, locals_)
 
 
 def _local(grad: torch.Tensor | None) -> torch.Tensor | None:

@@ -51,7 +51,7 @@ from .checks import (ArgumentTypeError, check_count, check_int_in, check_number_
                      real_scalar)
 from .mask import MaskStream, uniform_u32
 from .norms import grad_norms, stage_group
-from .shards import flat_param_pieces, local_tensor
+from .shards import flat_param_pieces, local_grads, local_tensor
 from .steps import GradientStamp, StepWatch
 from .wrapper import OptimizerWrapper
 
@@ -393,7 +393,7 @@ class GradientClipper:
                 clipped, coefficient = self._decide(stats["norm"], stats["level"], o.beta)
                 stats.update(clipped=clipped, coefficient=coefficient)
                 if clipped:
-                    torch._foreach_mul_([local_tensor(p.grad) for p in member if p.grad is not None], coefficient)
+                    torch._foreach_mul_([g for g in local_grads(member) if g is not None], coefficient)
                 after.append(float(square) * coefficient ** 2)
             norm_after = norm * per_group[0]["coefficient"] if len(groups) == 1 else math.sqrt(math.fsum(after))
         if pending is not None:
@@ -415,9 +415,15 @@ class GradientClipper:
         level = torch.tensor(levels, dtype=per_param.dtype, device=per_param.device)
         # A zero norm gives inf, clamped to 1; a non-finite norm is left alone.
         factors = torch.where(torch.isfinite(per_param), (level / per_param).clamp(max=1.0), 1.0)
-        scaled = [(local_tensor(p.grad), f) for p, f in zip(params, factors.unbind()) if p.grad is not None]
-        if scaled:
-            torch._foreach_mul_([g for g, _ in scaled], [f.to(g.dtype) for g, f in scaled])
+        grads = local_grads(params)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for index, grad in enumerate(grads):
+            if grad is not None:
+                by_dtype.setdefault(grad.dtype, []).append(index)
+        for dtype, indices in by_dtype.items():  # each factor rounded to its gradient's dtype, in one op
+            picked = factors if len(indices) == len(grads) else factors.index_select(
+                0, torch.tensor(indices, device=factors.device))
+            torch._foreach_mul_([grads[i] for i in indices], list(picked.to(dtype).unbind()))
         after = (per_param * factors).square().sum().reshape(1)
         if self.pp_group is not None:  # the other stages' layers count too
             dist.all_reduce(after, group=self.pp_group)

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from .shards import FlatPiece, _is_dtensor, local_tensor, placement_kind
+from .shards import _PLAIN_OR_NONE, FlatPiece, _is_dtensor, local_grads, placement_kind
 
 __all__ = ["GradNorms", "grad_norms", "stage_group"]
 
@@ -89,7 +89,7 @@ def _local_stats(params: Sequence[torch.Tensor], above: float | Sequence[float] 
     """Per parameter: the squared norm of the locally held gradient (0 where there is none) and,
     if ``above`` (one threshold, or one per parameter) is given, 1 where some local ``|g_i| > above``.
     Shape ``[n]`` or ``[n, 2]``."""
-    local = [local_tensor(p.grad) if p.grad is not None else None for p in params]
+    local = local_grads(params)
     held = [g for g in local if g is not None and g.numel() > 0]  # empty FSDP shards contribute 0
     for grad in held:
         if grad.layout != torch.strided:
@@ -126,9 +126,11 @@ def grad_norms(params: Sequence[torch.Tensor], pieces: Mapping[torch.Tensor, Fla
     stats = _local_stats(params, above)
     # Per group, the parameters it shards: a 2-D (dp, tp) mesh takes two all_reduces, whatever the mix.
     by_group: dict[Any, list[int]] = {}
-    for index, param in enumerate(params):
-        for group in _shard_groups(param, pieces):
-            by_group.setdefault(group, []).append(index)
+    # Plain parameters and gradients (one process, DDP) are whole here: no per-parameter look-up.
+    if pieces or not (set(map(type, params)) | {type(p.grad) for p in params}) <= _PLAIN_OR_NONE:
+        for index, param in enumerate(params):
+            for group in _shard_groups(param, pieces):
+                by_group.setdefault(group, []).append(index)
     for group, indices in by_group.items():
         if len(indices) == len(params):
             dist.all_reduce(stats, group=group)

@@ -17,7 +17,9 @@ from torch import nn
 from . import checkpoint as _checkpoint
 from . import mask as _mask
 from .agreement import AgreementCheck, PendingCheck
+from . import ownership as _ownership
 from .checks import ArgumentTypeError, check_count, check_rate, check_seed
+from .mask.grad_table import GradTable
 from .ownership import refuse_dropgrad_inside, refuse_hook_masked
 from .params import DropPlan, RateSpec, named_params_of_optimizer
 from .schedules import DropRateScheduler, read_schedule_state
@@ -89,7 +91,10 @@ class DropGrad(OptimizerWrapper):
         self.full_update_drop = bool(full_update_drop)
         self.step_skip_rate = check_rate(step_skip_rate, "step_skip_rate")
         self.step_index = 0  # optimizer steps taken: the ``t`` of the masks
-        self._masked_grads: dict[int, weakref.ref] = {}  # id(param) -> its gradient masked this step
+        # id(param) -> the local gradient tensor masked this step (held until the step or zero_grad).
+        self._masked_grads: dict[int, torch.Tensor] = {}
+        self._table = GradTable()  # the piece table of the gradients, rebuilt when their layout changes
+        self._columns: tuple | None = None  # ((entries, default rate), (params, keys, rates, starts, ids))
         self._accumulation_watched = False  # post-accumulate hooks installed (after an early mask)
         self._accumulated_after_mask: str | None = None  # key of a gradient a backward added to after masking
         self._stepped_on: GradientStamp | None = None  # the gradients the last step masked and stepped on
@@ -171,18 +176,40 @@ class DropGrad(OptimizerWrapper):
                 "in this step; the step would leak the later micro-batches into dropped coordinates. Call "
                 "mask_gradients_() (or clip) only after the last micro-batch's backward")
 
+    def _table_columns(self) -> tuple[list, list[str], list[float], list[int], list[int]]:
+        """``(params, keys, rates, starts, ids)`` of the masked entries: the same objects while the plan
+        and the default rate are unchanged (the piece table compares them by identity)."""
+        entries, default = self.plan.entries, self.plan.default_rate()
+        if self._columns is None or self._columns[0][0] is not entries or self._columns[0][1] != default:
+            params = [entry.param for entry in entries]
+            columns = (params, [entry.key for entry in entries], [self.plan.rate_of(entry) for entry in entries],
+                       [self._starts.get(entry.param, 0) for entry in entries], [id(param) for param in params])
+            self._columns = ((entries, default), columns)
+        return self._columns[1]
+
     @torch.no_grad()
     def _mask_now(self) -> None:
         self._refuse_leaked_accumulation()
+        if not self._masked_grads:  # nothing masked yet in this step: every gradient through the cached table
+            params, keys, rates, starts, ids = self._table_columns()
+            grads = [param.grad for param in params]
+            if _ownership._MASKED_BY_HOOK:
+                for param, key, grad, rate in zip(params, keys, grads, rates):
+                    if grad is not None and rate > 0.0:
+                        refuse_hook_masked(param, key)
+            done = self._table.drop_(grads, keys, rates, starts, seed=self.seed, step=self.step_index)
+            if done is not None:
+                positions, locals_ = done
+                self._masked_grads = {ids[k]: locals_[k] for k in positions}
+                return
         todo = []
         for entry, grad, rate in self._masked_entries("grad"):
             local = local_tensor(grad)
-            masked = self._masked_grads.get(id(entry.param))
-            if masked is not None and masked() is local:
+            if self._masked_grads.get(id(entry.param)) is local:
                 continue
             refuse_hook_masked(entry.param, entry.key)
             todo.append((grad, entry.key, rate, self._starts.get(entry.param, 0)))
-            self._masked_grads[id(entry.param)] = weakref.ref(local)
+            self._masked_grads[id(entry.param)] = local
         drop_locals_(todo, seed=self.seed, step=self.step_index)  # one engine call for every gradient
 
     def _step_and_drop_update(self, closure: Callable[[], Any] | None) -> Any:

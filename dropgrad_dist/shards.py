@@ -54,6 +54,20 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor._local_tensor if _is_dtensor(tensor) else tensor
 
 
+_PLAIN_OR_NONE = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
+
+
+def local_grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Each parameter's gradient as :func:`local_tensor` (None where it has none).
+
+    One pass over the list when no gradient is a DTensor (the common case): no per-tensor checks.
+    """
+    grads = [param.grad for param in params]
+    if set(map(type, grads)) <= _PLAIN_OR_NONE:
+        return grads
+    return [None if grad is None else local_tensor(grad) for grad in grads]
+
+
 Runs = tuple[tuple[int, int], ...]  # ascending, disjoint intervals [start, stop) of global indices
 _LINEAR_PARTIALS = ("sum", "avg")  # reductions that commute with a per-coordinate factor
 

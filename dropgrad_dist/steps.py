@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .shards import local_tensor
+from .shards import local_grads, local_tensor
 
 __all__ = ["GradientStamp", "StepWatch"]
 
@@ -93,11 +93,7 @@ class GradientStamp:
     """
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
-        self._grads = []
-        for param in params:
-            grad = param.grad
-            local = None if grad is None else local_tensor(grad)
-            self._grads.append(None if local is None else (weakref.ref(local), local._version))
+        self._grads = [None if local is None else (weakref.ref(local), local._version) for local in local_grads(params)]
 
     def unchanged(self, params: Iterable[torch.Tensor]) -> bool:
         """Whether ``params`` hold the very gradients of this stamp, unmodified (and at least one)."""

@@ -224,7 +224,7 @@ def test_every_rank_gets_a_clear_error_within_seconds(outcomes, scenario, messag
         outcome = result[scenario]
         assert outcome["error"] is not None, f"rank {rank}: no error"
         assert __import__("re").search(message, outcome["error"]), f"rank {rank}: {outcome['error']}"
-        assert outcome["seconds"] < PG_TIMEOUT / 4, f"rank {rank} waited {outcome['seconds']:.1f} s"
+        assert outcome["seconds"] < PG_TIMEOUT / 2, f"rank {rank} waited {outcome['seconds']:.1f} s"
 
 
 def test_compact_keeps_huge_finite_fp64_gradients_and_complex_parameters_are_masked_per_number(outcomes):

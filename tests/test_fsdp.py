@@ -61,6 +61,37 @@ def _check_fsdp2_masks(rank: int) -> list[str]:
     return ["fsdp2 masks == 1-process masks (uneven, empty shard)"]
 
 
+def _check_fsdp2_table_rebuilds(rank: int) -> list[str]:
+    """DropGrad's cached piece table over DTensor gradients: reused when FSDP2 reallocates the sharded
+    gradients, rebuilt when they are resharded (Shard(0) -> Replicate); masks == the dense definition."""
+    from dropgrad_dist import drop_
+    from torch.distributed.tensor import DTensor, Replicate
+
+    set_mask_backend("auto")  # the native kernel: the cached path (eager masks tensor by tensor)
+    try:
+        model = _fsdp2_model()
+        dropgrad = DropGrad(torch.optim.SGD(model.parameters(), lr=0.0), model=model, **MASK_KW)
+        for step, placement in enumerate(["sharded", "sharded", "replicated"]):
+            for p in model.parameters():
+                if placement == "sharded":
+                    p.grad = DTensor.from_local(torch.ones_like(p.to_local()), p.device_mesh, p.placements,
+                                                shape=p.shape, stride=p.stride())
+                else:
+                    p.grad = DTensor.from_local(torch.ones(p.shape), p.device_mesh, [Replicate()])
+            if placement == "sharded":
+                dropgrad.step()
+            else:  # the step would add a replicated gradient to a sharded parameter: mask only
+                dropgrad.mask_gradients_()
+            for name, p in model.named_parameters():
+                dense = drop_(torch.ones(p.shape), seed=MASK_KW["seed"], step=step, key=canonical_name(name),
+                              rate=MASK_KW["drop_rate"])
+                assert torch.equal(p.grad.full_tensor(), dense), (step, name)
+            assert dropgrad._table.rebuilds == (1 if step < 2 else 2), (step, dropgrad._table.rebuilds)
+    finally:
+        set_mask_backend("eager")
+    return ["fsdp2 cached table: reallocated grads reuse it, a reshard rebuilds it; masks == dense"]
+
+
 def _check_dtensor_layouts(rank: int) -> list[str]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -183,14 +214,14 @@ def _check_resume(rank: int, world_size: int, make, ckpt_dir: str, dense, clip=c
 def _fsdp2_all(rank: int, world_size: int, ckpt_dir: str) -> list[str]:
     # Same masks as the compiled kernel (tested in the mask tests); compiling costs ~4 s per rank.
     set_mask_backend("eager")
-    return (_check_fsdp2_masks(rank) + _check_dtensor_layouts(rank) + _check_fsdp2_training(rank, world_size)
+    return (_check_fsdp2_masks(rank) + _check_fsdp2_table_rebuilds(rank) + _check_dtensor_layouts(rank) + _check_fsdp2_training(rank, world_size)
             + _check_resume(rank, world_size, _fsdp2_model, ckpt_dir, _dense_fsdp2))
 
 
 def test_fsdp2_masks_training_clipping_and_resume_match_one_process(tmp_path):
     results = run_on_ranks(_fsdp2_all, 2, str(tmp_path))
     assert results[0] == results[1]
-    assert len(results[0]) == 1 + 2 + len(CONFIGS) + 1, results[0]
+    assert len(results[0]) == 1 + 1 + 2 + len(CONFIGS) + 1, results[0]
 
 
 # -- FSDP1 -----------------------------------------------------------------------------------------

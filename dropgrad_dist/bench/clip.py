@@ -4,7 +4,8 @@ The gradients of a small ViT (torchvision ``VisionTransformer``, 80 tensors) are
 one process and on 2 CPU ranks under FSDP2 (sharded gradients: one all-reduce per clip). Each
 round restores the same gradients (untimed) before every candidate, so every call does a full
 norm and scaling pass. Also timed: the AutoClip quantile step (append + exact quantile) at a
-100k-step history. Targets: ``norm`` and ``layer_wise`` within 1.5x ``clip_grad_norm_``; the
+100k-step history; and ``norm``, ``layer_wise`` on 1000 small tensors (500 x Linear(64,64)), target
+<= 1.3x. Targets: ``norm`` and ``layer_wise`` within 1.5x ``clip_grad_norm_``; the
 AutoClip quantile under 1 ms per step at 100k history.
 """
 
@@ -31,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per candidate (median reported)")
     parser.add_argument("--history", type=int, default=100_000, help="AutoClip history length to time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (per rank)")
+    parser.add_argument("--small_only", action="store_true",
+                        help="only the 1-process cases (ViT and 1000 tensors), no FSDP2 ranks or quantile")
 
 
 def _model(hidden_dim: int, num_layers: int) -> torch.nn.Module:
@@ -41,11 +44,18 @@ def _model(hidden_dim: int, num_layers: int) -> torch.nn.Module:
                              mlp_dim=4 * hidden_dim, num_classes=10)
 
 
-def _candidates(model: torch.nn.Module, level: float) -> dict[str, Callable[[], Any]]:
+def _small_model() -> torch.nn.Module:
+    """500 x Linear(64, 64): 1000 small gradient tensors, where per-tensor Python costs show."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(500)])
+
+
+def _candidates(model: torch.nn.Module, level: float,
+                methods: tuple[str, ...] = CLIPPING_METHODS) -> dict[str, Callable[[], Any]]:
     params = list(model.parameters())
     out: dict[str, Callable[[], Any]] = {
         BASELINE: lambda: torch.nn.utils.clip_grad_norm_(params, level, foreach=True)}
-    for method in CLIPPING_METHODS:
+    for method in methods:
         beta = 0.5 if "rand" in method else None
         clipper = GradientClipper(method, level, beta=beta, p_autoclip=0.5, model=model)
         for value in torch.linspace(1.0, 2.0 * level, 64).tolist():  # a history to take quantiles of
@@ -54,13 +64,14 @@ def _candidates(model: torch.nn.Module, level: float) -> dict[str, Callable[[], 
     return out
 
 
-def _time_clips(model: torch.nn.Module, rounds: int, sync: Callable[[], None]) -> dict[str, list[float]]:
+def _time_clips(model: torch.nn.Module, rounds: int, sync: Callable[[], None],
+                methods: tuple[str, ...] = CLIPPING_METHODS) -> dict[str, list[float]]:
     grads = {p: torch.randn_like(p) for p in model.parameters()}
     saved = {p: g.clone() for p, g in grads.items()}
     for p, g in grads.items():
         p.grad = g
     total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
-    candidates = _candidates(model, level=0.5 * total)  # every norm-based call scales
+    candidates = _candidates(model, level=0.5 * total, methods=methods)  # every norm-based call scales
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for round_index in range(rounds + 2):  # two warm-up rounds
         for name, fn in candidates.items():
@@ -115,6 +126,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = _model(args.hidden_dim, args.num_layers)
     numel = sum(p.numel() for p in model.parameters())
     rows = _rows(_time_clips(model, args.rounds, sync=lambda: None), "1 process")
+    rows += _rows(_time_clips(_small_model(), args.rounds, sync=lambda: None, methods=("norm", "layer_wise")),
+                  "1 process, 500 x Linear(64,64) (1000 tensors)")
+    if args.small_only:
+        return {"name": "clip", "device": f"cpu ({args.threads} thread(s))", "rows": rows, "notes": []}
     ranks = run_on_ranks(_fsdp2_rank, 2, args.hidden_dim, args.num_layers, args.rounds,
                          threads_per_rank=args.threads, timeout=900)
     rows += _rows(ranks[0]["times"], "FSDP2, 2 ranks")

@@ -8,6 +8,11 @@ Cases (each timed in interleaved rounds; ratios are medians of per-round ratios)
 - ``500 x Linear(64,64)``: 1000 small gradients, both against one ``torch._foreach_mul_`` over
   the same tensors, with ``drop_tensors_`` (the call ``DropGrad.mask_gradients_`` makes), a loop of
   ``drop_`` and the torch.compile-per-piece path (the engine before the native kernels);
+- ``wrapper``: ``DropGrad.step()`` around an optimizer whose own ``step()`` does nothing (so the wrapper's
+  whole per-step cost: masking, bookkeeping, the stamp of the gradients it stepped on) vs one
+  ``torch._foreach_mul_`` over the same gradients (and the wrapper without its cached piece table, the
+  per-tensor path), at 10 tensors (5 x Linear(64,64)), ViT-B/16's 152 and
+  1000 (500 x Linear(64,64));
 - ``per call``: the fixed cost of one ``drop_`` on a 64-element tensor vs one ``mul_``;
 - ``throughput`` (default on CUDA only): ``drop_tensors_`` (the native kernel: Triton on CUDA) against
   ``torch._foreach_mul_`` over the same tensors (1000 small ones, ViT-B/16's shapes) and against a large
@@ -16,7 +21,7 @@ Cases (each timed in interleaved rounds; ratios are medians of per-round ratios)
   CUDA the device time per call (kernels and copies) comes from ``torch.profiler``.
 
 Target on CUDA: the mask kernel >= 80% of ``_foreach_mul_``'s device throughput at 1000 tensors and
-ViT-B/16's shapes. Targets on a 2-core CPU: at most 2x the floor in every case and 1.5x for the single large
+ViT-B/16's shapes. Targets for ``wrapper``: <= 1.5x ``_foreach_mul_`` at 1000 tensors, <= 1.1x at 152. Targets on a 2-core CPU: at most 2x the floor in every case and 1.5x for the single large
 tensor, at least 10x faster than the bernoulli peer, at most 1 byte of extra memory per element.
 """
 
@@ -43,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--cases", default=None,
-                        help="comma-separated cases: 25M, ViT-B/16, small, per-call, throughput (default: the "
-                             "first four, and throughput on CUDA)")
+                        help="comma-separated cases: 25M, ViT-B/16, small, per-call, wrapper, throughput (default: "
+                             "the first five, and throughput on CUDA)")
     parser.add_argument("--copy_mib", type=int, default=1024,
                         help="MiB of the device-to-device copy that measures the memory bandwidth (throughput)")
     parser.add_argument("--throughput_sets", default="small,ViT-B/16",
@@ -148,6 +153,47 @@ def _list_case(case: str, shapes: list[tuple[str, tuple[int, ...]]], args: argpa
                  args.rounds, device, numel, slow=("torch.compile per piece",))
 
 
+class _NoStep(torch.optim.Optimizer):
+    """An optimizer whose ``step()`` does nothing: what remains of ``DropGrad.step()`` is the wrapper's cost."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        return None
+
+
+def _wrapper_case(case: str, shapes: list[tuple[str, tuple[int, ...]]], args: argparse.Namespace,
+                  device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """``DropGrad.step()`` minus the wrapped optimizer's own step, against ``_foreach_mul_`` on the same gradients."""
+    from ..optim import DropGrad
+
+    params = [torch.nn.Parameter(torch.zeros(shape, device=device, dtype=dtype)) for _, shape in shapes]
+    for param in params:
+        param.grad = torch.randn(param.shape, device=device).to(dtype)
+    grads = [param.grad for param in params]
+    dropgrad = DropGrad(_NoStep(params), drop_rate=RATE, seed=SEED)
+    per_tensor = DropGrad(_NoStep(params), drop_rate=RATE, seed=SEED)
+    per_tensor._table.drop_ = lambda *args, **kwargs: None  # no cached table: the per-tensor path
+
+    def wrapper_step(wrapper: DropGrad) -> Callable[[], None]:
+        def run() -> None:
+            # A training loop's backward gives new gradients between steps; here the same ones are
+            # stepped on again, so forget the stamp that refuses a second step on unchanged gradients.
+            wrapper._stepped_on = None
+            wrapper.step()
+        return run
+
+    candidates = {
+        "foreach_mul_": lambda: torch._foreach_mul_(grads, 1.0),
+        "DropGrad.step - inner step": _with_backend("auto", wrapper_step(dropgrad)),
+        "same, per-tensor path (no table cache)": _with_backend("auto", wrapper_step(per_tensor)),
+    }
+    numel = sum(g.numel() for g in grads)
+    return _rows(f"wrapper, {case} ({len(grads)} tensors, {numel / 1e6:.3g}M)", candidates, "foreach_mul_",
+                 args.rounds, device, numel)
+
+
 def _per_call_case(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
     small = torch.randn(64, device=device).to(dtype)
     calls = 200
@@ -182,7 +228,7 @@ def _first_use_ms(device: torch.device, dtype: torch.dtype) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = best_device(args.device)
     dtype = getattr(torch, args.dtype)
-    default = "25M,ViT-B/16,small,per-call" + (",throughput" if device.type == "cuda" else "")
+    default = "25M,ViT-B/16,small,per-call,wrapper" + (",throughput" if device.type == "cuda" else "")
     cases = {c.strip() for c in (args.cases or default).split(",")}
     first_use = _first_use_ms(device, dtype)
     rows = []
@@ -192,6 +238,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows += _list_case("500 x Linear(64,64)", _small_shapes(), args, device, dtype)
     if "ViT-B/16" in cases:
         rows += _list_case("ViT-B/16", _vit_shapes(), args, device, dtype)
+    if "wrapper" in cases:
+        rows += _wrapper_case("5 x Linear(64,64)", _small_shapes()[:10], args, device, dtype)
+        rows += _wrapper_case("ViT-B/16", _vit_shapes(), args, device, dtype)
+        rows += _wrapper_case("500 x Linear(64,64)", _small_shapes(), args, device, dtype)
     if "25M" in cases:
         rows += _large_case(args, device, dtype)
     if "throughput" in cases:

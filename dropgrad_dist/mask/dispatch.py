@@ -202,7 +202,6 @@ def drop_tensors_(
 
 
 def _check_disjoint(batches: list[list[tuple]]) -> None:
-    # Overlapping tensors would be masked twice, concurrently by a multi-threaded kernel: refuse them.
     if sum(map(len, batches)) < 2:
         return
     spans: dict[torch.device, list[np.ndarray]] = {}
@@ -212,8 +211,18 @@ def _check_disjoint(batches: list[list[tuple]]) -> None:
         ends = begins + np.array(counts, dtype=np.int64) * tensors[0].element_size()
         first = tensors[0]
         spans.setdefault(first.device, []).append(np.stack([begins, ends], axis=1)[ends > begins])
+    refuse_overlap(spans)
+
+
+def refuse_overlap(spans: dict[torch.device, list[np.ndarray]]) -> None:
+    """Raise if byte spans ``[begin, end)`` (rows) of one device overlap.
+
+    Overlapping tensors would be masked twice, concurrently by a multi-threaded kernel.
+    """
     for device_spans in spans.values():
         both = np.concatenate(device_spans)
+        if len(both) < 2:
+            continue
         order = np.argsort(both[:, 0], kind="stable")
         if np.any(both[order[1:], 0] < both[order[:-1], 1]):
             raise ValueError("tensors overlap in memory (the same storage listed twice, or views of one "

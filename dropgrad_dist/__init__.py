@@ -8,7 +8,7 @@ from .agreement import RankDisagreement
 from .clip import CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, GradientClipper
 from .ddp_compose import compressed_hook, dropgrad_wrapper
 from .ddp_hook import DropGradHookState, dropgrad_hook
-from .gnp import SAM, GradientNormPenalty
+from .gnp import GradientNormPenalty
 from .integration import (
     DropGradHandle,
     Regularizers,
@@ -34,6 +34,7 @@ from .mask import (
 from .optim import DropGrad
 from .params import canonical_name
 from .restarts import Restarter, RestartingOptimizer
+from .sam import SAM
 from .schedules import (
     CosineAnnealingDropRateScheduler,
     DropRateScheduler,

@@ -38,8 +38,9 @@ import struct
 import warnings
 import weakref
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from fractions import Fraction
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -47,8 +48,15 @@ from torch import nn
 
 from . import checkpoint as _checkpoint
 from .agreement import AgreementCheck
-from .checks import (ArgumentTypeError, check_count, check_int_in, check_number_in, check_positive, check_seed,
-                     real_scalar)
+from .checks import (
+    ArgumentTypeError,
+    check_count,
+    check_int_in,
+    check_number_in,
+    check_positive,
+    check_seed,
+    real_scalar,
+)
 from .mask import MaskStream, uniform_u32
 from .norms import grad_norms, stage_group
 from .shards import flat_param_pieces, local_grads, local_tensor
@@ -328,7 +336,9 @@ class GradientClipper:
         return tuple((len(h), h.digest) for h in [self.history, *self.group_histories])
 
     def clip_(self, parameters: Iterable[torch.Tensor]) -> dict[str, Any]:
-        """Clip the gradients of ``parameters`` in place; returns ``{"norm", "clipped", "coefficient", "level", "norm_after"}``.
+        """Clip the gradients of ``parameters`` in place.
+
+        Returns ``{"norm", "clipped", "coefficient", "level", "norm_after"}``.
 
         Call it after ``GradScaler.unscale_`` (on unscaled gradients), after DropGrad has masked,
         before the optimizer step. Every rank must pass the same parameters in the same order.
@@ -635,7 +645,7 @@ class ClippedSGD(torch.optim.SGD):
         apply()
 
 
-def _check_at_forward(clipper_ref: "weakref.ref[GradientClipper]") -> Callable[..., None]:
+def _check_at_forward(clipper_ref: weakref.ref[GradientClipper]) -> Callable[..., None]:
     def hook(module: nn.Module, args: Any) -> None:
         clipper = clipper_ref()
         # Training forwards only: an evaluation forward may run on some ranks alone.

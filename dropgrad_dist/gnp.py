@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,8 +45,16 @@ from torch import nn
 from . import checkpoint as _checkpoint
 from . import mask as _mask
 from .agreement import AgreementCheck
-from .checks import (ArgumentTypeError, check_count, check_int_in, check_number_in, check_positive, check_rate,
-                     check_seed, real_scalar)
+from .checks import (
+    ArgumentTypeError,
+    check_count,
+    check_int_in,
+    check_number_in,
+    check_positive,
+    check_rate,
+    check_seed,
+    real_scalar,
+)
 from .norms import grad_norms, stage_group
 from .ownership import hook_state_masking
 from .second_pass import BatchNormSnapshot, RngState, replaying
@@ -99,7 +108,7 @@ class _Perturbed:
 
 
 class GradientNormPenalty(OptimizerWrapper):
-    """``g = (1 - alpha_t) g1 + alpha_t grad L(theta + r_t g1 / ||g1||)``, ``g1 = grad L(theta)``, then the wrapped step.
+    """``g = (1 - alpha_t) g1 + alpha_t grad L(theta + r_t g1 / ||g1||)``, ``g1 = grad L(theta)``; then step.
 
     Args:
         optimizer: the optimizer to step with the combined gradient (it may be a ``DropGrad``
@@ -485,4 +494,3 @@ def _like_param(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return local
 
 
-from .sam import SAM  # noqa: E402  (SAM builds on GradientNormPenalty; kept importable from here)

@@ -574,7 +574,7 @@ def prepare_regularizers(
     return handle
 
 
-def _prepare_deepspeed(accelerator: "Accelerator", model: nn.Module, optimizer: Any, drop_options: dict[str, Any] | None,
+def _prepare_deepspeed(accelerator: Accelerator, model: nn.Module, optimizer: Any, drop_options: dict[str, Any] | None,
                        clip_options: dict[str, Any] | None, restarts: Any, gnp: Any) -> Regularizers:
     """DeepSpeed ZeRO: the regularizers act inside the ZeRO step (see :mod:`dropgrad_dist.deepspeed_zero`)."""
     from .deepspeed_zero import prepare_deepspeed
@@ -592,7 +592,7 @@ def _prepare_deepspeed(accelerator: "Accelerator", model: nn.Module, optimizer: 
 _ACCELERATE_HOOKS = {"FP16": "fp16", "BF16": "bf16", "POWER_SGD": "powersgd"}
 
 
-def _compression(accelerator: "Accelerator", model: nn.Module, compress: Any, communication: str) -> Any:
+def _compression(accelerator: Accelerator, model: nn.Module, compress: Any, communication: str) -> Any:
     """The compression to compose with the mask: ``compress``, or what Accelerate's comm_hook set.
 
     Accelerate registered its hook in ``prepare`` and DDP keeps the first one: the model is then

@@ -18,7 +18,8 @@ squared norms over ``pp_mesh`` (one more scalar ``all_reduce``, as torchtitan's
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,8 +17,8 @@ from torch import nn
 
 from . import checkpoint as _checkpoint
 from . import mask as _mask
-from .agreement import AgreementCheck, PendingCheck
 from . import ownership as _ownership
+from .agreement import AgreementCheck, PendingCheck
 from .checks import ArgumentTypeError, check_count, check_rate, check_seed
 from .mask.grad_table import GradTable
 from .ownership import refuse_dropgrad_inside, refuse_hook_masked
@@ -375,7 +376,7 @@ class DropGrad(OptimizerWrapper):
                 f"  optimizer={self.optimizer!r})")
 
 
-def _accumulation_check(dropgrad_ref: "weakref.ref[DropGrad]", key: str) -> Callable[[torch.Tensor], None]:
+def _accumulation_check(dropgrad_ref: weakref.ref[DropGrad], key: str) -> Callable[[torch.Tensor], None]:
     def check(param: torch.Tensor) -> None:
         dropgrad = dropgrad_ref()
         if dropgrad is not None:
@@ -383,7 +384,7 @@ def _accumulation_check(dropgrad_ref: "weakref.ref[DropGrad]", key: str) -> Call
     return check
 
 
-def _check_at_forward(dropgrad_ref: "weakref.ref[DropGrad]") -> Callable[..., None]:
+def _check_at_forward(dropgrad_ref: weakref.ref[DropGrad]) -> Callable[..., None]:
     def hook(module: nn.Module, args: Any) -> None:
         dropgrad = dropgrad_ref()
         # Training forwards only: an evaluation forward may run on some ranks alone.

@@ -64,8 +64,9 @@ def _check_fsdp2_masks(rank: int) -> list[str]:
 def _check_fsdp2_table_rebuilds(rank: int) -> list[str]:
     """DropGrad's cached piece table over DTensor gradients: reused when FSDP2 reallocates the sharded
     gradients, rebuilt when they are resharded (Shard(0) -> Replicate); masks == the dense definition."""
-    from dropgrad_dist import drop_
     from torch.distributed.tensor import DTensor, Replicate
+
+    from dropgrad_dist import drop_
 
     set_mask_backend("auto")  # the native kernel: the cached path (eager masks tensor by tensor)
     try:
@@ -214,7 +215,8 @@ def _check_resume(rank: int, world_size: int, make, ckpt_dir: str, dense, clip=c
 def _fsdp2_all(rank: int, world_size: int, ckpt_dir: str) -> list[str]:
     # Same masks as the compiled kernel (tested in the mask tests); compiling costs ~4 s per rank.
     set_mask_backend("eager")
-    return (_check_fsdp2_masks(rank) + _check_fsdp2_table_rebuilds(rank) + _check_dtensor_layouts(rank) + _check_fsdp2_training(rank, world_size)
+    return (_check_fsdp2_masks(rank) + _check_fsdp2_table_rebuilds(rank) + _check_dtensor_layouts(rank)
+            + _check_fsdp2_training(rank, world_size)
             + _check_resume(rank, world_size, _fsdp2_model, ckpt_dir, _dense_fsdp2))
 
 

@@ -11,13 +11,15 @@ import statistics
 import sys
 import time
 import weakref
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["BENCHMARKS", "best_device", "device_sync", "interleaved_timings", "peak_allocated_bytes", "peak_extra_bytes", "print_report"]
+__all__ = ["BENCHMARKS", "best_device", "device_sync", "interleaved_timings", "peak_allocated_bytes",
+           "peak_extra_bytes", "print_report"]
 
 # name -> module path; the CLI imports them to build its sub-commands
 BENCHMARKS = {
@@ -105,7 +107,8 @@ class _LiveBytes(TorchDispatchMode):
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:

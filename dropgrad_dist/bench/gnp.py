@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..gnp import SAM, GradientNormPenalty
+from ..gnp import GradientNormPenalty
+from ..sam import SAM
 from . import interleaved_timings, median_ratio, peak_allocated_bytes
 from .clip import _model
 
@@ -32,7 +33,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     model = _model(args.hidden_dim, args.num_layers)
     gen = torch.Generator().manual_seed(0)
-    images, labels = torch.randn(args.batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (args.batch,), generator=gen)
+    images = torch.randn(args.batch, 3, 32, 32, generator=gen)
+    labels = torch.randint(0, 10, (args.batch,), generator=gen)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     def closure() -> torch.Tensor:

@@ -21,8 +21,9 @@ Cases (each timed in interleaved rounds; ratios are medians of per-round ratios)
   CUDA the device time per call (kernels and copies) comes from ``torch.profiler``.
 
 Target on CUDA: the mask kernel >= 80% of ``_foreach_mul_``'s device throughput at 1000 tensors and
-ViT-B/16's shapes. Targets for ``wrapper``: <= 1.5x ``_foreach_mul_`` at 1000 tensors, <= 1.1x at 152. Targets on a 2-core CPU: at most 2x the floor in every case and 1.5x for the single large
-tensor, at least 10x faster than the bernoulli peer, at most 1 byte of extra memory per element.
+ViT-B/16's shapes. Targets for ``wrapper``: <= 1.5x ``_foreach_mul_`` at 1000 tensors, <= 1.1x at
+152. Targets on a 2-core CPU: at most 2x the floor in every case and 1.5x for the single large tensor,
+at least 10x faster than the bernoulli peer, at most 1 byte of extra memory per element.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .. import mask as _mask
 from .. import drop_tensors_, mask_backend, set_mask_backend
+from .. import mask as _mask
 from . import best_device, device_sync, interleaved_timings, median_ratio, peak_extra_bytes
 
 RATE = 0.1
@@ -257,7 +259,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "throughput: GB/s of bytes read and written (2 x the tensors' bytes per call); call_* per call "
             "with the host's work, device_* the device time per call (torch.profiler; CUDA only); "
             "vs_foreach: throughput over _foreach_mul_'s (device time on CUDA); pct_copy_bw: of the copy's GB/s",
-            "targets: CUDA mask kernel >= 0.8 x _foreach_mul_ (vs_foreach); CPU: <= 2x the floor in every case, <= 1.5x for the single large tensor, >= 10x faster than "
+            "targets: CUDA mask kernel >= 0.8 x _foreach_mul_ (vs_foreach); CPU: <= 2x the floor in every "
+            "case, <= 1.5x for the single large tensor, >= 10x faster than "
             "the peer, <= 1 extra byte per element",
         ],
     }

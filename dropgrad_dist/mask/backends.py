@@ -17,7 +17,8 @@ import os
 import threading
 import types
 import warnings
-from typing import Callable, Iterator, Literal, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
 
 import torch
 

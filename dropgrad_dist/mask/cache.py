@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["cache_root", "load_library"]
 

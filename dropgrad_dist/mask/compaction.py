@@ -8,7 +8,7 @@ against the torch ops on first use), else torch ops that give the same bits.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -8,7 +8,7 @@ first use per dtype on a GPU.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -7,7 +7,8 @@ Their cost follows the number of elements, not of tensors.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch

@@ -12,7 +12,7 @@ bitwise those of :func:`.dispatch.drop_` per tensor.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -81,8 +81,8 @@ class GradTable:
             meshes = [None if grad is None or grad is local else (grad.device_mesh, grad.placements, grad.shape)
                       for grad, local in zip(grads, locals_)]
         try:
-            layout = (keys, rates, starts, meshes, [None if t is None else (t.shape, t.dtype, t.device) for t in locals_],
-                      all(t is None or t.is_contiguous() for t in locals_))
+            shapes = [None if t is None else (t.shape, t.dtype, t.device) for t in locals_]
+            layout = (keys, rates, starts, meshes, shapes, all(t is None or t.is_contiguous() for t in locals_))
         except (RuntimeError, AttributeError):  # a sparse layout: the per-tensor path explains
             return None
         if layout != self._layout:

@@ -12,7 +12,8 @@ kernel keeps coordinate ``j < n`` iff ``int32(hash32(uint32(base + j))) < thresh
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch

@@ -32,14 +32,10 @@ steps that ran (a step skipped by ``GradScaler`` adds nothing), is identical on 
 
 from __future__ import annotations
 
-import bisect
 import math
-import struct
 import warnings
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from fractions import Fraction
 from typing import Any, NamedTuple
 
 import torch
@@ -58,6 +54,7 @@ from .checks import (
     real_scalar,
 )
 from .mask import MaskStream, uniform_u32
+from .norm_history import NormHistory
 from .norms import grad_norms, stage_group
 from .shards import flat_param_pieces, local_grads, local_tensor
 from .steps import GradientStamp, StepWatch
@@ -69,93 +66,6 @@ CLIPPING_METHODS = ("no_clip", "norm", "layer_wise", "coordinate_wise", "auto_cl
                     "quadratic_rand_norm", "linear_rand_autoclip", "quadratic_rand_autoclip")
 _RANDOM = {"linear_rand_norm": 1, "quadratic_rand_norm": 2, "linear_rand_autoclip": 1, "quadratic_rand_autoclip": 2}
 _AUTO = ("auto_clip", "linear_rand_autoclip", "quadratic_rand_autoclip")
-_BLOCK = 1024  # values per sorted block of the history: O(sqrt n) insertion, removal and selection
-
-
-class NormHistory:
-    """The norms of past steps, in order, with exact quantiles in ``O(sqrt n)`` per step.
-
-    Keeps the last ``size`` values (all when ``size`` is None) in insertion order and, for
-    selection, in sorted blocks of at most ``2 * 1024`` values.
-    """
-
-    def __init__(self, size: int | None = None) -> None:
-        self.size = size
-        self.values: deque[float] = deque()
-        self._blocks: list[list[float]] = []
-        self._maxes: list[float] = []
-        self.digest = 0  # a running hash of every value appended: cheap to compare across ranks
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def append(self, value: float) -> None:
-        self.values.append(value)
-        self._insert(value)
-        self.digest = _mix(self.digest, value)
-        if self.size is not None and len(self.values) > self.size:
-            self._remove(self.values.popleft())
-
-    def _insert(self, value: float) -> None:
-        if not self._blocks:
-            self._blocks.append([value])
-            self._maxes.append(value)
-            return
-        i = min(bisect.bisect_left(self._maxes, value), len(self._blocks) - 1)
-        block = self._blocks[i]
-        bisect.insort(block, value)
-        self._maxes[i] = block[-1]
-        if len(block) > 2 * _BLOCK:
-            self._blocks[i:i + 1] = [block[:_BLOCK], block[_BLOCK:]]
-            self._maxes[i:i + 1] = [block[_BLOCK - 1], block[-1]]
-
-    def _remove(self, value: float) -> None:
-        i = bisect.bisect_left(self._maxes, value)
-        block = self._blocks[i]
-        del block[bisect.bisect_left(block, value)]
-        if block:
-            self._maxes[i] = block[-1]
-        else:
-            del self._blocks[i], self._maxes[i]
-
-    def _rank_of(self, value: float) -> int:
-        """How many stored values are smaller than ``value``."""
-        i = bisect.bisect_left(self._maxes, value)
-        return sum(len(b) for b in self._blocks[:i]) + (bisect.bisect_left(self._blocks[i], value)
-                                                        if i < len(self._blocks) else 0)
-
-    def _kth(self, k: int) -> float:
-        for block in self._blocks:
-            if k < len(block):
-                return block[k]
-            k -= len(block)
-        raise IndexError(k)
-
-    def quantile_with(self, value: float, q: float) -> float:
-        """``torch.quantile(tensor(history + [value], dtype=float64), q)`` without storing ``value``."""
-        position = q * len(self.values)  # q * (n - 1) with n = len + 1
-        below = math.floor(position)
-        weight = position - below
-        rank = self._rank_of(value)
-
-        def kth(k: int) -> float:
-            return self._kth(k) if k < rank else value if k == rank else self._kth(k - 1)
-
-        return _lerp(kth(below), kth(math.ceil(position)), weight)
-
-
-def _lerp(low: float, high: float, weight: float) -> float:
-    """torch.lerp's formula with its fused multiply-add, rounded once: bitwise ``torch.quantile``."""
-    step = high - low
-    if weight < 0.5:
-        return float(Fraction(low) + Fraction(weight) * Fraction(step))
-    return float(Fraction(high) - Fraction(step) * Fraction(1 - weight))
-
-
-def _mix(digest: int, value: float) -> int:
-    bits = struct.unpack("<q", struct.pack("<d", value))[0] & 0xFFFFFFFFFFFFFFFF
-    x = (digest ^ bits) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
-    return x ^ (x >> 31)
 
 
 def _check_method(method: object) -> str:

@@ -8,16 +8,20 @@ bookkeeping, agreement check and step counting are the state's, exactly as for
 """
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
 from .collectives import without_backward_context
 from .ddp_hook import DropGradHookState, Hook, _refuse_per_parameter_call
 
-__all__ = ["compressed_hook", "dropgrad_wrapper"]
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = ["accelerate_compression", "compressed_hook", "dropgrad_wrapper"]
 
 # Hooks that map each coordinate to itself (a zero stays a zero): no second mask needed after them.
 _ELEMENTWISE_HOOKS = (default_hooks.allreduce_hook, default_hooks.fp16_compress_hook,
@@ -110,3 +114,51 @@ def compressed_hook(compress: "Compress | powerSGD_hook.PowerSGDState",
         return dropgrad_wrapper(powerSGD_hook.powerSGD_hook,
                                 state=powerSGD_hook.PowerSGDState(process_group=process_group))
     raise ValueError(f"compress must be 'bf16', 'fp16', 'powersgd' or a PowerSGDState, got {compress!r}")
+
+
+# Accelerate's DDPCommunicationHookType names -> the compress option that composes the same hook.
+_ACCELERATE_HOOKS = {"FP16": "fp16", "BF16": "bf16", "POWER_SGD": "powersgd"}
+
+
+def accelerate_compression(accelerator: "Accelerator", model: nn.Module, compress: Any, communication: str) -> Any:
+    """The compression to compose with the mask: ``compress``, or what Accelerate's comm_hook set.
+
+    Accelerate registered its hook in ``prepare`` and DDP keeps the first one: the model is then
+    given a fresh reducer (the same buckets and parameters) so the composed hook replaces it.
+    """
+    handler = getattr(accelerator, "ddp_handler", None)
+    accel_hook = getattr(getattr(handler, "comm_hook", None), "name", "NO")
+    accel_wrapper = getattr(getattr(handler, "comm_wrapper", None), "name", "NO")
+    if accel_hook != "NO" or accel_wrapper != "NO":
+        if accel_hook not in _ACCELERATE_HOOKS or accel_wrapper != "NO":
+            raise ValueError(f"Accelerate's DistributedDataParallelKwargs(comm_hook={accel_hook}, "
+                             f"comm_wrapper={accel_wrapper}) cannot be composed with DropGrad's mask; set "
+                             "comm_hook to FP16, BF16 or POWER_SGD without comm_wrapper, or leave it unset "
+                             "and pass dropgrad=dict(compress='fp16'|'bf16'|'powersgd')")
+        wanted = _ACCELERATE_HOOKS[accel_hook]
+        if wanted == "powersgd":
+            from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
+            wanted = PowerSGDState(None, **handler.comm_state_option)
+        if compress is not None and compress != wanted:
+            raise ValueError(f"dropgrad compress={compress!r} disagrees with Accelerate's comm_hook={accel_hook}; "
+                             "set one of them")
+        compress = wanted if compress is None else compress
+        _drop_registered_hook(model)
+    if compress is not None and communication != "dense":
+        raise ValueError("dropgrad compress= composes the dense mask with a compressing all-reduce; "
+                         "it needs communication='dense' (compact sends only kept coordinates itself)")
+    return compress
+
+
+def _drop_registered_hook(model: nn.Module) -> None:
+    """Give the DDP model a fresh reducer without a hook, built as DDP's own unpickling builds it.
+
+    Called right after ``accelerator.prepare`` (no backward has run), so nothing is lost.
+    """
+    parameters, expect_sparse_gradient = model._build_params_for_reducer()
+    names = model._build_debug_param_to_name_mapping(parameters)
+    model._ddp_init_helper(parameters, expect_sparse_gradient, names, model.static_graph)
+    if model.static_graph:
+        model.reducer._set_static_graph()
+        model.logger._set_static_graph()
+    model._comm_hooks = []

@@ -23,7 +23,6 @@ through Accelerate's save/load state hooks, never pickled, so a tampered checkpo
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as _checkpoint
-from .agreement import collective_device
+from .accelerate_checkpoints import make_load_state_all_or_nothing
 from .checks import ArgumentTypeError
 from .clip import ClippedOptimizer, GradientClipper
 from .gnp import GradientNormPenalty
@@ -270,7 +269,7 @@ class Regularizers:
 
         accelerator.register_save_state_pre_hook(save)
         accelerator.register_load_state_pre_hook(load)
-        _make_load_state_all_or_nothing(accelerator)
+        make_load_state_all_or_nothing(accelerator)
 
 
 DropGradHandle = Regularizers  # the name prepare_dropgrad's handle had
@@ -280,75 +279,6 @@ def _section(value: object, argument: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ArgumentTypeError(f"{argument} must be a dict, got {type(value).__name__}")
     return value
-
-
-def _checkpoint_dir(accelerator: Accelerator, input_dir: str | None) -> str | None:
-    """The folder ``accelerator.load_state(input_dir)`` will read (Accelerate's rule); None if it would refuse."""
-    if input_dir is not None:
-        input_dir = os.path.expanduser(input_dir)
-        return input_dir if os.path.isdir(input_dir) else None
-    if not accelerator.project_configuration.automatic_checkpoint_naming:
-        return None
-    root = os.path.join(accelerator.project_dir, "checkpoints")
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return None
-    numbered = [(int(digits[0]), os.path.join(root, name)) for name in names
-                if (digits := re.findall(r"[0-9]+", name))]
-    return max(numbered)[1] if numbered else None
-
-
-def _all_ranks_ok(ok: bool) -> bool:
-    """Whether every rank of the world is ``ok`` (one MIN all-reduce; just ``ok`` in one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return ok
-    flag = torch.tensor([int(ok)], dtype=torch.int64, device=collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _make_load_state_all_or_nothing(accelerator: Accelerator) -> None:
-    """Make ``accelerator.load_state`` validate the regularizers' files before Accelerate loads anything.
-
-    Accelerate loads an FSDP model and optimizer before it runs the load pre-hooks, so a file
-    refused in a hook would leave the AdamW moments replaced. Instead every rank reads and
-    validates every handle's files first, the ranks agree that all succeeded (else every rank
-    raises and nothing is loaded), Accelerate loads its part, and only then the regularizers'
-    state is applied. In every distributed type: DDP's hooks run before the optimizer loads, but
-    a rank whose own restart sums are bad must stop the other ranks too.
-    """
-    if "_dropgrad_dist_load_state" in accelerator.__dict__:
-        return
-    original = accelerator.load_state
-    accelerator.__dict__["_dropgrad_dist_load_state"] = original
-
-    def load_state(input_dir: str | None = None, load_kwargs: dict | None = None, **load_model_func_kwargs: Any) -> Any:
-        directory = _checkpoint_dir(accelerator, input_dir)
-        applies, error = [], None
-        if directory is not None:  # else Accelerate raises its own error for the folder
-            try:
-                applies = [handle.prepare_checkpoint(directory) for handle in accelerator._dropgrad_dist_handles]
-            except Exception as err:  # noqa: BLE001 - every rank must reach the agreement below, then it re-raises
-                error = err
-        all_ok = _all_ranks_ok(error is None)
-        if error is not None:
-            raise error
-        if not all_ok:
-            raise ValueError(f"dropgrad_dist: another rank refused its regularizer checkpoint files in "
-                             f"{directory!r} (see that rank's error); nothing was loaded")
-        accelerator.__dict__["_dropgrad_dist_loading"] = True
-        try:
-            result = original(input_dir, load_kwargs, **load_model_func_kwargs)
-        finally:
-            accelerator.__dict__["_dropgrad_dist_loading"] = False
-        for apply in applies:
-            apply()
-        return result
-
-    accelerator.load_state = load_state
 
 
 def _install_step_chain(accelerated: Any, chain: torch.optim.Optimizer) -> None:
@@ -546,12 +476,12 @@ def prepare_regularizers(
         if drop_options.get("full_update_drop") or drop_options.get("step_skip_rate"):
             raise ValueError("full_update_drop and step_skip_rate need the step wrapper; under DDP DropGrad "
                              "masks gradients in the all-reduce hook (use FSDP or one process for them)")
-        from .ddp_compose import compressed_hook
+        from .ddp_compose import accelerate_compression, compressed_hook
         from .ddp_hook import DropGradHookState
 
         # The hook counts optimizer steps through torch's global step hooks (fired by the inner
         # optimizer, not by AcceleratedOptimizer), so nothing here may advance it.
-        compress = _compression(accelerator, model, compress, communication)
+        compress = accelerate_compression(accelerator, model, compress, communication)
         drop = DropGradHookState(model, **drop_options, communication=communication)
         drop.register(model, compressed_hook(compress, drop.process_group) if compress is not None else None)
     elif dropgrad is not None:
@@ -586,54 +516,6 @@ def _prepare_deepspeed(accelerator: Accelerator, model: nn.Module, optimizer: An
     handle = Regularizers("deepspeed_zero", model, drop, clipper, None, None, accelerator, optimizer)
     handle._attach_to_checkpoints(accelerator)
     return handle
-
-
-# Accelerate's DDPCommunicationHookType names -> the compress option that composes the same hook.
-_ACCELERATE_HOOKS = {"FP16": "fp16", "BF16": "bf16", "POWER_SGD": "powersgd"}
-
-
-def _compression(accelerator: Accelerator, model: nn.Module, compress: Any, communication: str) -> Any:
-    """The compression to compose with the mask: ``compress``, or what Accelerate's comm_hook set.
-
-    Accelerate registered its hook in ``prepare`` and DDP keeps the first one: the model is then
-    given a fresh reducer (the same buckets and parameters) so the composed hook replaces it.
-    """
-    handler = getattr(accelerator, "ddp_handler", None)
-    accel_hook = getattr(getattr(handler, "comm_hook", None), "name", "NO")
-    accel_wrapper = getattr(getattr(handler, "comm_wrapper", None), "name", "NO")
-    if accel_hook != "NO" or accel_wrapper != "NO":
-        if accel_hook not in _ACCELERATE_HOOKS or accel_wrapper != "NO":
-            raise ValueError(f"Accelerate's DistributedDataParallelKwargs(comm_hook={accel_hook}, "
-                             f"comm_wrapper={accel_wrapper}) cannot be composed with DropGrad's mask; set "
-                             "comm_hook to FP16, BF16 or POWER_SGD without comm_wrapper, or leave it unset "
-                             "and pass dropgrad=dict(compress='fp16'|'bf16'|'powersgd')")
-        wanted = _ACCELERATE_HOOKS[accel_hook]
-        if wanted == "powersgd":
-            from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
-            wanted = PowerSGDState(None, **handler.comm_state_option)
-        if compress is not None and compress != wanted:
-            raise ValueError(f"dropgrad compress={compress!r} disagrees with Accelerate's comm_hook={accel_hook}; "
-                             "set one of them")
-        compress = wanted if compress is None else compress
-        _drop_registered_hook(model)
-    if compress is not None and communication != "dense":
-        raise ValueError("dropgrad compress= composes the dense mask with a compressing all-reduce; "
-                         "it needs communication='dense' (compact sends only kept coordinates itself)")
-    return compress
-
-
-def _drop_registered_hook(model: nn.Module) -> None:
-    """Give the DDP model a fresh reducer without a hook, built as DDP's own unpickling builds it.
-
-    Called right after ``accelerator.prepare`` (no backward has run), so nothing is lost.
-    """
-    parameters, expect_sparse_gradient = model._build_params_for_reducer()
-    names = model._build_debug_param_to_name_mapping(parameters)
-    model._ddp_init_helper(parameters, expect_sparse_gradient, names, model.static_graph)
-    if model.static_graph:
-        model.reducer._set_static_graph()
-        model.logger._set_static_graph()
-    model._comm_hooks = []
 
 
 def _wrappers(chain: torch.optim.Optimizer):

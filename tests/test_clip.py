@@ -16,7 +16,7 @@ from dropgrad_dist import (
     Restarter,
     keep_mask,
 )
-from dropgrad_dist.clip import NormHistory
+from dropgrad_dist.norm_history import NormHistory
 
 from .nets import seeded_net
 

@@ -80,7 +80,7 @@ from .collectives import without_backward_context
 from .ddp_buckets import BucketTable, BucketTables, mask_table_
 from .ddp_rounds import Rounds
 from .ownership import claim_for_hook
-from .params import DropPlan, RateSpec, named_parameters
+from .params import DropPlan, PlannedRates, RateSpec, named_parameters
 from .schedules import DropRateScheduler, read_schedule_state
 
 __all__ = ["DropGradHookState", "dropgrad_hook"]
@@ -88,7 +88,7 @@ __all__ = ["DropGradHookState", "dropgrad_hook"]
 Communication = Literal["dense", "compact"]
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
 
-class DropGradHookState:
+class DropGradHookState(PlannedRates):
     """State of :func:`dropgrad_hook`: which parameters are masked, the seed, and the step ``t``.
 
     Math: ``g_i <- mean_ranks(g_i) * keep_i(seed, t, key, p) / (1 - p)``, ``P(keep) = 1 - p``.
@@ -205,16 +205,6 @@ class DropGradHookState:
         claim_for_hook((p for p in bucket.parameters() if self.plan.entry(p) is not None), self)
         if bucket.is_last():
             self._hook_ran = True
-
-    @property
-    def drop_rate(self) -> float | None:
-        """The default drop rate at the current step (from the schedule if there is one)."""
-        return self.plan.default_rate()
-
-    @drop_rate.setter
-    def drop_rate(self, rate: float) -> None:
-        # Validated (ValueError); masks of the next round use it, and it is part of the agreement check.
-        self.plan.set_drop_rate(rate)
 
     # -- rounds and steps --------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -22,7 +22,7 @@ from .agreement import AgreementCheck, PendingCheck
 from .checks import ArgumentTypeError, check_count, check_rate, check_seed
 from .mask.grad_table import GradTable
 from .ownership import refuse_dropgrad_inside, refuse_hook_masked
-from .params import DropPlan, RateSpec, named_params_of_optimizer
+from .params import DropPlan, PlannedRates, RateSpec, named_params_of_optimizer
 from .schedules import DropRateScheduler, read_schedule_state
 from .shards import drop_locals_, flat_param_pieces, local_tensor
 from .steps import GradientStamp
@@ -36,7 +36,7 @@ def _wait(pending: PendingCheck | None) -> None:
         pending.wait()
 
 
-class DropGrad(OptimizerWrapper):
+class DropGrad(PlannedRates, OptimizerWrapper):
     """Wrap ``optimizer`` so that every ``step()`` first applies DropGrad to the gradients.
 
     Math: ``g_i <- g_i * keep_i(seed, t, key, p) / (1 - p)`` for each coordinate ``i``, where
@@ -111,16 +111,6 @@ class DropGrad(OptimizerWrapper):
     @property
     def drop_rate_scheduler(self) -> DropRateScheduler | None:
         return self.plan.scheduler
-
-    @property
-    def drop_rate(self) -> float | None:
-        """The default drop rate at the current step (from the schedule if there is one)."""
-        return self.plan.default_rate()
-
-    @drop_rate.setter
-    def drop_rate(self, rate: float) -> None:
-        # DropGrad 0.3.5's manual schedule: assign between steps; used from the next step on.
-        self.plan.set_drop_rate(rate)
 
     # -- the step ------------------------------------------------------------------------------
     def should_skip_step(self, step: int | None = None) -> bool:

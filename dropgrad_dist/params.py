@@ -28,7 +28,7 @@ from torch import nn
 from .checks import check_rate
 from .schedules import DropRateScheduler
 
-__all__ = ["DropPlan", "NamedParam", "ParamEntry", "RateSpec", "canonical_name", "canonical_names",
+__all__ = ["DropPlan", "PlannedRates", "NamedParam", "ParamEntry", "RateSpec", "canonical_name", "canonical_names",
            "named_parameters"]
 
 RateSpec = Mapping[nn.Parameter | torch.Tensor | str, float]
@@ -264,3 +264,23 @@ def named_params_of_optimizer(param_groups: Iterable[Mapping[str, Any]], model: 
                 raise ValueError(f"model= does not hold the optimizer's parameter param_groups[{g}][{i}] "
                                  f"(shape {tuple(param.shape)}); pass the model the optimizer was built from")
     return named
+
+
+class PlannedRates:
+    """``drop_rate`` of an object that masks by a :class:`DropPlan` held as ``self.plan``.
+
+    Reading gives the default rate at the current step (from the schedule if there is one);
+    assigning validates it and applies it from the next step's masks (the rate is part of the
+    agreement check, so every rank must assign the same value).
+    """
+
+    plan: DropPlan
+
+    @property
+    def drop_rate(self) -> float | None:
+        return self.plan.default_rate()
+
+    @drop_rate.setter
+    def drop_rate(self, rate: float) -> None:
+        self.plan.set_drop_rate(rate)
+

@@ -10,6 +10,7 @@ update mask stream. :class:`DropGrad` keeps the state; these functions hold the 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -24,6 +25,8 @@ from .params import DropPlan, ParamEntry
 from .shards import drop_locals_, local_tensor
 
 __all__ = ["MaskColumns", "mask_columns", "mask_grads_", "masked_entries", "step_and_drop_update", "step_skipped"]
+
+_GRAD = operator.attrgetter("grad")
 
 
 def step_skipped(seed: int, step: int, skip_rate: float) -> bool:
@@ -79,7 +82,7 @@ def mask_grads_(plan: DropPlan, starts: Mapping[torch.Tensor, int], columns: Mas
     """
     masked.refuse_leaked_accumulation()
     if not masked:  # nothing masked yet in this step: every gradient through the cached table
-        grads = [param.grad for param in columns.params]
+        grads = list(map(_GRAD, columns.params))  # a C-level map: no Python frame per parameter
         if _ownership._MASKED_BY_HOOK:
             for param, key, grad, rate in zip(columns.params, columns.keys, grads, columns.rates):
                 if grad is not None and rate > 0.0:

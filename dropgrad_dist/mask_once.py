@@ -35,6 +35,9 @@ class MaskedThisStep:
 
     def __init__(self) -> None:
         self._by_param: dict[int, torch.Tensor] = {}  # id(param) -> its local gradient masked in this step
+        # What the piece table masked, (ids, positions, locals_): turned into _by_param only when asked,
+        # since most steps never ask (no early mask, no accumulation watch).
+        self._from_table: tuple[Sequence[int], Sequence[int], Sequence[torch.Tensor | None]] | None = None
         self.leaked_key: str | None = None
         self.watching = False
         self.stepped_on: GradientStamp | None = None
@@ -42,24 +45,32 @@ class MaskedThisStep:
 
     def __bool__(self) -> bool:
         """Whether any gradient was masked in this step."""
-        return bool(self._by_param)
+        return bool(self._by_param) or (self._from_table is not None and len(self._from_table[1]) > 0)
 
     def record(self, ids: Sequence[int], positions: Sequence[int], locals_: Sequence[torch.Tensor | None]) -> None:
         """Note that ``locals_[k]``, the gradient of the parameter with id ``ids[k]``, was masked, for ``k`` in
         ``positions`` (what the piece table returns); replaces what was noted."""
-        self._by_param = dict(zip(map(ids.__getitem__, positions), map(locals_.__getitem__, positions)))
+        self._by_param, self._from_table = {}, (ids, positions, locals_)
+
+    def _masked(self) -> dict[int, torch.Tensor]:
+        if self._from_table is not None:
+            ids, positions, locals_ = self._from_table
+            self._by_param.update(zip(map(ids.__getitem__, positions), map(locals_.__getitem__, positions)))
+            self._from_table = None
+        return self._by_param
 
     def add(self, param: torch.Tensor, local: torch.Tensor) -> None:
         """Note that ``local``, the local gradient of ``param``, was masked."""
-        self._by_param[id(param)] = local
+        self._masked()[id(param)] = local
 
     def holds(self, param: torch.Tensor, local: torch.Tensor) -> bool:
         """Whether ``local`` is the gradient of ``param`` masked in this step."""
-        return self._by_param.get(id(param)) is local
+        return self._masked().get(id(param)) is local
 
     def forget(self) -> None:
         """A new step begins (a step ran, ``zero_grad``, a closure's fresh gradients, a load)."""
         self._by_param.clear()
+        self._from_table = None
         self.leaked_key = None
 
     # -- a backward into a masked gradient ---------------------------------------------------------
@@ -76,7 +87,7 @@ class MaskedThisStep:
 
     def accumulated(self, param: torch.Tensor, key: str) -> None:
         """Autograd accumulated into the gradient of ``param``: a leak if it was masked in this step."""
-        if id(param) in self._by_param and self.leaked_key is None:
+        if self.leaked_key is None and id(param) in self._masked():
             self.leaked_key = key
 
     def refuse_leaked_accumulation(self) -> None:

@@ -50,11 +50,11 @@ class MaskColumns(NamedTuple):
     ids: list[int]
 
 
-_cache_key = tuple[list[ParamEntry], float | None]
+ColumnsKey = tuple[list[ParamEntry], float | None]  # (the plan's entries, the default rate) the columns were built for
 
 
 def mask_columns(plan: DropPlan, starts: Mapping[torch.Tensor, int],
-                 cached: tuple[_cache_key, MaskColumns] | None) -> tuple[_cache_key, MaskColumns]:
+                 cached: tuple[ColumnsKey, MaskColumns] | None) -> tuple[ColumnsKey, MaskColumns]:
     """``cached`` while the plan's entries and default rate are unchanged, else fresh columns (and their key)."""
     entries, default = plan.entries, plan.default_rate()
     if cached is not None and cached[0][0] is entries and cached[0][1] == default:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 _PLAIN_OR_NONE = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
+_GRAD = operator.attrgetter("grad")
 
 
 def local_grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -63,7 +65,7 @@ def local_grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor | None]:
 
     One pass over the list when no gradient is a DTensor (the common case): no per-tensor checks.
     """
-    grads = [param.grad for param in params]
+    grads = list(map(_GRAD, params))  # a C-level map: no Python frame per parameter
     if set(map(type, grads)) <= _PLAIN_OR_NONE:
         return grads
     return [None if grad is None else local_tensor(grad) for grad in grads]

@@ -15,13 +15,14 @@ step on the very same gradients is then recognized without any communication).
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Iterable
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .shards import local_grads, local_tensor
+from .shards import local_grads
 
 __all__ = ["GradientStamp", "StepWatch"]
 
@@ -93,19 +94,30 @@ class GradientStamp:
     """
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
-        self._grads = [None if local is None else (weakref.ref(local), local._version) for local in local_grads(params)]
+        self._refs, self._versions, self._holes = _refs_and_versions(local_grads(params))
 
     def unchanged(self, params: Iterable[torch.Tensor]) -> bool:
         """Whether ``params`` hold the very gradients of this stamp, unmodified (and at least one)."""
-        params = list(params)
-        if len(params) != len(self._grads) or all(held is None for held in self._grads):
+        locals_ = local_grads(params)
+        if len(locals_) != len(self._refs) or self._versions.count(None) == len(self._versions):  # none held
             return False
-        for param, held in zip(params, self._grads):
-            grad = param.grad
-            if (grad is None) != (held is None):
-                return False
-            if grad is not None:
-                local = local_tensor(grad)
-                if held[0]() is not local or held[1] != local._version:
-                    return False
-        return True
+        _, versions, _ = _refs_and_versions(locals_, weak=False)
+        if versions != self._versions:  # also differs where a gradient appeared or vanished
+            return False
+        held = [None if ref is None else ref() for ref in self._refs] if self._holes else map(operator.call, self._refs)
+        return all(map(operator.is_, held, locals_))
+
+
+_get_version = operator.attrgetter("_version")
+
+
+def _refs_and_versions(locals_: list[torch.Tensor | None], weak: bool = True) -> tuple[list, list, bool]:
+    """Weak references (if ``weak``) and version counters of ``locals_``, and whether any is None.
+
+    Without a None, one ``map`` over C callables each: no Python frame per tensor (every step stamps
+    every gradient).
+    """
+    if type(None) not in set(map(type, locals_)):
+        return (list(map(weakref.ref, locals_)) if weak else []), list(map(_get_version, locals_)), False
+    refs = [None if t is None else weakref.ref(t) for t in locals_] if weak else []
+    return refs, [None if t is None else t._version for t in locals_], True

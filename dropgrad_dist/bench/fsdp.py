@@ -73,7 +73,7 @@ def _rank(rank: int, world_size: int, width: int, layers: int, batch: int, round
     # The wrapper's own work, timed alone: less exposed to the noise of a shared machine.
     nn.functional.mse_loss(model(x), y).backward()
     def mask_again() -> None:
-        wrapped._masked_grads.clear()  # forget that these gradients were masked: time a real pass
+        wrapped._masked.forget()  # forget that these gradients were masked: time a real pass
         wrapped.mask_gradients_()
 
     times.update(interleaved_timings({"mask_gradients_ only": mask_again}, rounds, sync=dist.barrier))

@@ -182,7 +182,7 @@ def _wrapper_case(case: str, shapes: list[tuple[str, tuple[int, ...]]], args: ar
         def run() -> None:
             # A training loop's backward gives new gradients between steps; here the same ones are
             # stepped on again, so forget the stamp that refuses a second step on unchanged gradients.
-            wrapper._stepped_on = None
+            wrapper._masked.stepped_on = None
             wrapper.step()
         return run
 

@@ -12,6 +12,7 @@ bitwise those of :func:`.dispatch.drop_` per tensor.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -80,9 +81,9 @@ class GradTable:
             locals_ = [_local(grad) for grad in grads]
             meshes = [None if grad is None or grad is local else (grad.device_mesh, grad.placements, grad.shape)
                       for grad, local in zip(grads, locals_)]
+        holes = type(None) in set(map(type, locals_))
         try:
-            shapes = [None if t is None else (t.shape, t.dtype, t.device) for t in locals_]
-            layout = (keys, rates, starts, meshes, shapes, all(t is None or t.is_contiguous() for t in locals_))
+            layout = (keys, rates, starts, meshes, *_shapes_and_contiguity(locals_, holes))
         except (RuntimeError, AttributeError):  # a sparse layout: the per-tensor path explains
             return None
         if layout != self._layout:
@@ -92,8 +93,23 @@ class GradTable:
             self.rebuilds += 1
         if self._batches is None:
             return None
-        positions = _apply(self._batches, locals_, seed, step, stream)
+        positions = _apply(self._batches, locals_, holes, seed, step, stream)
         return None if positions is None else (positions, locals_)
+
+
+_SHAPE_DTYPE_DEVICE = operator.attrgetter("shape", "dtype", "device")
+
+
+def _shapes_and_contiguity(locals_: Sequence[torch.Tensor | None], holes: bool) -> tuple[list, bool]:
+    """Each tensor's ``(shape, dtype, device)`` (None for None) and whether all are contiguous.
+
+    Without a None (``holes``), ``map`` over C callables: no Python frame per tensor on every step.
+    """
+    if not holes:
+        return list(map(_SHAPE_DTYPE_DEVICE, locals_)), all(map(torch.Tensor.is_contiguous, locals_))
+    present = [t for t in locals_ if t is not None]
+    return ([None if t is None else _SHAPE_DTYPE_DEVICE(t) for t in locals_],
+            all(map(torch.Tensor.is_contiguous, present)))
 
 
 def _local(grad: torch.Tensor | None) -> torch.Tensor | None:
@@ -139,7 +155,7 @@ def _build(grads: Sequence[torch.Tensor | None], locals_: Sequence[torch.Tensor 
     return batches
 
 
-def _apply(batches: list[_Batch], locals_: Sequence[torch.Tensor | None], seed: int, step: int,
+def _apply(batches: list[_Batch], locals_: Sequence[torch.Tensor | None], holes: bool, seed: int, step: int,
            stream: MaskStream) -> list[int] | None:
     kernels = []
     for batch in batches:  # the backend may change between steps: choose before masking anything
@@ -148,7 +164,8 @@ def _apply(batches: list[_Batch], locals_: Sequence[torch.Tensor | None], seed: 
         if kernel is None:
             return None
         kernels.append(kernel)
-    pointers = np.array([0 if t is None else t.data_ptr() for t in locals_], dtype=np.int64)
+    pointers = (np.array([0 if t is None else t.data_ptr() for t in locals_], dtype=np.int64) if holes
+                else np.fromiter(map(torch.Tensor.data_ptr, locals_), dtype=np.int64, count=len(locals_)))
     spans: dict[torch.device, list[np.ndarray]] = {}
     for batch in batches:
         batch.table[:, 0] = pointers[batch.owners] + batch.byte_offsets
@@ -159,7 +176,7 @@ def _apply(batches: list[_Batch], locals_: Sequence[torch.Tensor | None], seed: 
                              & np.uint64(MASK32)).view(np.int64)
         kernel.many(batch.table, batch.device)
     owners = np.unique(np.concatenate([batch.owners for batch in batches])).tolist() if batches else []
-    masked = [locals_[owner] for owner in owners]
+    masked = list(map(locals_.__getitem__, owners))
     backends.bump_versions(masked)  # the kernel wrote through pointers: tell autograd
     return owners
 

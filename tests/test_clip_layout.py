@@ -8,8 +8,6 @@ order differs). The layout object must be reused exactly when the layout is unch
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 

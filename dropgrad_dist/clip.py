@@ -43,7 +43,7 @@ from torch import nn
 
 from .agreement import AgreementCheck
 from .checks import ArgumentTypeError, check_int_in, check_positive, check_seed
-from .clip_layout import ClipLayout, layout_for
+from .clip_layout import ClipLayout
 from .clip_methods import (
     CLIPPING_METHODS,
     NORM_SCOPES,
@@ -62,7 +62,7 @@ from .clip_state import clipper_state, read_clipper_state
 from .mask import MaskStream, uniform_u32
 from .norm_history import AutoClipHistories, NormHistory
 from .norms import planned_norms, stage_group
-from .shards import flat_param_pieces
+from .shards import flat_param_pieces, local_grads
 from .steps import GradientStamp, StepWatch
 from .wrapper import OptimizerWrapper
 
@@ -131,16 +131,14 @@ class GradientClipper:
         self.histories = AutoClipHistories(self.history_size, per_group=norm_scope == "group")
         self.last_stats: dict[str, Any] | None = None
         self._pending_norms: list[float] | None = None
-        self._pieces: dict | None = None  # FSDP1 (or DeepSpeed partition) pieces, found at the first clip
+        self._pieces: dict | None = None  # FSDP1 (or DeepSpeed partition) pieces of the parameters seen
         self._layout: ClipLayout | None = None
         self._watch = StepWatch((), self._committed)
         self._clipped: GradientStamp | None = None  # the gradients the last clip_ left
         self._agreement = AgreementCheck("GradientClipper", process_group)
-        # With a model, each training forward launches the check (_launch_forward_check) and clip_
-        # sends none of its own: a rank clipping once more sends nothing the others do not.
-        self._pending = None
-        self._clips = 0  # clips that did work since the last training forward
-        self._last_norm: float | None = None
+        # With a model, each training forward launches the check (_launch_forward_check) and clip_ sends none
+        # of its own: a rank clipping once more sends nothing the others do not. _clips: clips since that forward.
+        self._pending, self._clips, self._last_norm = None, 0, None
         if model is not None:
             handle = model.register_forward_pre_hook(_check_at_forward(weakref.ref(self)))
             weakref.finalize(self, handle.remove)
@@ -192,9 +190,9 @@ class GradientClipper:
         options = [self._options(group, i) for i, group in enumerate(groups)]
         local = self._local_grads(params)
         sizes = [len(member) for member in members]
-        above = [o.level for o, size in zip(options, sizes) for _ in range(size)]
-        norms = planned_norms(self._layout.plan, local, above if self.method == "coordinate_wise" else None,
-                              self.pp_group)
+        above = ([o.level for o, size in zip(options, sizes) for _ in range(size)]
+                 if self.method == "coordinate_wise" else None)  # the threshold per parameter
+        norms = planned_norms(self._layout.plan, local, above, self.pp_group)
         norm = float(norms.total)
         group_squares = [chunk.sum() for chunk in torch.split(norms.squares, sizes)]
         scope_norms = [float(s.sqrt()) for s in group_squares] if self.norm_scope == "group" else [norm] * len(groups)
@@ -218,11 +216,15 @@ class GradientClipper:
         return self.last_stats
 
     def _local_grads(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """This step's local gradients; the layout's pieces are found again only when the layout changed."""
-        if self._pieces is None:
-            self._pieces = flat_param_pieces(params, self.model)
+        """This step's local gradients; the layout (norm pieces, FSDP1 pieces, watched parameters) is
+        found again only when it changed."""
+        local = None if self._layout is None else self._layout.local(params)
+        if local is None:
+            known = self._pieces or {}  # DeepSpeed's partitions may be given before the first clip
+            self._pieces = {**known, **flat_param_pieces([p for p in params if p not in known], self.model)}
             self._watch.watch(params)
-        self._layout, local = layout_for(self._layout, params, self._pieces)
+            self._layout = ClipLayout(params, self._pieces)
+            local = local_grads(params)
         return local
 
     def _committed(self) -> None:

@@ -26,7 +26,7 @@ import torch
 from .norms import NormPlan, norm_plan
 from .shards import _PLAIN_OR_NONE, FlatPiece, local_grads, local_tensor
 
-__all__ = ["ClipLayout", "layout_for"]
+__all__ = ["ClipLayout"]
 
 
 def _signature(grad: torch.Tensor | None) -> tuple | None:
@@ -128,15 +128,4 @@ class ClipLayout:
         """``g_l <- factors[l] * g_l``, each factor rounded to its gradient's dtype; one ``_foreach_mul_`` per dtype."""
         for group in self.dtype_groups:
             torch._foreach_mul_(group.grads(local), group.factor_views(factors))
-
-
-def layout_for(layout: ClipLayout | None, params: Sequence[torch.Tensor],
-               pieces: Mapping[torch.Tensor, FlatPiece] | None) -> tuple[ClipLayout, list[torch.Tensor | None]]:
-    """``layout`` and this step's local gradients if ``params`` still have its layout, else a new layout."""
-    if layout is not None:
-        local = layout.local(params)
-        if local is not None:
-            return layout, local
-    layout = ClipLayout(params, pieces)
-    return layout, local_grads(params)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dropgrad_dist import GradientClipper
-from dropgrad_dist.clip_layout import ClipLayout, layout_for
+from dropgrad_dist.clip_layout import ClipLayout
 
 
 def _net() -> torch.nn.Module:
@@ -98,7 +98,7 @@ def test_layout_local_detects_each_kind_of_change() -> None:
     model = _net()
     params = list(model.parameters())
     _fresh_grads(params, 0, in_place=False)
-    layout, _ = layout_for(None, params, None)
+    layout = ClipLayout(params, None)
     assert layout.local(params) is not None
     _fresh_grads(params, 1, in_place=False)  # new tensors, same layout
     assert layout.local(params) is not None
@@ -108,4 +108,4 @@ def test_layout_local_detects_each_kind_of_change() -> None:
     _fresh_grads(params, 2, in_place=False)
     params[1].grad = None  # a gradient vanished: no longer in the norm
     assert layout.local(params) is None
-    assert isinstance(layout_for(layout, params, None)[0], ClipLayout)
+    assert ClipLayout(params, None).local(params) is not None

@@ -14,17 +14,21 @@ import torch
 from dropgrad_dist import GradientClipper
 from dropgrad_dist.clip_layout import ClipLayout
 
+needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
-def _net() -> torch.nn.Module:
+
+def _net(device: str = "cpu") -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    layers = [torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)]
+    return torch.nn.Sequential(*layers).to(device)
 
 
 def _fresh_grads(params: list[torch.nn.Parameter], step: int, in_place: bool) -> None:
     """Gradients of step ``step``: new tensors (as after ``zero_grad(set_to_none=True)``) or written in place."""
     generator = torch.Generator().manual_seed(step)
     for param in params:
-        value = torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype) * 3
+        value = torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.device, param.dtype) * 3
         if in_place and param.grad is not None:
             param.grad.copy_(value)
         else:
@@ -54,9 +58,10 @@ _STEPS = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["norm", "layer_wise"])
-def test_cached_layout_matches_fresh_clipper_across_layout_changes(method: str) -> None:
-    kept_model, fresh_model = _net(), _net()
+def test_cached_layout_matches_fresh_clipper_across_layout_changes(method: str, device: str) -> None:
+    kept_model, fresh_model = _net(device), _net(device)
     kept = GradientClipper(method, clipping_level=0.5)
     groups = {id(m): [list(m[0].parameters())] for m in (kept_model, fresh_model)}
     previous_layout = None

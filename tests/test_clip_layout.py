@@ -114,3 +114,30 @@ def test_layout_local_detects_each_kind_of_change() -> None:
     params[1].grad = None  # a gradient vanished: no longer in the norm
     assert layout.local(params) is None
     assert ClipLayout(params, None).local(params) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_scaling_equals_the_python_scalar_and_per_tensor_factor_multiplies(dtype: torch.dtype) -> None:
+    """scale_ (a 0-d tensor of the gradients' dtype on CPU) and scale_each_ (cached factor views) give
+    bitwise the products of ``_foreach_mul_`` by the Python float and by ``factors.to(dtype)``'s 0-d tensors."""
+    model = _net().to(dtype)
+    params = list(model.parameters())
+    _fresh_grads(params, 3, in_place=False)
+    params[0].data = params[0].data.float()  # another dtype in the mix (float32 unless dtype is)
+    params[0].grad = params[0].grad.float()
+    layout = ClipLayout(params, None)
+    grads = [p.grad for p in params]
+    for coefficient in (0.123456789123, 1 / 3, 0.7777777777):
+        want = [g.clone() for g in grads]
+        for group in {g.dtype for g in want}:
+            torch._foreach_mul_([g for g in want if g.dtype == group], coefficient)
+        got = [g.clone() for g in grads]
+        layout.scale_(got, coefficient)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), coefficient
+    factors = torch.linspace(0.1, 0.9, len(params), dtype=torch.float64) / 3
+    want = [g * factor.to(g.dtype) for g, factor in zip(grads, factors)]
+    got = [g.clone() for g in grads]
+    layout.scale_each_(got, factors)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    layout.scale_each_(got, factors.flip(0))  # the cached views hold the new factors
+    assert all(torch.equal(a, b * factor.to(b.dtype)) for a, b, factor in zip(got, want, factors.flip(0)))

@@ -32,71 +32,41 @@ steps that ran (a step skipped by ``GradScaler`` adds nothing), is identical on 
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoint as _checkpoint
 from .agreement import AgreementCheck
-from .checks import (
-    ArgumentTypeError,
-    check_count,
-    check_int_in,
-    check_number_in,
-    check_positive,
-    check_seed,
-    real_scalar,
+from .checks import ArgumentTypeError, check_int_in, check_positive, check_seed
+from .clip_layout import ClipLayout
+from .clip_methods import (
+    CLIPPING_METHODS,
+    NORM_SCOPES,
+    RANDOM_POWERS,
+    ClipOptions,
+    check_beta,
+    check_method,
+    check_norm_scope,
+    check_p_autoclip,
+    clip_by_method_,
+    clip_level,
+    clip_stats,
+    group_options,
 )
+from .clip_state import clipper_state, read_clipper_state
 from .mask import MaskStream, uniform_u32
-from .norm_history import NormHistory
-from .norms import grad_norms, stage_group
-from .shards import flat_param_pieces, local_grads, local_tensor
+from .norm_history import AutoClipHistories, NormHistory
+from .norms import planned_norms, stage_group
+from .shards import flat_param_pieces, local_grads
 from .steps import GradientStamp, StepWatch
 from .wrapper import OptimizerWrapper
 
-__all__ = ["CLIPPING_METHODS", "ClippedOptimizer", "ClippedSGD", "GradientClipper"]
-
-CLIPPING_METHODS = ("no_clip", "norm", "layer_wise", "coordinate_wise", "auto_clip", "linear_rand_norm",
-                    "quadratic_rand_norm", "linear_rand_autoclip", "quadratic_rand_autoclip")
-_RANDOM = {"linear_rand_norm": 1, "quadratic_rand_norm": 2, "linear_rand_autoclip": 1, "quadratic_rand_autoclip": 2}
-_AUTO = ("auto_clip", "linear_rand_autoclip", "quadratic_rand_autoclip")
-
-
-def _check_method(method: object) -> str:
-    if method not in CLIPPING_METHODS:
-        raise ValueError(f"method (clipping_type) must be one of {', '.join(CLIPPING_METHODS)}; got {method!r}")
-    return method  # type: ignore[return-value]
-
-
-def _check_beta(beta: object, method: str, argument: str = "beta") -> float:
-    """The clip probability base of a random method: a number in (0, 1)."""
-    number = real_scalar(beta)
-    if number is None or not 0.0 < number < 1.0:
-        never = " (beta=0 would never clip: the probability beta ** a is 0)" if number == 0 else ""
-        error = ArgumentTypeError if number is None else ValueError
-        raise error(f"{argument} must be a number in (0, 1) for method {method!r}{never}, got {beta!r}")
-    return number
-
-
-def _check_p_autoclip(value: object, argument: str = "p_autoclip") -> float:
-    return check_number_in(value, argument, 0.0, 1.0, low_open=True)
-
-
-NORM_SCOPES = ("global", "group")
-
-
-class _Options(NamedTuple):
-    """The clipping options of one parameter group."""
-
-    level: float
-    beta: float | None
-    p_autoclip: float
+__all__ = ["CLIPPING_METHODS", "NORM_SCOPES", "ClippedOptimizer", "ClippedSGD", "GradientClipper", "NormHistory"]
 
 
 class GradientClipper:
@@ -142,108 +112,52 @@ class GradientClipper:
         process_group: dist.ProcessGroup | None = None,
         pp_mesh: Any = None,
     ) -> None:
-        self.method = _check_method(method)
+        self.method = check_method(method)
         self.clipping_level = check_positive(clipping_level, "clipping_level")
-        if method in _RANDOM:
-            beta = _check_beta(beta, method)
+        if method in RANDOM_POWERS:
+            beta = check_beta(beta, method)
         elif beta is not None:
-            raise ValueError(f"beta applies to the random methods ({', '.join(_RANDOM)}), not {method!r}")
+            raise ValueError(f"beta applies to the random methods ({', '.join(RANDOM_POWERS)}), not {method!r}")
         self.beta = beta
-        self.p_autoclip = _check_p_autoclip(p_autoclip)
+        self.p_autoclip = check_p_autoclip(p_autoclip)
         self.history_size = None if history_size is None else check_int_in(history_size, "history_size", 1)
         self.seed = check_seed(seed)
-        if norm_scope not in NORM_SCOPES:
-            raise ValueError(f"norm_scope must be one of {', '.join(NORM_SCOPES)}; got {norm_scope!r}")
-        self.norm_scope = norm_scope
+        self.norm_scope = check_norm_scope(norm_scope)
         if model is not None and not isinstance(model, nn.Module):
             raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.pp_group = stage_group(pp_mesh)
         self.step_index = 0
-        self.history = NormHistory(self.history_size)
-        self.group_histories: list[NormHistory] = []  # norm_scope="group": one per parameter group
+        self.histories = AutoClipHistories(self.history_size, per_group=norm_scope == "group")
         self.last_stats: dict[str, Any] | None = None
         self._pending_norms: list[float] | None = None
-        self._pieces: dict | None = None
+        self._pieces: dict | None = None  # FSDP1 (or DeepSpeed partition) pieces of the parameters seen
+        self._layout: ClipLayout | None = None
         self._watch = StepWatch((), self._committed)
         self._clipped: GradientStamp | None = None  # the gradients the last clip_ left
         self._agreement = AgreementCheck("GradientClipper", process_group)
-        # With a model, each training forward launches the check (see _check_at_forward) and clip_
-        # sends none of its own: a rank clipping once more sends nothing the others do not.
-        self._pending = None
-        self._clips = 0  # clips that did work since the last training forward
-        self._last_norm: float | None = None
+        # With a model, each training forward launches the check (_launch_forward_check) and clip_ sends none
+        # of its own: a rank clipping once more sends nothing the others do not. _clips: clips since that forward.
+        self._pending, self._clips, self._last_norm = None, 0, None
         if model is not None:
             handle = model.register_forward_pre_hook(_check_at_forward(weakref.ref(self)))
             weakref.finalize(self, handle.remove)
 
-    # -- the clip ---------------------------------------------------------------------------------
-    def _options(self, group: Mapping[str, Any], index: int) -> _Options:
-        """A group's ``clipping_level``, ``beta`` and ``p_autoclip``: its own keys, else the clipper's."""
-        where = f"param_groups[{index}]"
-        level = (check_positive(group["clipping_level"], f"{where}['clipping_level']")
-                 if "clipping_level" in group else self.clipping_level)
-        beta = self.beta
-        if self.method in _RANDOM and "beta" in group:
-            beta = _check_beta(group["beta"], self.method, f"{where}['beta']")
-        p_autoclip = (_check_p_autoclip(group["p_autoclip"], f"{where}['p_autoclip']")
-                      if "p_autoclip" in group else self.p_autoclip)
-        return _Options(level, beta, p_autoclip)
+    history = property(lambda self: self.histories.history, doc="AutoClip's norms (global norm scope).")
+    group_histories = property(lambda self: self.histories.group_histories,
+                               doc="AutoClip's norms per parameter group (``norm_scope='group'``).")
 
-    def _level(self, norm: float, options: _Options, history: NormHistory) -> float:
-        if self.method not in _AUTO:
-            return options.level
-        return history.quantile_with(norm, options.p_autoclip) if math.isfinite(norm) else math.nan
+    def _options(self, group: Mapping[str, Any], index: int) -> ClipOptions:
+        return group_options(self.method, group, index, ClipOptions(self.clipping_level, self.beta, self.p_autoclip))
 
     def draw(self, step: int | None = None) -> float:
         """The uniform draw in [0, 1) of step ``step`` (default: this step): ``u(seed, t)``."""
         return uniform_u32(self.seed, self.step_index if step is None else step, MaskStream.CLIP) / 4294967296.0
 
-    def _decide(self, norm: float, level: float, beta: float | None) -> tuple[bool, float]:
-        """Whether to scale a whole gradient, and by what, for the norm-based methods."""
-        if not math.isfinite(norm) or not math.isfinite(level) or norm <= level:
-            return False, 1.0  # non-finite: leave it to GradScaler to skip the step
-        alpha = level / norm
-        power = _RANDOM.get(self.method)
-        if power is not None and not self.draw() < beta ** (alpha ** power):  # type: ignore[operator]
-            return False, 1.0
-        return True, alpha
-
-    def _check_at_forward(self) -> None:
-        """Launch the check from a training forward of ``model`` (every rank runs it, in the same order).
-
-        It compares the clips since the previous forward and the last clip's norm, so one rank's
-        extra ``clip_`` is named here, at the next forward, instead of unpairing the collectives.
-        """
-        if not self._agreement.active:
-            return
-        previous, self._pending = self._pending, None
-        if previous is not None:
-            previous.wait()
-        self._pending = self._agreement.start({  # the cause first: errors name the first differing field
-            "config": tuple(self._config().items()), "step_index": self.step_index,
-            "clip_() calls since the last forward": self._clips, "last clip's norm": self._last_norm,
-            "history": self._history_digests()})
-        self._clips = 0
-
-    def _histories(self, groups: int) -> list[NormHistory]:
-        """The history each group's AutoClip level is read from (the same one under the global norm)."""
-        if self.norm_scope == "global":
-            return [self.history] * groups
-        if not self.group_histories:
-            self.group_histories = [NormHistory(self.history_size) for _ in range(groups)]
-        if len(self.group_histories) != groups:
-            raise ValueError(f"GradientClipper(norm_scope='group') keeps one history per parameter group: "
-                             f"it has {len(self.group_histories)}, this step passed {groups} groups")
-        return self.group_histories
-
     def agreement_fields(self, norm: float, options: tuple = ()) -> dict[str, object]:
         """What every rank must hold equally (checked at every clip)."""
         return {"config": tuple(self._config().items()), "step_index": self.step_index,
-                "history": self._history_digests(), "norm": norm, "options": tuple(options)}
-
-    def _history_digests(self) -> tuple:
-        return tuple((len(h), h.digest) for h in [self.history, *self.group_histories])
+                "history": self.histories.digests(), "norm": norm, "options": tuple(options)}
 
     def clip_(self, parameters: Iterable[torch.Tensor]) -> dict[str, Any]:
         """Clip the gradients of ``parameters`` in place.
@@ -274,89 +188,50 @@ class GradientClipper:
             # result without a collective (one rank clipping twice then sends nothing the others do not).
             return dict(self.last_stats)
         options = [self._options(group, i) for i, group in enumerate(groups)]
-        if self._pieces is None:
-            self._pieces = flat_param_pieces(params, self.model)
-            self._watch.watch(params)
+        local = self._local_grads(params)
         sizes = [len(member) for member in members]
-        param_levels = [o.level for o, size in zip(options, sizes) for _ in range(size)]
-        norms = grad_norms(params, self._pieces, above=param_levels if self.method == "coordinate_wise" else None,
-                           pp_group=self.pp_group)
+        above = ([o.level for o, size in zip(options, sizes) for _ in range(size)]
+                 if self.method == "coordinate_wise" else None)  # the threshold per parameter
+        norms = planned_norms(self._layout.plan, local, above, self.pp_group)
         norm = float(norms.total)
         group_squares = [chunk.sum() for chunk in torch.split(norms.squares, sizes)]
-        scope_norms = ([float(s.sqrt()) for s in group_squares] if self.norm_scope == "group"
-                       else [norm] * len(groups))
-        self._clips += 1
-        self._last_norm = norm
+        scope_norms = [float(s.sqrt()) for s in group_squares] if self.norm_scope == "group" else [norm] * len(groups)
+        self._clips, self._last_norm = self._clips + 1, norm
         if self.model is None:
             pending = self._agreement.start(self.agreement_fields(norm, tuple(options)))
         else:  # launched by the forward; none when this iteration's check was waited by an earlier clip
             pending, self._pending = self._pending, None
-        histories = self._histories(len(groups))
-        levels = [self._level(n, o, h) for n, o, h in zip(scope_norms, options, histories)]
+        histories = self.histories.for_groups(len(groups))
+        levels = [clip_level(self.method, n, o, h) for n, o, h in zip(scope_norms, options, histories)]
         per_group = [{"norm": n, "level": level, "clipped": False, "coefficient": None}
                      for n, level in zip(scope_norms, levels)]
-        norm_after = norm
-        if self.method == "layer_wise":
-            factors, norm_after = self._clip_layers(params, norms.per_param, param_levels)
-            for stats, chunk in zip(per_group, torch.split(factors, sizes)):
-                stats["clipped"] = bool((chunk < 1.0).any())
-        elif self.method == "coordinate_wise":
-            for stats, member, o, above in zip(per_group, members, options, torch.split(norms.above, sizes)):
-                stats["clipped"] = bool((above > 0).any())
-                for grad in [local_tensor(p.grad) for p in member if p.grad is not None]:
-                    grad.clamp_(-o.level, o.level)  # one pass each; the foreach pair of clamps makes two
-            if any(stats["clipped"] for stats in per_group):  # the clamped norm needs a pass (and collective)
-                norm_after = float(grad_norms(params, self._pieces, pp_group=self.pp_group).total)
-        elif self.method != "no_clip":
-            after = []
-            for stats, member, o, square in zip(per_group, members, options, group_squares):
-                clipped, coefficient = self._decide(stats["norm"], stats["level"], o.beta)
-                stats.update(clipped=clipped, coefficient=coefficient)
-                if clipped:
-                    torch._foreach_mul_([g for g in local_grads(member) if g is not None], coefficient)
-                after.append(float(square) * coefficient ** 2)
-            norm_after = norm * per_group[0]["coefficient"] if len(groups) == 1 else math.sqrt(math.fsum(after))
+        norm_after = clip_by_method_(self.method, self._layout, local, norms, sizes, group_squares, options,
+                                     per_group, self.draw, self.pp_group)
         if pending is not None:
             pending.wait()
         self._pending_norms = scope_norms if self.norm_scope == "group" else [norm]
         self._watch.arm()
-        coefficients = [s["coefficient"] for s in per_group if s["coefficient"] is not None]
-        stats = {"norm": norm, "clipped": any(s["clipped"] for s in per_group),
-                 "coefficient": min(coefficients) if coefficients else None,
-                 "level": min(levels) if levels else self.clipping_level, "norm_after": norm_after,
-                 "groups": per_group}
-        self.last_stats = stats
+        self.last_stats = clip_stats(norm, norm_after, per_group, self.clipping_level)
         self._clipped = GradientStamp(params)
-        return stats
+        return self.last_stats
 
-    def _clip_layers(self, params: list[torch.Tensor], per_param: torch.Tensor,
-                     levels: list[float]) -> tuple[torch.Tensor, float]:
-        """Scale each gradient by ``min(1, eta_l / ||g_l||)``; returns (the factors, the global norm after)."""
-        level = torch.tensor(levels, dtype=per_param.dtype, device=per_param.device)
-        # A zero norm gives inf, clamped to 1; a non-finite norm is left alone.
-        factors = torch.where(torch.isfinite(per_param), (level / per_param).clamp(max=1.0), 1.0)
-        grads = local_grads(params)
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for index, grad in enumerate(grads):
-            if grad is not None:
-                by_dtype.setdefault(grad.dtype, []).append(index)
-        for dtype, indices in by_dtype.items():  # each factor rounded to its gradient's dtype, in one op
-            picked = factors if len(indices) == len(grads) else factors.index_select(
-                0, torch.tensor(indices, device=factors.device))
-            torch._foreach_mul_([grads[i] for i in indices], list(picked.to(dtype).unbind()))
-        after = (per_param * factors).square().sum().reshape(1)
-        if self.pp_group is not None:  # the other stages' layers count too
-            dist.all_reduce(after, group=self.pp_group)
-        return factors, float(after.sqrt())
+    def _local_grads(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """This step's local gradients; the layout (norm pieces, FSDP1 pieces, watched parameters) is
+        found again only when it changed."""
+        local = None if self._layout is None else self._layout.local(params)
+        if local is None:
+            known = self._pieces or {}  # DeepSpeed's partitions may be given before the first clip
+            self._pieces = {**known, **flat_param_pieces([p for p in params if p not in known], self.model)}
+            self._watch.watch(params)
+            self._layout = ClipLayout(params, self._pieces)
+            local = local_grads(params)
+        return local
 
     def _committed(self) -> None:
         """An optimizer step over the clipped parameters ran: count it, remember its finite norms."""
         norms, self._pending_norms = self._pending_norms, None
         if norms is not None:
-            targets = self.group_histories if self.norm_scope == "group" else [self.history]
-            for history, value in zip(targets, norms):
-                if math.isfinite(value):
-                    history.append(value)
+            self.histories.record(norms)
         self.step_index += 1
 
     def step(self) -> None:
@@ -365,7 +240,6 @@ class GradientClipper:
             self._watch.disarm()
             self._committed()
 
-    # -- checkpointing (rules: dropgrad_dist.checkpoint) ------------------------------------------
     def _config(self) -> dict[str, Any]:
         return {"method": self.method, "clipping_level": self.clipping_level, "beta": self.beta,
                 "p_autoclip": self.p_autoclip, "history_size": self.history_size, "seed": self.seed,
@@ -373,10 +247,7 @@ class GradientClipper:
 
     def state_dict(self) -> dict[str, Any]:
         """Step count and norm histories (progress) and the configuration: plain data."""
-        return _checkpoint.plain({"format": _checkpoint.FORMAT, "step_index": self.step_index,
-                                  "history": list(self.history.values),
-                                  "group_histories": [list(h.values) for h in self.group_histories],
-                                  "config": self._config()})
+        return clipper_state(self.step_index, self.histories, self._config())
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Restore step count and history; a different configuration raises unless ``strict=False``. Atomic."""
@@ -384,52 +255,20 @@ class GradientClipper:
 
     def prepare_state(self, state_dict: Mapping[str, Any], strict: bool) -> Callable[[], None]:
         """Validate ``state_dict`` and return what applies it (used by wrappers for atomic loads)."""
-        owner = "GradientClipper"
-        step_index = _checkpoint.read_field(state_dict, "step_index", check_count, owner)
-        values = _checkpoint.read_field(state_dict, "history", _check_history, owner)
-        _checkpoint.check_config(owner, _checkpoint.read_field(state_dict, "config", _check_dict, owner),
-                                 self._config(), strict)
-        grouped = (_checkpoint.read_field(state_dict, "group_histories", _check_histories, owner)
-                   if "group_histories" in state_dict else [])
-        history, group_histories = self._rebuilt(values), [self._rebuilt(v) for v in grouped]
+        step_index, histories = read_clipper_state(state_dict, self._config(), strict, self.histories)
 
         def apply() -> None:
-            self.step_index, self.history, self.group_histories = step_index, history, group_histories
+            self.step_index, self.histories = step_index, histories
             self._pending_norms = None
             self._clipped = None
             self._watch.disarm()
 
         return apply
 
-    def _rebuilt(self, values: list[float]) -> NormHistory:
-        history = NormHistory(self.history_size)
-        for value in values:
-            history.append(value)
-        return history
-
     def __repr__(self) -> str:
         return (f"GradientClipper({self.method!r}, clipping_level={self.clipping_level}, beta={self.beta}, "
                 f"p_autoclip={self.p_autoclip}, history_size={self.history_size}, seed={self.seed}, "
                 f"norm_scope={self.norm_scope!r}, step_index={self.step_index}, history={len(self.history)})")
-
-
-def _check_history(value: object, argument: str) -> list[float]:
-    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                              and math.isfinite(v) and v >= 0 for v in value):
-        raise ValueError(f"{argument} must be a list of finite non-negative norms")
-    return [float(v) for v in value]
-
-
-def _check_histories(value: object, argument: str) -> list[list[float]]:
-    if not isinstance(value, list):
-        raise ArgumentTypeError(f"{argument} must be a list of per-group norm lists")
-    return [_check_history(item, f"{argument}[{i}]") for i, item in enumerate(value)]
-
-
-def _check_dict(value: object, argument: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ArgumentTypeError(f"{argument} must be a dict, got {type(value).__name__}")
-    return value
 
 
 def _clipping_closure(clipper: GradientClipper, param_groups: list[dict[str, Any]],
@@ -498,8 +337,8 @@ class ClippedSGD(torch.optim.SGD):
                  weight_decay: float = 0.0, nesterov: bool = False, history_size: int | None = None,
                  seed: int = 0, norm_scope: str = "global", model: nn.Module | None = None,
                  process_group: dist.ProcessGroup | None = None) -> None:
-        method = _check_method(clipping_type)
-        if method not in _RANDOM and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
+        method = check_method(clipping_type)
+        if method not in RANDOM_POWERS and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
             raise TypeError(f"beta must be a number (ignored by {method!r}), got {type(beta).__name__}")
         if not isinstance(do_restarts, bool):
             raise TypeError(f"do_restarts must be a bool, got {type(do_restarts).__name__}")
@@ -507,7 +346,7 @@ class ClippedSGD(torch.optim.SGD):
             warnings.warn("ClippedSGD(do_restarts=True) only records the flag in param_groups, as torch-clip's "
                           "does; restart with dropgrad_dist.Restarter (or compat.torch_clip.Restarter)",
                           UserWarning, stacklevel=2)
-        self.clipper = GradientClipper(method, clipping_level, beta=beta if method in _RANDOM else None,
+        self.clipper = GradientClipper(method, clipping_level, beta=beta if method in RANDOM_POWERS else None,
                                        p_autoclip=p_autoclip, history_size=history_size, seed=seed,
                                        norm_scope=norm_scope, model=model, process_group=process_group)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -560,5 +399,23 @@ def _check_at_forward(clipper_ref: weakref.ref[GradientClipper]) -> Callable[...
         clipper = clipper_ref()
         # Training forwards only: an evaluation forward may run on some ranks alone.
         if clipper is not None and module.training and torch.is_grad_enabled():
-            clipper._check_at_forward()
+            _launch_forward_check(clipper)
     return hook
+
+
+def _launch_forward_check(clipper: GradientClipper) -> None:
+    """Launch the clipper's check from a training forward of its model (every rank runs it, in the same order).
+
+    It compares the clips since the previous forward and the last clip's norm, so one rank's
+    extra ``clip_`` is named here, at the next forward, instead of unpairing the collectives.
+    """
+    if not clipper._agreement.active:
+        return
+    previous, clipper._pending = clipper._pending, None
+    if previous is not None:
+        previous.wait()
+    clipper._pending = clipper._agreement.start({  # the cause first: errors name the first differing field
+        "config": tuple(clipper._config().items()), "step_index": clipper.step_index,
+        "clip_() calls since the last forward": clipper._clips, "last clip's norm": clipper._last_norm,
+        "history": clipper.histories.digests()})
+    clipper._clips = 0

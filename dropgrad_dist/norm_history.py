@@ -13,7 +13,7 @@ import struct
 from collections import deque
 from fractions import Fraction
 
-__all__ = ["NormHistory"]
+__all__ = ["AutoClipHistories", "NormHistory"]
 
 BLOCK_SIZE = 1024  # values per sorted block: O(sqrt n) insertion, removal and selection
 
@@ -88,6 +88,52 @@ class NormHistory:
             return self._kth(k) if k < rank else value if k == rank else self._kth(k - 1)
 
         return _lerp(kth(below), kth(math.ceil(position)), weight)
+
+
+def history_of(values: list[float], size: int | None) -> NormHistory:
+    """A history of ``size`` (None: unbounded) holding ``values`` in order."""
+    history = NormHistory(size)
+    for value in values:
+        history.append(value)
+    return history
+
+
+class AutoClipHistories:
+    """AutoClip's state: the norms of the steps that ran, one history over the global norm or
+    (``per_group``) one per parameter group; a step's norms join when its optimizer step runs."""
+
+    def __init__(self, size: int | None, per_group: bool, history: NormHistory | None = None,
+                 group_histories: list[NormHistory] | None = None) -> None:
+        self.size = size
+        self.per_group = per_group
+        self.history = NormHistory(size) if history is None else history
+        self.group_histories = [] if group_histories is None else group_histories
+
+    def for_groups(self, groups: int) -> list[NormHistory]:
+        """The history each group's AutoClip level is read from (the same one under the global norm)."""
+        if not self.per_group:
+            return [self.history] * groups
+        if not self.group_histories:
+            self.group_histories = [NormHistory(self.size) for _ in range(groups)]
+        if len(self.group_histories) != groups:
+            raise ValueError(f"GradientClipper(norm_scope='group') keeps one history per parameter group: "
+                             f"it has {len(self.group_histories)}, this step passed {groups} groups")
+        return self.group_histories
+
+    def record(self, norms: list[float]) -> None:
+        """A step ran: its finite norms (one, or one per group) join the histories."""
+        for history, value in zip(self.group_histories if self.per_group else [self.history], norms):
+            if math.isfinite(value):
+                history.append(value)
+
+    def digests(self) -> tuple:
+        """Length and digest of every history: what ranks compare."""
+        return tuple((len(h), h.digest) for h in [self.history, *self.group_histories])
+
+    def restored(self, values: list[float], grouped: list[list[float]]) -> AutoClipHistories:
+        """The same kind of histories holding ``values`` (global) and ``grouped`` (per group)."""
+        return AutoClipHistories(self.size, self.per_group, history_of(values, self.size),
+                                 [history_of(v, self.size) for v in grouped])
 
 
 def _lerp(low: float, high: float, weight: float) -> float:

@@ -19,14 +19,14 @@ squared norms over ``pp_mesh`` (one more scalar ``all_reduce``, as torchtitan's
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from .shards import _PLAIN_OR_NONE, FlatPiece, _is_dtensor, local_grads, placement_kind
 
-__all__ = ["GradNorms", "grad_norms", "stage_group"]
+__all__ = ["GradNorms", "NormPlan", "grad_norms", "norm_plan", "planned_norms", "stage_group"]
 
 
 class GradNorms:
@@ -86,28 +86,68 @@ def _shard_groups(param: torch.Tensor, pieces: Mapping[torch.Tensor, FlatPiece])
     return tuple(groups)
 
 
-def _local_stats(params: Sequence[torch.Tensor], above: float | Sequence[float] | None) -> torch.Tensor:
+class NormPlan(NamedTuple):
+    """What gathering one layout's squared norms needs, found once per layout (:func:`norm_plan`)."""
+
+    size: int  # parameters
+    held: tuple[int, ...] | None  # the parameters with a non-empty local gradient (None: all of them)
+    rows: torch.Tensor | None  # ``held`` as an index on ``device``
+    dtype: torch.dtype  # float32, or float64 when some gradient is float64
+    device: torch.device
+    groups: tuple[tuple[Any, torch.Tensor | None], ...]  # per shard group, the parameters it shards (None: all)
+
+
+def norm_plan(params: Sequence[torch.Tensor], local: Sequence[torch.Tensor | None],
+              pieces: Mapping[torch.Tensor, FlatPiece] | None = None) -> NormPlan:
+    """The plan of :func:`planned_norms` for ``params`` whose local gradients are ``local``.
+
+    Raises ValueError for a sparse gradient or a ``Partial`` DTensor gradient.
+    """
+    pieces = pieces or {}
+    held = [i for i, g in enumerate(local) if g is not None and g.numel() > 0]  # empty FSDP shards contribute 0
+    for index in held:
+        if local[index].layout != torch.strided:
+            raise ValueError("gradient norms of sparse gradients are not supported; use dense gradients")
+    dtype = torch.float64 if any(local[i].dtype == torch.float64 for i in held) else torch.float32
+    device = local[held[0]].device if held else torch.device("cpu")
+    # Per group, the parameters it shards: a 2-D (dp, tp) mesh takes two all_reduces, whatever the mix.
+    by_group: dict[Any, list[int]] = {}
+    # Plain parameters and gradients (one process, DDP) are whole here: no per-parameter look-up.
+    if pieces or not (set(map(type, params)) | {type(p.grad) for p in params}) <= _PLAIN_OR_NONE:
+        for index, param in enumerate(params):
+            for group in _shard_groups(param, pieces):
+                by_group.setdefault(group, []).append(index)
+    groups = tuple((group, None if len(indices) == len(params) else torch.tensor(indices, device=device))
+                   for group, indices in by_group.items())
+    every = len(held) == len(params)
+    return NormPlan(len(params), None if every else tuple(held),
+                    None if every else torch.tensor(held, device=device, dtype=torch.long), dtype, device, groups)
+
+
+def _local_stats(local: Sequence[torch.Tensor | None], plan: NormPlan,
+                 above: float | Sequence[float] | None) -> torch.Tensor:
     """Per parameter: the squared norm of the locally held gradient (0 where there is none) and,
     if ``above`` (one threshold, or one per parameter) is given, 1 where some local ``|g_i| > above``.
     Shape ``[n]`` or ``[n, 2]``."""
-    local = local_grads(params)
-    held = [g for g in local if g is not None and g.numel() > 0]  # empty FSDP shards contribute 0
-    for grad in held:
-        if grad.layout != torch.strided:
-            raise ValueError("gradient norms of sparse gradients are not supported; use dense gradients")
-    dtype = torch.float64 if any(g.dtype == torch.float64 for g in held) else torch.float32
-    device = held[0].device if held else torch.device("cpu")
-    stats = torch.zeros(len(params), 1 if above is None else 2, dtype=dtype, device=device)
-    if held:
-        rows = torch.tensor([i for i, g in enumerate(local) if g is not None and g.numel() > 0], device=device)
-        columns = [torch.stack(torch._foreach_norm(held, 2, dtype=dtype)).square()]  # one fused pass each
-        if above is not None:
-            # aminmax is vectorized where an infinity norm reduction is not (8x slower on CPU).
-            peaks = torch.stack([torch.stack(torch.aminmax(g)).abs().max().to(dtype) for g in held])
-            if not isinstance(above, (int, float)):
-                above = torch.tensor(list(above), dtype=dtype, device=device).index_select(0, rows)
-            columns.append((peaks > above).to(dtype))
-        stats.index_copy_(0, rows, torch.stack(columns, dim=1))
+    held = list(local) if plan.held is None else [local[i] for i in plan.held]
+    width = 1 if above is None else 2
+    if not held:
+        stats = torch.zeros(plan.size, width, dtype=plan.dtype, device=plan.device)
+        return stats if above is not None else stats[:, 0].contiguous()
+    columns = [torch.stack(torch._foreach_norm(held, 2, dtype=plan.dtype)).square()]  # one fused pass each
+    if above is not None:
+        # aminmax is vectorized where an infinity norm reduction is not (8x slower on CPU).
+        peaks = torch.stack([torch.stack(torch.aminmax(g)).abs().max().to(plan.dtype) for g in held])
+        if not isinstance(above, (int, float)):
+            above = torch.tensor(list(above), dtype=plan.dtype, device=plan.device)
+            above = above if plan.rows is None else above.index_select(0, plan.rows)
+        columns.append((peaks > above).to(plan.dtype))
+    if plan.rows is None and above is None:
+        return columns[0]
+    if plan.rows is None:
+        return torch.stack(columns, dim=1)
+    stats = torch.zeros(plan.size, width, dtype=plan.dtype, device=plan.device)
+    stats.index_copy_(0, plan.rows, torch.stack(columns, dim=1))
     return stats if above is not None else stats[:, 0].contiguous()
 
 
@@ -123,20 +163,21 @@ def grad_norms(params: Sequence[torch.Tensor], pieces: Mapping[torch.Tensor, Fla
     parameters in the same order (the optimizer's, say), whether or not it holds a gradient
     piece of each.
     """
-    pieces = pieces or {}
-    stats = _local_stats(params, above)
-    # Per group, the parameters it shards: a 2-D (dp, tp) mesh takes two all_reduces, whatever the mix.
-    by_group: dict[Any, list[int]] = {}
-    # Plain parameters and gradients (one process, DDP) are whole here: no per-parameter look-up.
-    if pieces or not (set(map(type, params)) | {type(p.grad) for p in params}) <= _PLAIN_OR_NONE:
-        for index, param in enumerate(params):
-            for group in _shard_groups(param, pieces):
-                by_group.setdefault(group, []).append(index)
-    for group, indices in by_group.items():
-        if len(indices) == len(params):
+    local = local_grads(params)
+    return planned_norms(norm_plan(params, local, pieces), local, above, pp_group)
+
+
+def planned_norms(plan: NormPlan, local: Sequence[torch.Tensor | None],
+                  above: float | Sequence[float] | None = None, pp_group: Any = None) -> GradNorms:
+    """:func:`grad_norms` of the local gradients ``local`` of a layout whose :func:`norm_plan` is ``plan``.
+
+    ``||g_l||^2 = sum over the ranks sharding l of ||local g_l||^2``: one all-reduce per shard group.
+    """
+    stats = _local_stats(local, plan, above)
+    for group, picked in plan.groups:
+        if picked is None:
             dist.all_reduce(stats, group=group)
             continue
-        picked = torch.tensor(indices, device=stats.device)
         subset = stats.index_select(0, picked)
         dist.all_reduce(subset, group=group)
         stats.index_copy_(0, picked, subset)

@@ -29,6 +29,10 @@ CONFIGS = {
     # ClippedSGD over two parameter groups (l1's, the rest), one norm and one AutoClip history each
     "norm/group": (dict(method="norm", clipping_level=0.5, norm_scope="group"), None),
     "auto_clip/group": (dict(method="auto_clip", p_autoclip=0.5, norm_scope="group"), None),
+    # The optimizer starts with l1's parameters; the rest join as a new group halfway (the clipper's
+    # cached layout, and FSDP1's pieces, must then cover them).
+    "norm/new group": (dict(method="norm", clipping_level=0.7), None),
+    "layer_wise/new group": (dict(method="layer_wise", clipping_level=0.2), None),
 }
 LAYOUTS = ("ddp", "fsdp2", "fsdp1")
 
@@ -43,7 +47,8 @@ def _optimizer(model: nn.Module, config: str, layout: str) -> tuple[torch.optim.
         optimizer = ClippedSGD(groups, 0.05, 0.9, kwargs.pop("method"), **kwargs, model=model)
         return optimizer, optimizer.clipper
     clipper = GradientClipper(**clip_kwargs, model=model)
-    optimizer = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), clipper)
+    first = [p for n, p in model.named_parameters() if "l1." in n] if config.endswith("new group") else None
+    optimizer = ClippedOptimizer(torch.optim.SGD(first or model.parameters(), lr=0.05, momentum=0.9), clipper)
     if rate is not None and layout == "ddp":  # under DDP, DropGrad is the hook; elsewhere the wrapper
         DropGradHookState(model, rate, seed=1).register()
     elif rate is not None:
@@ -77,6 +82,8 @@ def train(config: str, layout: str = "single", rank: int = 0, world_size: int = 
     per = GLOBAL_BATCH // world_size
     decisions = []
     for step in range(STEPS):
+        if config.endswith("new group") and step == STEPS // 2:
+            optimizer.add_param_group({"params": [p for n, p in model.named_parameters() if "l1." not in n]})
         x, y = batch(step)
         x, y = x[rank * per:(rank + 1) * per] * 3, y[rank * per:(rank + 1) * per]
         nn.functional.mse_loss(model(x), y).backward()
@@ -114,7 +121,7 @@ def ranks():
 @pytest.mark.parametrize("config", CONFIGS)
 def test_layout_clips_like_one_process(ranks, layout, config):
     want, want_decisions = train(config)
-    assert True in want_decisions and (config == "layer_wise" or False in want_decisions), want_decisions
+    assert True in want_decisions and (config.startswith("layer_wise") or False in want_decisions), want_decisions
     for rank, results in enumerate(ranks):
         got, decisions = results[(layout, config)]
         assert decisions == want_decisions, f"rank {rank}"

@@ -33,7 +33,6 @@ steps that ran (a step skipped by ``GradScaler`` adds nothing), is identical on 
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -59,6 +58,7 @@ from .clip_methods import (
     group_options,
 )
 from .clip_state import clipper_state, read_clipper_state
+from .forward_check import ForwardLaunchedCheck
 from .mask import MaskStream, uniform_u32
 from .norm_history import AutoClipHistories, NormHistory
 from .norms import planned_norms, stage_group
@@ -136,12 +136,10 @@ class GradientClipper:
         self._watch = StepWatch((), self._committed)
         self._clipped: GradientStamp | None = None  # the gradients the last clip_ left
         self._agreement = AgreementCheck("GradientClipper", process_group)
-        # With a model, each training forward launches the check (_launch_forward_check) and clip_ sends none
+        # With a model, each training forward launches the check (_forward_fields) and clip_ sends none
         # of its own: a rank clipping once more sends nothing the others do not. _clips: clips since that forward.
-        self._pending, self._clips, self._last_norm = None, 0, None
-        if model is not None:
-            handle = model.register_forward_pre_hook(_check_at_forward(weakref.ref(self)))
-            weakref.finalize(self, handle.remove)
+        self._clips, self._last_norm = 0, None
+        self._forward_check = ForwardLaunchedCheck(self._agreement, self._forward_fields, model)
 
     history = property(lambda self: self.histories.history, doc="AutoClip's norms (global norm scope).")
     group_histories = property(lambda self: self.histories.group_histories,
@@ -158,6 +156,16 @@ class GradientClipper:
         """What every rank must hold equally (checked at every clip)."""
         return {"config": tuple(self._config().items()), "step_index": self.step_index,
                 "history": self.histories.digests(), "norm": norm, "options": tuple(options)}
+
+    def _forward_fields(self) -> dict[str, object]:
+        """What a training forward of ``model`` checks: the clips since the previous forward and the last
+        norm, so one rank's extra ``clip_`` is named at the next forward instead of unpairing collectives."""
+        fields = {  # the cause first: errors name the first differing field
+            "config": tuple(self._config().items()), "step_index": self.step_index,
+            "clip_() calls since the last forward": self._clips, "last clip's norm": self._last_norm,
+            "history": self.histories.digests()}
+        self._clips = 0  # counted from this forward on
+        return fields
 
     def clip_(self, parameters: Iterable[torch.Tensor]) -> dict[str, Any]:
         """Clip the gradients of ``parameters`` in place.
@@ -200,7 +208,7 @@ class GradientClipper:
         if self.model is None:
             pending = self._agreement.start(self.agreement_fields(norm, tuple(options)))
         else:  # launched by the forward; none when this iteration's check was waited by an earlier clip
-            pending, self._pending = self._pending, None
+            pending = self._forward_check.take(launch_if_none=False)
         histories = self.histories.for_groups(len(groups))
         levels = [clip_level(self.method, n, o, h) for n, o, h in zip(scope_norms, options, histories)]
         per_group = [{"norm": n, "level": level, "clipped": False, "coefficient": None}
@@ -392,30 +400,3 @@ class ClippedSGD(torch.optim.SGD):
         apply = self.clipper.prepare_state(state_dict.pop("clipping"), strict)
         super().load_state_dict(state_dict)
         apply()
-
-
-def _check_at_forward(clipper_ref: weakref.ref[GradientClipper]) -> Callable[..., None]:
-    def hook(module: nn.Module, args: Any) -> None:
-        clipper = clipper_ref()
-        # Training forwards only: an evaluation forward may run on some ranks alone.
-        if clipper is not None and module.training and torch.is_grad_enabled():
-            _launch_forward_check(clipper)
-    return hook
-
-
-def _launch_forward_check(clipper: GradientClipper) -> None:
-    """Launch the clipper's check from a training forward of its model (every rank runs it, in the same order).
-
-    It compares the clips since the previous forward and the last clip's norm, so one rank's
-    extra ``clip_`` is named here, at the next forward, instead of unpairing the collectives.
-    """
-    if not clipper._agreement.active:
-        return
-    previous, clipper._pending = clipper._pending, None
-    if previous is not None:
-        previous.wait()
-    clipper._pending = clipper._agreement.start({  # the cause first: errors name the first differing field
-        "config": tuple(clipper._config().items()), "step_index": clipper.step_index,
-        "clip_() calls since the last forward": clipper._clips, "last clip's norm": clipper._last_norm,
-        "history": clipper.histories.digests()})
-    clipper._clips = 0

@@ -57,10 +57,13 @@ class ForwardLaunchedCheck:
         wait(previous)
         self.pending = self.check.start(self._fields()())
 
-    def take(self) -> PendingCheck | None:
-        """The check for this step: the one the forward launched, else one launched now (None: inactive)."""
+    def take(self, launch_if_none: bool = True) -> PendingCheck | None:
+        """The check for this step: the one the forward launched, else (``launch_if_none``) one launched now.
+
+        None: the check is inactive, or nothing is in flight and ``launch_if_none`` is False.
+        """
         pending, self.pending = self.pending, None
-        if pending is None:  # no training forward through the model since the last step
+        if pending is None and launch_if_none:  # no training forward through the model since the last step
             pending = self.check.start(self._fields()())
         return pending
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as _checkpoint
-from .accelerate_checkpoints import make_load_state_all_or_nothing
+from .accelerate_checkpoints import attach_to_checkpoints
 from .checks import ArgumentTypeError
 from .clip import ClippedOptimizer, GradientClipper
 from .gnp import GradientNormPenalty
@@ -246,30 +246,6 @@ class Regularizers:
             sums = _checkpoint.read_tensors(os.path.join(input_dir, f"{self._stem}_rank{self._rank}.safetensors"),
                                             "dropgrad_dist")
         return self.prepare_state(state, restart_sums=sums)
-
-    def _attach_to_checkpoints(self, accelerator: Accelerator) -> None:
-        """Save and load this state with ``accelerator.save_state``/``load_state`` (JSON + safetensors)."""
-        handles = accelerator.__dict__.setdefault("_dropgrad_dist_handles", [])
-        stem = self._stem = f"dropgrad_dist_state_{len(handles)}"
-        handles.append(self)
-        rank = self._rank = accelerator.process_index
-
-        def save(models: Any, weights: Any, output_dir: str) -> None:
-            os.makedirs(output_dir, exist_ok=True)
-            if accelerator.is_main_process or (accelerator.is_local_main_process
-                                               and accelerator.project_configuration.save_on_each_node):
-                _checkpoint.write_json(os.path.join(output_dir, f"{stem}.json"), self.state_dict())
-            if self.restarter is not None:
-                _checkpoint.write_tensors(os.path.join(output_dir, f"{stem}_rank{rank}.safetensors"),
-                                          self.restart_sums())
-
-        def load(models: Any, input_dir: str) -> None:
-            if not accelerator.__dict__.get("_dropgrad_dist_loading"):  # load_state's wrapper applies it
-                self.prepare_checkpoint(input_dir)()
-
-        accelerator.register_save_state_pre_hook(save)
-        accelerator.register_load_state_pre_hook(load)
-        make_load_state_all_or_nothing(accelerator)
 
 
 DropGradHandle = Regularizers  # the name prepare_dropgrad's handle had
@@ -500,7 +476,7 @@ def prepare_regularizers(
     if drop is not None:
         _forward_drop_rate(optimizer, drop)
     handle = Regularizers(mode, model, drop, clipper, restarter, penalty, accelerator, optimizer)
-    handle._attach_to_checkpoints(accelerator)
+    attach_to_checkpoints(accelerator, handle)
     return handle
 
 
@@ -514,7 +490,7 @@ def _prepare_deepspeed(accelerator: Accelerator, model: nn.Module, optimizer: An
     if drop is not None:
         _forward_drop_rate(optimizer, drop)
     handle = Regularizers("deepspeed_zero", model, drop, clipper, None, None, accelerator, optimizer)
-    handle._attach_to_checkpoints(accelerator)
+    attach_to_checkpoints(accelerator, handle)
     return handle
 
 

@@ -63,7 +63,8 @@ class Regularizers:
 
     def __init__(self, mode: Mode, model: nn.Module, dropgrad: Any = None, clipper: GradientClipper | None = None,
                  restarter: Restarter | None = None, gnp: GradientNormPenalty | None = None,
-                 accelerator: Accelerator | None = None, optimizer: Any = None) -> None:
+                 accelerator: Accelerator | None = None, optimizer: Any = None, *,
+                 penalty_step: Callable[..., Any] | None = None) -> None:
         self.mode = mode
         self.model = model
         self.dropgrad = dropgrad
@@ -72,6 +73,8 @@ class Regularizers:
         self.gnp = gnp
         self._accelerator = accelerator
         self._optimizer = optimizer  # the AcceleratedOptimizer
+        # What runs one GNP/SAM step: the wrapper's own step, or (DeepSpeed) the two passes around its ZeRO step.
+        self._penalty_step = penalty_step if penalty_step is not None else (gnp.step if gnp is not None else None)
         # accelerator.load_state takes no options: set False to resume with a changed configuration.
         self.strict_load = True
 
@@ -104,6 +107,7 @@ class Regularizers:
         accumulate, it loops over micro-batches itself (``accelerator.no_sync(model)`` on all but the
         last), with the Accelerator's ``gradient_accumulation_steps`` left at 1. Under fp16 the
         accelerator's GradScaler steps (a non-finite pass skips the step); the LR scheduler sees the skip.
+        Under DeepSpeed (ZeRO-1/2) each pass is one ``accelerator.backward`` (docs/deepspeed.md).
         """
         if self.gnp is None:
             raise ValueError("Regularizers.step(closure) runs the gradient norm penalty; without gnp= call "
@@ -112,7 +116,7 @@ class Regularizers:
             raise ValueError("GNP/SAM accumulates inside its closure: create the Accelerator with "
                              "gradient_accumulation_steps=1 and loop over micro-batches in the closure")
         before = self.gnp.step_index
-        loss = self.gnp.step(closure, scaler=self._accelerator.scaler)
+        loss = self._penalty_step(closure, scaler=self._accelerator.scaler)
         # AcceleratedOptimizer.step_was_skipped: what its schedulers read to skip their step too.
         self._optimizer._is_overflow = self.gnp.step_index == before
         return loss
@@ -436,7 +440,8 @@ def prepare_regularizers(
             raise ValueError("dropgrad compress= composes with DDP's communication hook; DeepSpeed reduces "
                              "gradients itself (use its own communication_data_type instead)")
         return _prepare_deepspeed(accelerator, model, optimizer, drop_options if dropgrad is not None else None,
-                                  clip_options if clipping is not None else None, restarts, gnp)
+                                  clip_options if clipping is not None else None, restarts,
+                                  gnp_options if gnp is not None else None)
     else:
         raise _unsupported(kind)
 
@@ -481,15 +486,17 @@ def prepare_regularizers(
 
 
 def _prepare_deepspeed(accelerator: Accelerator, model: nn.Module, optimizer: Any, drop_options: dict[str, Any] | None,
-                       clip_options: dict[str, Any] | None, restarts: Any, gnp: Any) -> Regularizers:
+                       clip_options: dict[str, Any] | None, restarts: Any,
+                       gnp_options: dict[str, Any] | None) -> Regularizers:
     """DeepSpeed ZeRO: the regularizers act inside the ZeRO step (see :mod:`dropgrad_dist.deepspeed_zero`)."""
     from .deepspeed_zero import prepare_deepspeed
 
-    drop, clipper = prepare_deepspeed(accelerator, model, optimizer, dropgrad=drop_options,
-                                      clipping=clip_options, restarts=restarts, gnp=gnp)
-    if drop is not None:
-        _forward_drop_rate(optimizer, drop)
-    handle = Regularizers("deepspeed_zero", model, drop, clipper, None, None, accelerator, optimizer)
+    hooked = prepare_deepspeed(accelerator, model, optimizer, dropgrad=drop_options, clipping=clip_options,
+                               restarts=restarts, gnp=gnp_options)
+    if hooked.dropgrad is not None:
+        _forward_drop_rate(optimizer, hooked.dropgrad)
+    handle = Regularizers("deepspeed_zero", model, hooked.dropgrad, hooked.clipper, None, hooked.penalty, accelerator,
+                          optimizer, penalty_step=hooked.penalty_step)
     attach_to_checkpoints(accelerator, handle)
     return handle
 

@@ -276,10 +276,11 @@ def _ranks_main(rank: int, world_size: int, checkpoint_dir: str) -> dict:
                          for stage in (2, 3)}
     out["refusals"] = _refusals()
     out["example"] = _example(os.path.join(checkpoint_dir, "example"))
+    out["example_sam"] = _example(os.path.join(checkpoint_dir, "example_sam"), sam=0.05)
     return out
 
 
-def _example(checkpoint_dir: str) -> list[float]:
+def _example(checkpoint_dir: str, sam: float | None = None) -> list[float]:
     """examples/deepspeed_zero.py's training, in this spawned run (a run of its own would import DeepSpeed again)."""
     import importlib.util
 
@@ -290,7 +291,7 @@ def _example(checkpoint_dir: str) -> list[float]:
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     AcceleratorState._reset_state()
-    losses = example.train(checkpoint_dir)
+    losses = example.train(checkpoint_dir, sam)
     torch.distributed.barrier()  # rank 0 writes the JSON
     assert os.path.exists(os.path.join(checkpoint_dir, "dropgrad_dist_state_0.json"))
     return losses
@@ -403,5 +404,5 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
         assert "gnp (gradient norm penalty / SAM) with ZeRO stage 3 is not supported" in refusals["gnp_zero3"]
         assert "perturbation='local' is not supported" in refusals["gnp_local"]
         assert "'layer_wise'" in refusals["layer_wise"]
-        losses = rank_result["example"]
-        assert len(losses) == 4 and losses[-1] < 0.3 * losses[0]  # the example learns
+        for losses in (rank_result["example"], rank_result["example_sam"]):
+            assert len(losses) == 4 and losses[-1] < 0.3 * losses[0]  # the example learns (with --sam too)

@@ -1,4 +1,4 @@
-"""GNP/SAM under DeepSpeed ZeRO (through Accelerate): two passes, the first one's DeepSpeed step perturbs.
+"""GNP/SAM under DeepSpeed ZeRO-1/2/3 (through Accelerate): two passes, the first one's DeepSpeed step perturbs.
 
 Under ZeRO the gradient exists only as this rank's flat fp32 partition inside DeepSpeed's optimizer
 step, and the model parameters are copies of the fp32 master partitions, refreshed (all-gathered)
@@ -8,7 +8,8 @@ at the end of that step. So one ``regularizers.step(closure)`` is:
    (no ``global_steps``, LR scheduler or sample count): DeepSpeed forms ``g1`` in the partitions and
    calls the client step, which runs :meth:`GradientNormPenalty.first_step` instead of an update:
    ``||g1||`` summed over the ranks' partitions, ``theta <- theta + e`` on the fp32 master
-   (``e = r g1 / ||g1||``, ASAM ``r T^2 g1 / ||T g1||``); DeepSpeed copies it into the model;
+   (``e = r g1 / ||g1||``, ASAM ``r T^2 g1 / ||T g1||``); DeepSpeed copies it into the model
+   (ZeRO-1/2: all-gathered; ZeRO-3: into the parameter partitions gathered at the next forward);
 2. the closure again at ``theta + e`` (the first pass's random state replayed), through the
    ordinary ``engine.step()``: the client step runs :meth:`GradientNormPenalty.second_step`:
    ``theta`` restored bitwise, ``g = (1 - alpha) g1 + alpha g2``, then DropGrad's mask, clipping
@@ -154,7 +155,19 @@ class ZeroPenaltyPasses:
             self.penalty.optimizer.zero_grad()
             self.penalty.second_step(scaler=_SkippedStep())
             self.penalty.optimizer.zero_grad()
-            self.engine.optimizer.update_lp_params()
+            _refresh_model_parameters(self.engine.optimizer)
+
+
+def _refresh_model_parameters(zero_optimizer: Any) -> None:
+    """Copy the fp32 master partitions into the model's parameters, as the end of DeepSpeed's step does."""
+    if hasattr(zero_optimizer, "update_lp_params"):  # ZeRO-1/2, BF16_Optimizer: copy, all-gather
+        zero_optimizer.update_lp_params()
+        return
+    # ZeRO-3: into this rank's parameter partitions (gathered at the next forward), then gather the
+    # persistent (small) parameters, which stay whole between steps.
+    for sub_group in range(len(zero_optimizer.fp16_groups)):
+        zero_optimizer._reassign_or_swap_out_partitioned_parameters(sub_group)
+    zero_optimizer._post_step(set())
 
 
 _ONE_BACKWARD = ("GNP/SAM under DeepSpeed: the closure must call accelerator.backward(loss) once per pass (DeepSpeed "

@@ -14,16 +14,16 @@ client optimizer (the user's ``torch.optim`` optimizer) right before the update.
   ``[lp_fragment_address.start, + numel)`` of ``p``: its mask is ``(seed, t, key(p), i, rate)`` on
   those global coordinates, exactly the one-process mask (one engine call for all fragments). Under
   ZeRO-3 parameter ``p``'s piece ``p.ds_tensor`` holds the coordinates from ``rank * ds_numel`` on.
-- with GNP/SAM (ZeRO-1/2) the client step is :class:`~dropgrad_dist.deepspeed_gnp.ZeroPenaltyPasses`'
+- with GNP/SAM the client step is :class:`~dropgrad_dist.deepspeed_gnp.ZeroPenaltyPasses`'
   (perturb in the first pass; combine, then mask, clip, update in the second).
 
 Math: ``g_frag <- m_t(key, i) * g_frag / (1 - p)`` on each fragment, then ``clip``, then the update.
 Supported: ZeRO stage 1, 2 and 3, fp32 and bf16 (DeepSpeed's ``BF16_Optimizer`` or the ZeRO
-optimizer with bf16), any client ``torch.optim`` optimizer, ``save_state``/``load_state``.
+optimizer with bf16), any client ``torch.optim`` optimizer, GNP/SAM, ``save_state``/``load_state``.
 Refused, each with its reason: fp16 loss scaling, DeepSpeed's own ``gradient_clipping``, optimizer
 offload, ``full_update_drop``/``step_skip_rate``, restarts, layer-wise clipping, clipping or GNP/SAM
 when the ZeRO optimizer steps several parameter groups (or ZeRO-3 sub-groups) apart, and GNP/SAM
-with ZeRO-3, with gradient accumulation, ``perturbation="local"`` or ``first_pass="given"``.
+with gradient accumulation, ``perturbation="local"``, ``first_pass="given"`` or ``pp_mesh``.
 """
 
 from __future__ import annotations
@@ -205,15 +205,11 @@ def _check_engine(engine: Any, zero_optimizer: Any, dropgrad: Mapping[str, Any],
 def _check_penalty(engine: Any, zero_optimizer: Any, gnp: Mapping[str, Any]) -> None:
     """Refuse the GNP/SAM combinations the two ZeRO passes (:mod:`dropgrad_dist.deepspeed_gnp`) would get wrong."""
     what = "gnp (gradient norm penalty / SAM)"
-    if engine.zero_optimization_stage() not in (1, 2):
-        raise _refuse(f"{what} with ZeRO stage {engine.zero_optimization_stage()}",
-                      "ZeRO-3 gathers the parameters from partitions that DeepSpeed refreshes only inside its own "
-                      "step, so a perturbed step that DeepSpeed skips could not be undone; use stage 1 or 2")
     if engine.gradient_accumulation_steps() != 1:
         raise _refuse(f"{what} with gradient_accumulation_steps={engine.gradient_accumulation_steps()}",
                       "each pass is one DeepSpeed backward and step; set gradient_accumulation_steps to 1")
     if _stepped_apart(zero_optimizer):
-        raise _refuse(f"{what} with several parameter groups under the ZeRO optimizer",
+        raise _refuse(f"{what} with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer",
                       "DeepSpeed updates one group after another, so no global norm exists before the first group "
                       "moves; use one parameter group (or bf16 with DeepSpeed's BF16_Optimizer)")
     if gnp.get("perturbation") == "local":

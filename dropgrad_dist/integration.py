@@ -107,7 +107,7 @@ class Regularizers:
         accumulate, it loops over micro-batches itself (``accelerator.no_sync(model)`` on all but the
         last), with the Accelerator's ``gradient_accumulation_steps`` left at 1. Under fp16 the
         accelerator's GradScaler steps (a non-finite pass skips the step); the LR scheduler sees the skip.
-        Under DeepSpeed (ZeRO-1/2) each pass is one ``accelerator.backward`` (docs/deepspeed.md).
+        Under DeepSpeed ZeRO each pass is one ``accelerator.backward`` (docs/deepspeed.md).
         """
         if self.gnp is None:
             raise ValueError("Regularizers.step(closure) runs the gradient norm penalty; without gnp= call "

@@ -51,6 +51,8 @@ GNP_CONFIGS = [
     # bf16: a radius whose effect on the gradients is well above the bf16 tolerance
     ("zero2_bf16_adamw_sam", 2, True, "adamw", None, ZERO, dict(alpha=1.0, r=0.5)),
     ("zero1_bf16_fp32acc_sgd_gnp", 1, "fp32", "sgd", None, BF16, dict(alpha=0.5, r=0.5)),
+    ("zero3_fp32_adamw_gnp", 3, False, "adamw", None, ZERO3, dict(alpha=0.5, r=0.1)),
+    ("zero3_bf16_sgd_sam_clip", 3, True, "sgd", 0.05, ZERO3, dict(alpha=1.0, r=0.5)),
 ]
 
 
@@ -206,8 +208,8 @@ def _penalized_runs() -> dict:
         dtype = next(engine.module.parameters()).dtype
         accelerator.backward(nn.functional.mse_loss(engine(x[:4].to(dtype)).float(), y[:4]))
     out["outside"] = all((before[key] == value).all() for key, value in _final_params(engine).items())
-    out["skipped"] = {name: _skipped_steps(stage, bf16) for name, stage, bf16 in (("zero2_fp32", 2, False),
-                                                                                  ("bf16_optimizer", 1, "fp32"))}
+    out["skipped"] = {name: _skipped_steps(stage, bf16) for name, stage, bf16 in (
+        ("zero2_fp32", 2, False), ("bf16_optimizer", 1, "fp32"), ("zero3_bf16", 3, True))}
     return out
 
 
@@ -300,27 +302,25 @@ def _example(checkpoint_dir: str, sam: float | None = None) -> list[float]:
 def _resumes_exactly(stage: int, checkpoint_dir: str) -> dict:
     """save_state after 2 steps, a 3rd step; a fresh engine loading the checkpoint takes the same 3rd step.
 
-    With GNP (its warmup ramps with its step count) under ZeRO-2."""
+    With GNP, whose warmup ramps with its step count."""
     from dropgrad_dist import prepare_regularizers
 
-    options = dict(dropgrad=dict(RATES, seed=SEED), clipping=dict(method="auto_clip", p_autoclip=0.5))
-    if stage == 2:
-        options["gnp"] = dict(alpha=0.5, r=0.05, warmup="lambda", warmup_steps=4)
+    options = dict(dropgrad=dict(RATES, seed=SEED), clipping=dict(method="auto_clip", p_autoclip=0.5),
+                   gnp=dict(alpha=0.5, r=0.05, warmup="lambda", warmup_steps=4))
     runs = []
     for resume in (False, True):
         accelerator = _new_accelerator(stage, False)
         model = make_model()
         engine, optimizer = accelerator.prepare(model, make_optimizer("adamw", model.parameters()))
         regularizers = prepare_regularizers(accelerator, engine, optimizer, **options)
-        stepping = regularizers if regularizers.gnp is not None else None
         if resume:
             accelerator.load_state(checkpoint_dir)
-            assert (regularizers.step_index, len(regularizers.clipper.history)) == (2, 2)
-            assert stepping is None or regularizers.gnp.step_index == 2
+            assert (regularizers.step_index, len(regularizers.clipper.history), regularizers.gnp.step_index) == \
+                (2, 2, 2)
         else:
-            _train(accelerator, engine, [0, 1], regularizers=stepping)
+            _train(accelerator, engine, [0, 1], regularizers=regularizers)
             accelerator.save_state(checkpoint_dir)
-        _train(accelerator, engine, [2], regularizers=stepping)
+        _train(accelerator, engine, [2], regularizers=regularizers)
         runs.append(_final_params(engine))
         assert regularizers.step_index == 3
     return {"uninterrupted": runs[0], "resumed": runs[1],
@@ -333,12 +333,12 @@ def _refusals() -> dict[str, str]:
 
     messages = {}
     gnp = dict(alpha=0.5, r=0.05)
-    for name, stage, clipping, options in (
-            ("deepspeed_clipping", 2, 1.0, {}),
-            ("gnp_zero3", 3, 0.0, {"gnp": gnp}),
-            ("gnp_local", 2, 0.0, {"gnp": dict(gnp, perturbation="local")}),
-            ("layer_wise", 2, 0.0, {"clipping": dict(method="layer_wise")})):
-        accelerator = _new_accelerator(stage, False, clipping)
+    for name, stage, clipping, micro, options in (
+            ("deepspeed_clipping", 2, 1.0, 1, {}),
+            ("gnp_accumulate", 2, 0.0, 2, {"gnp": gnp}),
+            ("gnp_local", 2, 0.0, 1, {"gnp": dict(gnp, perturbation="local")}),
+            ("layer_wise", 2, 0.0, 1, {"clipping": dict(method="layer_wise")})):
+        accelerator = _new_accelerator(stage, False, clipping, micro)
         model = make_model()
         engine, optimizer = accelerator.prepare(model, make_optimizer("sgd", model.parameters()))
         with pytest.raises(ValueError) as refused:
@@ -401,7 +401,7 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
         refusals = rank_result["refusals"]
         assert "gradient_clipping=1.0" in refusals["deepspeed_clipping"] and "set gradient_clipping to 0" in \
             refusals["deepspeed_clipping"]
-        assert "gnp (gradient norm penalty / SAM) with ZeRO stage 3 is not supported" in refusals["gnp_zero3"]
+        assert "with gradient_accumulation_steps=2 is not supported" in refusals["gnp_accumulate"]
         assert "perturbation='local' is not supported" in refusals["gnp_local"]
         assert "'layer_wise'" in refusals["layer_wise"]
         for losses in (rank_result["example"], rank_result["example_sam"]):

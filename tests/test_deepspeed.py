@@ -186,13 +186,19 @@ def _train(accelerator, engine, steps: list[int], micro: int = 1, regularizers=N
 
 def _penalized_runs() -> dict:
     """GNP/SAM configurations: what each rank saw, and DeepSpeed's own step count (once per step, not per pass)."""
+    from deepspeed.runtime.lr_schedules import WarmupLR
+
     from dropgrad_dist import prepare_regularizers
 
     out = {}
     for name, stage, bf16, optimizer_name, clip, _, gnp in GNP_CONFIGS:
         accelerator = _new_accelerator(stage, bf16)
         model = make_model()
-        engine, optimizer = accelerator.prepare(model, make_optimizer(optimizer_name, model.parameters()))
+        client = make_optimizer(optimizer_name, model.parameters())
+        # A DeepSpeed LR schedule, which the engine steps: constant here, so only its step count tells.
+        lr = client.param_groups[0]["lr"]
+        schedule = WarmupLR(client, warmup_min_lr=lr, warmup_max_lr=lr, warmup_num_steps=10)
+        engine, optimizer, _ = accelerator.prepare(model, client, schedule)
         clipping = dict(method="norm", clipping_level=clip) if clip is not None else None
         regularizers = prepare_regularizers(accelerator, engine, optimizer, dropgrad=dict(RATES, seed=SEED),
                                             clipping=clipping, gnp=gnp)
@@ -200,7 +206,8 @@ def _penalized_runs() -> dict:
         out[name] = {"grads": [_plain(grads) for grads in seen], "params": _final_params(engine),
                      "step_index": regularizers.step_index, "optimizer": type(engine.optimizer).__name__,
                      "gnp_steps": (regularizers.gnp.step_index, regularizers.gnp.penalty_steps),
-                     "engine_steps": (engine.global_steps, engine.micro_steps),
+                     "engine_steps": (engine.global_steps, engine.micro_steps,
+                                      engine.lr_scheduler.last_batch_iteration + 1),
                      "state_linked": _optimizer_state_linked(engine, optimizer_name)}
     # A backward outside regularizers.step would update without the penalty: refused before DeepSpeed steps.
     before, (x, y) = _final_params(engine), batches()[0]
@@ -387,7 +394,8 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
         expected_penalty_steps = sum(penalized.penalizes(t) for t in range(STEPS))
         for rank_result in results:
             assert rank_result[name]["gnp_steps"] == (STEPS, expected_penalty_steps), name
-            assert rank_result[name]["engine_steps"] == (STEPS, STEPS), name  # DeepSpeed counts steps, not passes
+            # DeepSpeed counts steps, not passes, and steps its LR schedule once per step
+            assert rank_result[name]["engine_steps"] == (STEPS, STEPS, STEPS), name
             assert rank_result[name]["state_linked"], name
             assert rank_result["outside"]
             for skipped in rank_result["skipped"].values():

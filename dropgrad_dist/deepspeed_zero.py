@@ -40,7 +40,7 @@ from .gnp import GradientNormPenalty
 from .optim import DropGrad
 from .shards import FlatPiece, drop_locals_
 
-__all__ = ["ZeroPartitions", "prepare_deepspeed"]
+__all__ = ["ZeroPartitions", "ZeroRegularizers", "prepare_deepspeed"]
 
 
 def _refuse(what: str, why: str) -> ValueError:
@@ -150,7 +150,7 @@ def _masking_client_step(client: torch.optim.Optimizer, partitions: ZeroPartitio
     return step
 
 
-class PartitionStep(torch.optim.Optimizer):
+class _PartitionStep(torch.optim.Optimizer):
     """This rank's fp32 partitions (one group each), stepped by the masking client step: what GNP/SAM wraps.
 
     Its parameter list stays fixed (ZeRO-3 empties the client's groups outside its step), so the
@@ -263,7 +263,7 @@ def prepare_deepspeed(accelerator: Any, engine: nn.Module, optimizer: Any, *, dr
     if gnp is not None:
         # Each rank's partition is a disjoint part of every parameter: ||g|| sums the ranks' squares over the
         # data-parallel group, what GradientNormPenalty does over pipeline stages (pp_mesh).
-        update = PartitionStep(partitions, _masking_client_step(client, partitions, drop, clipper))
+        update = _PartitionStep(partitions, _masking_client_step(client, partitions, drop, clipper))
         penalty = GradientNormPenalty(update, **gnp, model=model, pp_mesh=partitions.shard_groups[0])
         penalty.include_state_in_state_dict = False
         passes = ZeroPenaltyPasses(engine, zero_step, penalty)

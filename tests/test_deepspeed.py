@@ -209,10 +209,21 @@ def _penalized_runs() -> dict:
                      "engine_steps": (engine.global_steps, engine.micro_steps,
                                       engine.lr_scheduler.last_batch_iteration + 1),
                      "state_linked": _optimizer_state_linked(engine, optimizer_name)}
+    # The second pass replays the first pass's random state (dropout sees the same sub-network).
+    draws, (x, y) = [], batches()[0]
+    dtype = next(engine.module.parameters()).dtype
+
+    def drawing_closure():
+        draws.append(torch.rand(1).item())
+        loss = nn.functional.mse_loss(engine(x[:4].to(dtype)).float(), y[:4])
+        accelerator.backward(loss)
+        return loss
+
+    regularizers.step(drawing_closure)
+    out["replayed"] = len(draws) == 2 and draws[0] == draws[1] != torch.rand(1).item()
     # A backward outside regularizers.step would update without the penalty: refused before DeepSpeed steps.
-    before, (x, y) = _final_params(engine), batches()[0]
+    before = _final_params(engine)
     with pytest.raises(RuntimeError, match="step with regularizers.step"):
-        dtype = next(engine.module.parameters()).dtype
         accelerator.backward(nn.functional.mse_loss(engine(x[:4].to(dtype)).float(), y[:4]))
     out["outside"] = all((before[key] == value).all() for key, value in _final_params(engine).items())
     out["skipped"] = {name: _skipped_steps(stage, bf16) for name, stage, bf16 in (
@@ -397,7 +408,7 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
             # DeepSpeed counts steps, not passes, and steps its LR schedule once per step
             assert rank_result[name]["engine_steps"] == (STEPS, STEPS, STEPS), name
             assert rank_result[name]["state_linked"], name
-            assert rank_result["outside"]
+            assert rank_result["outside"] and rank_result["replayed"]
             for skipped in rank_result["skipped"].values():
                 assert skipped == {"unchanged": [True] * 4, "counts": [0, 0], "same": True}
 

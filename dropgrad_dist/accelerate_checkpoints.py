@@ -1,4 +1,7 @@
-"""``accelerator.load_state`` all or nothing: the regularizers' files are validated on every rank first.
+"""The regularizers' state in ``accelerator.save_state``/``load_state``, all or nothing, validated on every rank first.
+
+:func:`attach_to_checkpoints` writes a handle's state (JSON, per-rank safetensors for restart sums)
+through Accelerate's save hooks.
 
 Accelerate loads an FSDP model and optimizer before it runs its load pre-hooks, so a regularizer
 file refused in a hook would leave the optimizer state half replaced. The wrapper installed here
@@ -14,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import checkpoint as _checkpoint
 from .agreement import collective_device
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["make_load_state_all_or_nothing"]
+__all__ = ["attach_to_checkpoints", "make_load_state_all_or_nothing"]
 
 
 def _checkpoint_dir(accelerator: Accelerator, input_dir: str | None) -> str | None:
@@ -89,3 +93,32 @@ def make_load_state_all_or_nothing(accelerator: Accelerator) -> None:
         return result
 
     accelerator.load_state = load_state
+
+
+def attach_to_checkpoints(accelerator: Accelerator, handle: Any) -> None:
+    """Save and load ``handle``'s state (a ``Regularizers``) with ``accelerator.save_state``/``load_state``.
+
+    Files: ``dropgrad_dist_state_<i>.json`` (``handle.state_dict()``, written by the main process) and
+    ``..._rank<r>.safetensors`` (each rank's restart sums), ``i`` counting the handles of ``accelerator``.
+    """
+    handles = accelerator.__dict__.setdefault("_dropgrad_dist_handles", [])
+    stem = handle._stem = f"dropgrad_dist_state_{len(handles)}"
+    handles.append(handle)
+    rank = handle._rank = accelerator.process_index
+
+    def save(models: Any, weights: Any, output_dir: str) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        if accelerator.is_main_process or (accelerator.is_local_main_process
+                                           and accelerator.project_configuration.save_on_each_node):
+            _checkpoint.write_json(os.path.join(output_dir, f"{stem}.json"), handle.state_dict())
+        if handle.restarter is not None:
+            _checkpoint.write_tensors(os.path.join(output_dir, f"{stem}_rank{rank}.safetensors"),
+                                      handle.restart_sums())
+
+    def load(models: Any, input_dir: str) -> None:
+        if not accelerator.__dict__.get("_dropgrad_dist_loading"):  # load_state's wrapper applies it
+            handle.prepare_checkpoint(input_dir)()
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+    make_load_state_all_or_nothing(accelerator)

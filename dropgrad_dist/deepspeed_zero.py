@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2/3 (through Accelerate): DropGrad and clipping on this rank's fp32 gradient partition.
+"""DeepSpeed ZeRO-1/2/3 (through Accelerate): DropGrad, clipping and GNP/SAM on this rank's fp32 partition.
 
 Under DeepSpeed every ``p.grad`` is ``None`` after backward: the reduced gradient lives only in
 this rank's flat fp32 partition, formed inside the ZeRO optimizer's ``step()`` and handed to the
@@ -14,28 +14,33 @@ client optimizer (the user's ``torch.optim`` optimizer) right before the update.
   ``[lp_fragment_address.start, + numel)`` of ``p``: its mask is ``(seed, t, key(p), i, rate)`` on
   those global coordinates, exactly the one-process mask (one engine call for all fragments). Under
   ZeRO-3 parameter ``p``'s piece ``p.ds_tensor`` holds the coordinates from ``rank * ds_numel`` on.
+- with GNP/SAM the client step is :class:`~dropgrad_dist.deepspeed_gnp.ZeroPenaltyPasses`'
+  (perturb in the first pass; combine, then mask, clip, update in the second).
 
 Math: ``g_frag <- m_t(key, i) * g_frag / (1 - p)`` on each fragment, then ``clip``, then the update.
 Supported: ZeRO stage 1, 2 and 3, fp32 and bf16 (DeepSpeed's ``BF16_Optimizer`` or the ZeRO
-optimizer with bf16), any client ``torch.optim`` optimizer, ``save_state``/``load_state``.
+optimizer with bf16), any client ``torch.optim`` optimizer, GNP/SAM, ``save_state``/``load_state``.
 Refused, each with its reason: fp16 loss scaling, DeepSpeed's own ``gradient_clipping``, optimizer
-offload, ``full_update_drop``/``step_skip_rate``, restarts, GNP/SAM, layer-wise clipping, and
-clipping when the ZeRO optimizer steps several parameter groups (or ZeRO-3 sub-groups) apart.
+offload, ``full_update_drop``/``step_skip_rate``, restarts, layer-wise clipping, clipping or GNP/SAM
+when the ZeRO optimizer steps several parameter groups (or ZeRO-3 sub-groups) apart, and GNP/SAM
+with gradient accumulation, ``perturbation="local"``, ``first_pass="given"`` or ``pp_mesh``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from .clip import GradientClipper
+from .deepspeed_gnp import ZeroPenaltyPasses
+from .gnp import GradientNormPenalty
 from .optim import DropGrad
 from .shards import FlatPiece, drop_locals_
 
-__all__ = ["ZeroPartitions", "prepare_deepspeed"]
+__all__ = ["ZeroPartitions", "ZeroRegularizers", "prepare_deepspeed"]
 
 
 def _refuse(what: str, why: str) -> ValueError:
@@ -145,8 +150,33 @@ def _masking_client_step(client: torch.optim.Optimizer, partitions: ZeroPartitio
     return step
 
 
+class _PartitionStep(torch.optim.Optimizer):
+    """This rank's fp32 partitions (one group each), stepped by the masking client step: what GNP/SAM wraps.
+
+    Its parameter list stays fixed (ZeRO-3 empties the client's groups outside its step), so the
+    penalty's step count sees every update of the partitions.
+    """
+
+    def __init__(self, partitions: ZeroPartitions, masked_step: Callable[..., Any]) -> None:
+        super().__init__([{"params": [flat]} for flat in partitions.flats], {})
+        self._masked_step = masked_step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("the DeepSpeed partition step takes no closure")
+        return self._masked_step()
+
+
+def _stepped_apart(zero_optimizer: Any) -> bool:
+    """Whether DeepSpeed's ZeRO optimizer updates several parameter groups (or ZeRO-3 sub-groups) one by one."""
+    groups = getattr(zero_optimizer, "single_partition_of_fp32_groups", None) or \
+        getattr(zero_optimizer, "fp32_partitioned_groups_flat", [])
+    return len(groups) > 1
+
+
 def _check_engine(engine: Any, zero_optimizer: Any, dropgrad: Mapping[str, Any], clipping: Mapping[str, Any] | None,
-                  restarts: Any, gnp: Any) -> None:
+                  restarts: Any) -> None:
     """Refuse, before anything changes, every combination this integration would get wrong."""
     if engine.fp16_enabled():
         raise _refuse("fp16", "DeepSpeed's loss scaler skips overflowing steps inside its optimizer, after DropGrad "
@@ -162,24 +192,50 @@ def _check_engine(engine: Any, zero_optimizer: Any, dropgrad: Mapping[str, Any],
                       "gradient masking runs inside its step")
     if restarts is not None:
         raise _refuse("restarts", "the iterate averages would live in DeepSpeed's fp32 partitions")
-    if gnp is not None:
-        raise _refuse("gnp (gradient norm penalty / SAM)", "Accelerate's DeepSpeed backward calls engine.step() "
-                      "itself, so the second gradient pass at the perturbed point cannot run before the update")
     if clipping is not None:
         if clipping.get("method") == "layer_wise":
             raise _refuse("clipping method 'layer_wise'", "a ZeRO partition holds fragments of several parameters; "
                           "the global methods ('norm', 'auto_clip', 'coordinate_wise', the random ones) work")
-        stepped_apart = getattr(zero_optimizer, "single_partition_of_fp32_groups", None) or \
-            getattr(zero_optimizer, "fp32_partitioned_groups_flat", [])
-        if len(stepped_apart) > 1:
+        if _stepped_apart(zero_optimizer):
             raise _refuse("clipping with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer",
                           "DeepSpeed updates one group after another, so no global norm exists before the first "
                           "group's update; use one parameter group (or bf16 with DeepSpeed's BF16_Optimizer)")
 
 
+def _check_penalty(engine: Any, zero_optimizer: Any, gnp: Mapping[str, Any]) -> None:
+    """Refuse the GNP/SAM combinations the two ZeRO passes (:mod:`dropgrad_dist.deepspeed_gnp`) would get wrong."""
+    what = "gnp (gradient norm penalty / SAM)"
+    if engine.gradient_accumulation_steps() != 1:
+        raise _refuse(f"{what} with gradient_accumulation_steps={engine.gradient_accumulation_steps()}",
+                      "each pass is one DeepSpeed backward and step; set gradient_accumulation_steps to 1")
+    if _stepped_apart(zero_optimizer):
+        raise _refuse(f"{what} with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer",
+                      "DeepSpeed updates one group after another, so no global norm exists before the first group "
+                      "moves; use one parameter group (or bf16 with DeepSpeed's BF16_Optimizer)")
+    if gnp.get("perturbation") == "local":
+        raise _refuse("gnp perturbation='local'", "DeepSpeed reduces the gradient inside backward, so no rank holds "
+                      "its own unreduced gradient; use perturbation='global'")
+    if gnp.get("first_pass") == "given":
+        raise _refuse("gnp first_pass='given'", "a backward before regularizers.step would already update; let the "
+                      "closure run both passes (first_pass='closure')")
+    if "pp_mesh" in gnp:
+        raise _refuse("gnp pp_mesh=", "the norm is summed over the data-parallel partitions; DeepSpeed's pipeline "
+                      "engine is not integrated")
+
+
+class ZeroRegularizers(NamedTuple):
+    """What :func:`prepare_deepspeed` hooked into the engine (None where not asked for)."""
+
+    dropgrad: DropGrad | None
+    clipper: GradientClipper | None
+    penalty: GradientNormPenalty | None
+    penalty_step: Callable[..., Any] | None  # regularizers.step(closure) with GNP/SAM
+
+
 def prepare_deepspeed(accelerator: Any, engine: nn.Module, optimizer: Any, *, dropgrad: Mapping[str, Any] | None,
-                      clipping: Mapping[str, Any] | None, restarts: Any, gnp: Any) -> tuple[Any, Any]:
-    """Hook DropGrad (and clipping) into a prepared DeepSpeed engine; returns ``(DropGrad or None, clipper or None)``.
+                      clipping: Mapping[str, Any] | None, restarts: Any,
+                      gnp: Mapping[str, Any] | None) -> ZeroRegularizers:
+    """Hook DropGrad, clipping and GNP/SAM into a prepared DeepSpeed engine.
 
     ``engine``/``optimizer``: what ``accelerator.prepare`` returned (the ``DeepSpeedEngine`` and
     Accelerate's ``DeepSpeedOptimizerWrapper``). Validates everything before changing anything.
@@ -189,19 +245,33 @@ def prepare_deepspeed(accelerator: Any, engine: nn.Module, optimizer: Any, *, dr
                          f"accelerator.prepare, got {type(engine).__name__}")
     zero_optimizer = engine.optimizer
     client = getattr(zero_optimizer, "optimizer", None)
-    _check_engine(engine, zero_optimizer, dict(dropgrad or {}), clipping, restarts, gnp)
+    _check_engine(engine, zero_optimizer, dict(dropgrad or {}), clipping, restarts)
+    if gnp is not None:
+        _check_penalty(engine, zero_optimizer, gnp)
     if not isinstance(client, torch.optim.Optimizer):
         raise _refuse(f"the engine optimizer {type(zero_optimizer).__name__}",
                       "DropGrad needs DeepSpeed's ZeRO optimizer around a torch.optim client optimizer")
     partitions = ZeroPartitions(zero_optimizer)
     model = engine.module  # canonical names: the one-process model's (the engine adds "module.")
+    zero_step = zero_optimizer.step
     drop = None
     if dropgrad is not None:
-        drop = DropGrad(_ZeroStep(partitions.groups, zero_optimizer.step), **dropgrad, model=model)
+        drop = DropGrad(_ZeroStep(partitions.groups, zero_step), **dropgrad, model=model)
         drop.include_state_in_state_dict = False  # the integration's JSON file holds it
     clipper = GradientClipper(**clipping, model=model) if clipping is not None else None
+    penalty = passes = None
+    if gnp is not None:
+        # Each rank's partition is a disjoint part of every parameter: ||g|| sums the ranks' squares over the
+        # data-parallel group, what GradientNormPenalty does over pipeline stages (pp_mesh).
+        update = _PartitionStep(partitions, _masking_client_step(client, partitions, drop, clipper))
+        penalty = GradientNormPenalty(update, **gnp, model=model, pp_mesh=partitions.shard_groups[0])
+        penalty.include_state_in_state_dict = False
+        passes = ZeroPenaltyPasses(engine, zero_step, penalty)
     if drop is not None:
         zero_optimizer.step = drop.step  # engine.step() -> DropGrad.step -> DeepSpeed's ZeRO step
-    if drop is not None or clipper is not None:
+    if passes is not None:
+        zero_optimizer.step = passes.guard(zero_optimizer.step)
+        client.step = passes.client_step  # perturb, or combine and then mask, clip, update
+    elif drop is not None or clipper is not None:
         client.step = _masking_client_step(client, partitions, drop, clipper)
-    return drop, clipper
+    return ZeroRegularizers(drop, clipper, penalty, passes.step if passes is not None else None)

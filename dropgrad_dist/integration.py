@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as _checkpoint
-from .accelerate_checkpoints import make_load_state_all_or_nothing
+from .accelerate_checkpoints import attach_to_checkpoints
 from .checks import ArgumentTypeError
 from .clip import ClippedOptimizer, GradientClipper
 from .gnp import GradientNormPenalty
@@ -63,7 +63,8 @@ class Regularizers:
 
     def __init__(self, mode: Mode, model: nn.Module, dropgrad: Any = None, clipper: GradientClipper | None = None,
                  restarter: Restarter | None = None, gnp: GradientNormPenalty | None = None,
-                 accelerator: Accelerator | None = None, optimizer: Any = None) -> None:
+                 accelerator: Accelerator | None = None, optimizer: Any = None, *,
+                 penalty_step: Callable[..., Any] | None = None) -> None:
         self.mode = mode
         self.model = model
         self.dropgrad = dropgrad
@@ -72,6 +73,8 @@ class Regularizers:
         self.gnp = gnp
         self._accelerator = accelerator
         self._optimizer = optimizer  # the AcceleratedOptimizer
+        # What runs one GNP/SAM step: the wrapper's own step, or (DeepSpeed) the two passes around its ZeRO step.
+        self._penalty_step = penalty_step if penalty_step is not None else (gnp.step if gnp is not None else None)
         # accelerator.load_state takes no options: set False to resume with a changed configuration.
         self.strict_load = True
 
@@ -104,6 +107,7 @@ class Regularizers:
         accumulate, it loops over micro-batches itself (``accelerator.no_sync(model)`` on all but the
         last), with the Accelerator's ``gradient_accumulation_steps`` left at 1. Under fp16 the
         accelerator's GradScaler steps (a non-finite pass skips the step); the LR scheduler sees the skip.
+        Under DeepSpeed ZeRO each pass is one ``accelerator.backward`` (docs/deepspeed.md).
         """
         if self.gnp is None:
             raise ValueError("Regularizers.step(closure) runs the gradient norm penalty; without gnp= call "
@@ -112,7 +116,7 @@ class Regularizers:
             raise ValueError("GNP/SAM accumulates inside its closure: create the Accelerator with "
                              "gradient_accumulation_steps=1 and loop over micro-batches in the closure")
         before = self.gnp.step_index
-        loss = self.gnp.step(closure, scaler=self._accelerator.scaler)
+        loss = self._penalty_step(closure, scaler=self._accelerator.scaler)
         # AcceleratedOptimizer.step_was_skipped: what its schedulers read to skip their step too.
         self._optimizer._is_overflow = self.gnp.step_index == before
         return loss
@@ -246,30 +250,6 @@ class Regularizers:
             sums = _checkpoint.read_tensors(os.path.join(input_dir, f"{self._stem}_rank{self._rank}.safetensors"),
                                             "dropgrad_dist")
         return self.prepare_state(state, restart_sums=sums)
-
-    def _attach_to_checkpoints(self, accelerator: Accelerator) -> None:
-        """Save and load this state with ``accelerator.save_state``/``load_state`` (JSON + safetensors)."""
-        handles = accelerator.__dict__.setdefault("_dropgrad_dist_handles", [])
-        stem = self._stem = f"dropgrad_dist_state_{len(handles)}"
-        handles.append(self)
-        rank = self._rank = accelerator.process_index
-
-        def save(models: Any, weights: Any, output_dir: str) -> None:
-            os.makedirs(output_dir, exist_ok=True)
-            if accelerator.is_main_process or (accelerator.is_local_main_process
-                                               and accelerator.project_configuration.save_on_each_node):
-                _checkpoint.write_json(os.path.join(output_dir, f"{stem}.json"), self.state_dict())
-            if self.restarter is not None:
-                _checkpoint.write_tensors(os.path.join(output_dir, f"{stem}_rank{rank}.safetensors"),
-                                          self.restart_sums())
-
-        def load(models: Any, input_dir: str) -> None:
-            if not accelerator.__dict__.get("_dropgrad_dist_loading"):  # load_state's wrapper applies it
-                self.prepare_checkpoint(input_dir)()
-
-        accelerator.register_save_state_pre_hook(save)
-        accelerator.register_load_state_pre_hook(load)
-        make_load_state_all_or_nothing(accelerator)
 
 
 DropGradHandle = Regularizers  # the name prepare_dropgrad's handle had
@@ -460,7 +440,8 @@ def prepare_regularizers(
             raise ValueError("dropgrad compress= composes with DDP's communication hook; DeepSpeed reduces "
                              "gradients itself (use its own communication_data_type instead)")
         return _prepare_deepspeed(accelerator, model, optimizer, drop_options if dropgrad is not None else None,
-                                  clip_options if clipping is not None else None, restarts, gnp)
+                                  clip_options if clipping is not None else None, restarts,
+                                  gnp_options if gnp is not None else None)
     else:
         raise _unsupported(kind)
 
@@ -500,21 +481,23 @@ def prepare_regularizers(
     if drop is not None:
         _forward_drop_rate(optimizer, drop)
     handle = Regularizers(mode, model, drop, clipper, restarter, penalty, accelerator, optimizer)
-    handle._attach_to_checkpoints(accelerator)
+    attach_to_checkpoints(accelerator, handle)
     return handle
 
 
 def _prepare_deepspeed(accelerator: Accelerator, model: nn.Module, optimizer: Any, drop_options: dict[str, Any] | None,
-                       clip_options: dict[str, Any] | None, restarts: Any, gnp: Any) -> Regularizers:
+                       clip_options: dict[str, Any] | None, restarts: Any,
+                       gnp_options: dict[str, Any] | None) -> Regularizers:
     """DeepSpeed ZeRO: the regularizers act inside the ZeRO step (see :mod:`dropgrad_dist.deepspeed_zero`)."""
     from .deepspeed_zero import prepare_deepspeed
 
-    drop, clipper = prepare_deepspeed(accelerator, model, optimizer, dropgrad=drop_options,
-                                      clipping=clip_options, restarts=restarts, gnp=gnp)
-    if drop is not None:
-        _forward_drop_rate(optimizer, drop)
-    handle = Regularizers("deepspeed_zero", model, drop, clipper, None, None, accelerator, optimizer)
-    handle._attach_to_checkpoints(accelerator)
+    hooked = prepare_deepspeed(accelerator, model, optimizer, dropgrad=drop_options, clipping=clip_options,
+                               restarts=restarts, gnp=gnp_options)
+    if hooked.dropgrad is not None:
+        _forward_drop_rate(optimizer, hooked.dropgrad)
+    handle = Regularizers("deepspeed_zero", model, hooked.dropgrad, hooked.clipper, None, hooked.penalty, accelerator,
+                          optimizer, penalty_step=hooked.penalty_step)
+    attach_to_checkpoints(accelerator, handle)
     return handle
 
 

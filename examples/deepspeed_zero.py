@@ -1,7 +1,7 @@
-"""DropGrad and clipping under DeepSpeed ZeRO-2 through Accelerate (docs/deepspeed.md).
+"""DropGrad and clipping (and, with --sam RHO, SAM) under DeepSpeed ZeRO-2 through Accelerate (docs/deepspeed.md).
 
-GPUs:  accelerate launch --config_file examples/deepspeed_zero.yaml examples/deepspeed_zero.py
-CPU:   python examples/deepspeed_zero.py          (spawns 2 gloo ranks itself)
+GPUs:  accelerate launch --config_file examples/deepspeed_zero.yaml examples/deepspeed_zero.py [--sam 0.05] [DIR]
+CPU:   python examples/deepspeed_zero.py [--sam 0.05]          (spawns 2 gloo ranks itself)
 
 Each rank trains a small regression net on its half of every batch; DeepSpeed's ZeRO-2 optimizer
 holds half of the fp32 weights and gradients per rank, and prepare_regularizers masks and clips
@@ -10,8 +10,8 @@ that half inside DeepSpeed's step, exactly as one process would mask the whole g
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 import tempfile
 
 import torch
@@ -23,8 +23,9 @@ CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepspee
 STEPS = 60
 
 
-def train(checkpoint_dir: str) -> list[float]:
-    """Train, print the loss every 20 steps, save the state; returns the printed losses."""
+def train(checkpoint_dir: str, sam: float | None = None) -> list[float]:
+    """Train (with SAM of radius ``sam`` if given), print the loss every 20 steps, save the state; returns
+    the printed losses."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
 
@@ -46,7 +47,8 @@ def train(checkpoint_dir: str) -> list[float]:
     engine, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.01))
     regularizers = prepare_regularizers(accelerator, engine, optimizer,
                                         dropgrad=dict(drop_rate=0.2, seed=0),
-                                        clipping=dict(method="norm", clipping_level=1.0))
+                                        clipping=dict(method="norm", clipping_level=1.0),
+                                        gnp=dict(alpha=1.0, r=sam) if sam is not None else None)
     generator = torch.Generator().manual_seed(1)
     teacher = torch.randn(8, 1, generator=generator)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -55,8 +57,14 @@ def train(checkpoint_dir: str) -> list[float]:
         x = torch.randn(16 * world, 8, generator=generator)
         y = torch.tanh(x @ teacher)
         mine = slice(16 * rank, 16 * (rank + 1))
-        loss = nn.functional.mse_loss(engine(x[mine].to(engine.device)), y[mine].to(engine.device))
-        accelerator.backward(loss)  # DeepSpeed steps here: mask, clip, update
+
+        def closure(x=x, y=y):
+            loss = nn.functional.mse_loss(engine(x[mine].to(engine.device)), y[mine].to(engine.device))
+            accelerator.backward(loss)  # DeepSpeed steps here: mask, clip, update (with SAM: per pass)
+            return loss
+
+        # SAM evaluates the closure at theta and at theta + e, and DeepSpeed updates once.
+        loss = regularizers.step(closure) if sam is not None else closure()
         if step % 20 == 0 or step == STEPS - 1:
             metrics = regularizers.metrics()
             losses.append(loss.item())
@@ -78,15 +86,19 @@ def _record_cpu_ranks() -> None:
     AcceleratorState._shared_state.update(ranks)
 
 
-def _rank(rank: int, world_size: int, checkpoint_dir: str) -> None:
-    train(checkpoint_dir)
+def _rank(rank: int, world_size: int, checkpoint_dir: str, sam: float | None) -> None:
+    train(checkpoint_dir, sam)
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint_dir", nargs="?", default="deepspeed_zero_checkpoint")
+    parser.add_argument("--sam", type=float, default=None, metavar="RHO", help="SAM with this radius")
+    args = parser.parse_args()
     if "LOCAL_RANK" in os.environ:  # accelerate launch / torchrun
-        train(sys.argv[1] if len(sys.argv) > 1 else "deepspeed_zero_checkpoint")
+        train(args.checkpoint_dir, args.sam)
     else:
         from dropgrad_dist.testing import run_on_ranks
 
         with tempfile.TemporaryDirectory() as directory:
-            run_on_ranks(_rank, 2, directory, timeout=300)
+            run_on_ranks(_rank, 2, directory, args.sam, timeout=300)

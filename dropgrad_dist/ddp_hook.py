@@ -126,10 +126,10 @@ class DropGradHookState(PlannedRates):
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
                             f"got {type(process_group).__name__}")
-        self._unbind(check_seed(seed), communication, process_group, 0, 0, 0)
+        self._init_unbound(check_seed(seed), communication, process_group, 0, 0, 0)
         self._bind(model, drop_rate, params, drop_rate_scheduler)
 
-    def _unbind(self, seed: int, communication: Communication, process_group: dist.ProcessGroup | None,
+    def _init_unbound(self, seed: int, communication: Communication, process_group: dist.ProcessGroup | None,
                 step_index: int, sent: int, dense: int) -> None:
         self.seed, self.communication, self.process_group = seed, communication, process_group
         self.step_index, self.bytes_communicated, self.bytes_dense_equivalent = step_index, sent, dense
@@ -284,7 +284,7 @@ class DropGradHookState(PlannedRates):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore an unbound state; ``register(ddp_model)`` binds it (default process group)."""
         saved = state["state"]
-        self._unbind(state["seed"], state["communication"], None, saved["step_index"],
+        self._init_unbound(state["seed"], state["communication"], None, saved["step_index"],
                      saved.get("bytes_communicated", 0), saved.get("bytes_dense_equivalent", 0))
         self._spec, self._unbound_state = state["spec"], saved
 

@@ -7,7 +7,9 @@ parameters' identities in bucket order, the flat buffer's size, dtype and layout
 buckets after the first iterations (and ``bucket.index()`` then names other parameters), which
 gives a new key and so a new table. A table is rebuilt when the plan's configuration object
 changes (an assigned ``drop_rate`` re-resolves the entries); under a schedule only the rates are
-refreshed, when the plan's default rate changes.
+refreshed, when the plan's default rate changes. A real bucket's pieces are checked once, into a
+:class:`~dropgrad_dist.mask.SegmentTable` that holds no buffer (DDP's rebuilt buckets are freed):
+each round only the buffer's address and the salts are written.
 """
 
 from typing import NamedTuple
@@ -34,9 +36,9 @@ class Segment(NamedTuple):
 
 
 class BucketTable:
-    """The segments of one bucket layout and its engine pieces at the current rates."""
+    """The segments of one bucket layout, its engine pieces at the current rates and their checked table."""
 
-    __slots__ = ("segments", "has_complex", "config", "_pieces", "_rate")
+    __slots__ = ("segments", "has_complex", "config", "_pieces", "_rate", "_engine")
 
     def __init__(self, segments: list[Segment], config: object) -> None:
         self.segments = segments
@@ -44,6 +46,7 @@ class BucketTable:
         self.config = config  # the plan configuration the entries come from
         self._pieces: list[Piece] | None = None
         self._rate: float | None = None  # the default rate the pieces were built at
+        self._engine: _mask.SegmentTable | None = None  # the pieces checked once (real buckets)
 
     def pieces(self, plan: DropPlan) -> list[Piece]:
         """``(length, key, 0, rate)`` per segment (``(length, None, 0, None)`` untouched), at ``plan``'s rates."""
@@ -52,7 +55,18 @@ class BucketTable:
             self._pieces = [(s.length, None, 0, None) if s.entry is None else
                             (s.length, s.entry.key, 0, plan.rate_of(s.entry)) for s in self.segments]
             self._rate = rate
+            self._engine = None
         return self._pieces
+
+    def engine(self, plan: DropPlan, buffer: torch.Tensor) -> _mask.SegmentTable:
+        """The pieces at ``plan``'s rates as a :class:`~dropgrad_dist.mask.SegmentTable` (a real ``buffer``).
+
+        Built once per layout and rate: a round then costs one numpy pass, whatever the number of parameters.
+        """
+        pieces = self.pieces(plan)
+        if self._engine is None:
+            self._engine = _mask.SegmentTable(buffer, pieces)
+        return self._engine
 
 
 class BucketTables:
@@ -108,7 +122,10 @@ def mask_table_(buffer: torch.Tensor, table: BucketTable, plan: DropPlan, *, see
     complex number is one coordinate, its two reals dropped together).
     """
     if not table.has_complex:
-        _mask.drop_segments_(buffer, table.pieces(plan), seed=seed, step=step, extra_scale=scale, mask_out=keep)
+        if keep is None:
+            table.engine(plan, buffer).drop_(buffer, seed=seed, step=step, extra_scale=scale)
+        else:
+            _mask.drop_segments_(buffer, table.pieces(plan), seed=seed, step=step, extra_scale=scale, mask_out=keep)
         return
     for offset, length, entry, is_complex in table.segments:
         view = buffer[offset:offset + length]

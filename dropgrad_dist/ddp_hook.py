@@ -73,20 +73,24 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint as _checkpoint
 from . import mask as _mask
-from .checks import check_count, check_seed
+from .checks import check_seed
 from .collectives import without_backward_context
 from .ddp_buckets import BucketTable, BucketTables, mask_table_
+from .ddp_held_grads import guard_held_gradients
+from .ddp_hook_checkpoint import hook_state_dict, plan_spec, prepare_hook_state
+from .ddp_registration import check_registrable
+from .ddp_registration import refuse_per_parameter_call as _refuse_per_parameter_call
 from .ddp_rounds import Rounds
 from .ownership import claim_for_hook
 from .params import DropPlan, PlannedRates, RateSpec, named_parameters
-from .schedules import DropRateScheduler, read_schedule_state
+from .schedules import DropRateScheduler
 
 __all__ = ["DropGradHookState", "dropgrad_hook"]
 
 Communication = Literal["dense", "compact"]
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
+
 
 class DropGradHookState(PlannedRates):
     """State of :func:`dropgrad_hook`: which parameters are masked, the seed, and the step ``t``.
@@ -102,66 +106,52 @@ class DropGradHookState(PlannedRates):
         communication: ``"dense"`` (all-reduce the masked bucket) or ``"compact"``
             (all-reduce only the kept coordinates, plus one element for non-finite values).
 
-    Register with ``state.register(ddp_model)`` (or ``ddp_model.register_comm_hook(state,
-    dropgrad_hook)``). ``step_index`` (optimizer steps taken, the ``t`` of the masks),
-    ``bytes_communicated`` and ``bytes_dense_equivalent`` (cumulative bytes all-reduced by
-    :func:`dropgrad_hook`, and what a dense all-reduce of the same buckets would have sent) are
-    public counters; ``state_dict()``/``load_state_dict()`` resume the masks exactly.
+    Public counters: ``step_index`` (optimizer steps that ran, the ``t`` of the masks),
+    ``bytes_communicated`` and ``bytes_dense_equivalent`` (bytes all-reduced by :func:`dropgrad_hook`
+    so far, and what dense all-reduces of the same buckets would have sent); ``rounds``
+    (:class:`~dropgrad_dist.ddp_rounds.Rounds`: open round, agreement check, held send buffers).
+    Register with ``state.register(ddp_model)``; ``state_dict()``/``load_state_dict()`` resume exactly.
     """
 
-    # Compact all-reduce through a bool mask and an index array for every bucket, as before the pack
-    # kernels (the same results; for before/after benchmarks). Complex buckets always take it.
-    _compact_via_index = False
+    # Pickling goes through __getstate__/__setstate__ (no process group, no model), as PowerSGDState's.
+    __slots__ = ("seed", "communication", "process_group", "plan", "step_index", "bytes_communicated",
+                 "bytes_dense_equivalent", "rounds", "_compact_via_index", "_model", "_known", "_tables", "_spec",
+                 "_unbound_state", "_registered_on", "_hook_ran", "_suspended", "__weakref__")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        drop_rate: float | RateSpec | None = None,
-        params: RateSpec | None = None,
-        *,
-        drop_rate_scheduler: DropRateScheduler | None = None,
-        seed: int = 0,
-        process_group: dist.ProcessGroup | None = None,
-        communication: Communication = "dense",
-    ) -> None:
+    def __init__(self, model: nn.Module, drop_rate: float | RateSpec | None = None, params: RateSpec | None = None,
+                 *, drop_rate_scheduler: DropRateScheduler | None = None, seed: int = 0,
+                 process_group: dist.ProcessGroup | None = None, communication: Communication = "dense") -> None:
         if communication not in ("dense", "compact"):
             raise ValueError(f"communication must be 'dense' or 'compact', got {communication!r}")
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
                             f"got {type(process_group).__name__}")
-        self.seed = check_seed(seed)
-        self.communication: Communication = communication
-        self.process_group = process_group
-        self.step_index = 0  # optimizer steps that ran: the ``t`` of the masks
-        self.bytes_communicated = 0
-        self.bytes_dense_equivalent = 0
-        self._spec: dict[str, Any] | None = None  # the plan's arguments, while unbound (unpickled)
-        self._unbound_state: dict[str, Any] | None = None  # state to load once bound (unpickled)
+        self._init_unbound(check_seed(seed), communication, process_group, 0, 0, 0)
+        self._bind(model, drop_rate, params, drop_rate_scheduler)
+
+    def _init_unbound(self, seed: int, communication: Communication, process_group: dist.ProcessGroup | None,
+                step_index: int, sent: int, dense: int) -> None:
+        self.seed, self.communication, self.process_group = seed, communication, process_group
+        self.step_index, self.bytes_communicated, self.bytes_dense_equivalent = step_index, sent, dense
+        self.plan: DropPlan | None = None
+        self._spec = self._unbound_state = None  # the plan's arguments and state to load once bound (unpickled)
+        self._model, self._known, self._tables = None, set(), BucketTables()
         self._registered_on: weakref.ref | None = None
         self._hook_ran = False  # a hook of this state has masked a whole round (claimed its parameters)
         self._suspended = False
-        self.rounds = Rounds("DropGradHookState", process_group)  # rounds, agreement, held send buffers
-        self._bind(model, drop_rate, params, drop_rate_scheduler)
+        # Compact buckets through a bool mask and an index array (complex buckets always; benchmarks compare).
+        self._compact_via_index = False
+        self.rounds = Rounds("DropGradHookState", process_group)
 
-    # -- binding to a model --------------------------------------------------------------------
     def _bind(self, model: nn.Module, drop_rate, params, drop_rate_scheduler) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a DistributedDataParallel model or a torch.nn.Module, "
                             f"got {type(model).__name__}")
-        self._model = model
         named = named_parameters(model, trainable_only=True)
         self.plan = DropPlan(named, drop_rate, params, drop_rate_scheduler, names_allowed=True)
-        self._known = {item.param for item in named}
-        self._tables = BucketTables()
-        self._install_watchers()
-
-    def _install_watchers(self) -> None:
-        this = weakref.ref(self)
-        self.rounds.watch(self._known, self._optimizer_stepped)
-        handles = [entry.param.register_hook(_held_grad_check(this, weakref.ref(entry.param)))
-                   for entry in self.plan.entries]
-        # Tensor hooks outlive the state otherwise: drop them when it goes away.
-        weakref.finalize(self, _remove_all, handles)
+        self._model, self._known, self._tables = model, {item.param for item in named}, BucketTables()
+        self.rounds.watch(self._known, self.optimizer_stepped)
+        guard_held_gradients(self, self.rounds, (entry.param for entry in self.plan.entries))
 
     def register(self, ddp_model: DistributedDataParallel | None = None, hook: Hook | None = None) -> None:
         """Register ``hook`` (default :func:`dropgrad_hook`) with this state on ``ddp_model``.
@@ -169,69 +159,32 @@ class DropGradHookState(PlannedRates):
         ``ddp_model`` defaults to the DDP model the state was built from; an unpickled state is
         bound to ``ddp_model`` here. DDP accepts one communication hook per model.
         """
-        target = ddp_model if ddp_model is not None else self._model
-        if not isinstance(target, DistributedDataParallel):
-            raise TypeError("DropGrad's communication hook needs a torch.nn.parallel.DistributedDataParallel "
-                            f"model, got {type(target).__name__}; wrap the model in DDP first and pass it: "
-                            "state.register(ddp_model)")
-        if getattr(self, "plan", None) is None:  # unpickled: rebuild the plan on this model, then its state
-            spec, self._spec = self._spec, None
+        target = check_registrable(ddp_model if ddp_model is not None else self._model,
+                                   self._known if self.plan is not None else None)
+        if self.plan is None:  # unpickled: rebuild the plan on this model, then load its state
+            spec, state = self._spec, self._unbound_state
             self._bind(target, spec["drop_rate"], spec["params"], spec["scheduler"])
-            state, self._unbound_state = self._unbound_state, None
+            self._spec = self._unbound_state = None
             self.load_state_dict(state)
-        elif any(p not in self._known for p in target.parameters() if p.requires_grad):
-            raise ValueError("ddp_model holds parameters this state was not built from; "
-                             "build DropGradHookState from the same model")
-        if getattr(target, "_use_python_reducer", False):
-            raise ValueError(_PYTHON_REDUCER)
-        if getattr(target, "_comm_hooks", None):
-            raise RuntimeError(
-                "this DDP model already has a communication hook and DDP allows only one "
-                f"({target._comm_hooks[0][0].__qualname__}); register DropGrad once, and to combine it "
-                "with another hook register dropgrad_wrapper(other_hook) instead of both")
         claim_for_hook((entry.param for entry in self.plan.entries), self)  # before DDP holds the hook
         target.register_comm_hook(self, hook if hook is not None else dropgrad_hook)
         self._registered_on = weakref.ref(target)
 
     def _registered_model(self) -> DistributedDataParallel | None:
-        return self._registered_on() if self._registered_on is not None else None
+        return self._registered_on and self._registered_on()
 
     def masks_in_ddp(self) -> bool:
         """Whether this state's hook masks gradients inside a DDP all-reduce (registered, or has run)."""
         return self._hook_ran or self._registered_model() is not None
 
-    def _claim_bucket(self, bucket: dist.GradBucket) -> None:
-        """``ddp.register_comm_hook(state, dropgrad_hook)`` skips ``register``: claim at the first bucket."""
-        claim_for_hook((p for p in bucket.parameters() if self.plan.entry(p) is not None), self)
-        if bucket.is_last():
-            self._hook_ran = True
-
-    # -- rounds and steps --------------------------------------------------------------------------
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
-        """Backward passes inside average gradients without masking them (e.g. SAM's first pass).
-
-        Every rank must suspend the same passes (it is part of the agreement check).
-        """
+        """Backward passes inside average without masking (e.g. SAM's first pass); the same on every rank."""
         previous, self._suspended = self._suspended, True
         try:
             yield
         finally:
             self._suspended = previous
-
-    @torch.no_grad()
-    def mask_like_hook_(self, params: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
-        """Multiply ``tensors`` (whole gradients of ``params``, e.g. saved copies) by this step's masks.
-
-        ``tensor <- keep(seed, t, key, p) * tensor / (1 - p)``: what a round masks now, without averaging.
-        """
-        for param, tensor in zip(params, tensors):
-            entry = self.plan.entry(param)
-            if entry is None:
-                continue
-            rate = self.plan.rate_of(entry)
-            if rate > 0.0:  # drop_ masks a complex number as one coordinate, like a bucket's pairs
-                _mask.drop_(tensor, seed=self.seed, step=self.step_index, key=entry.key, rate=rate)
 
     @property
     def is_suspended(self) -> bool:
@@ -239,22 +192,21 @@ class DropGradHookState(PlannedRates):
         return self._suspended
 
     def begin_bucket(self, bucket: dist.GradBucket, hook_name: str, wait_now: bool) -> None:
-        """Called for every bucket; the first bucket of a backward pass opens a round.
+        """Every bucket; the first of a backward pass opens a round and starts the agreement check.
 
-        Opening a round launches the agreement check; ``wait_now`` waits for it here (compact:
-        what is sent depends on ``t``), otherwise the last bucket waits (dense: same sizes).
-        A suspended round (see :meth:`suspended`) averages without masking and consumes nothing.
+        ``wait_now`` waits for the check here (compact: what is sent depends on ``t``), else the last
+        bucket waits. A suspended round (see :meth:`suspended`) averages without masking.
         """
         if self.plan is None:
             raise RuntimeError("this DropGradHookState was unpickled and is not bound to a model: "
                                "call state.register(ddp_model) instead of ddp_model.register_comm_hook")
-        if not self._hook_ran:
-            self._claim_bucket(bucket)
-        if self.rounds.in_round:
-            return
-        name = f"{hook_name} (suspended)" if self._suspended else hook_name
-        self.rounds.open(self.agreement_fields(name), bucket.buffer().device, masking=not self._suspended,
-                         wait_now=wait_now)
+        if not self._hook_ran:  # ddp.register_comm_hook(state, hook) skips register: claim here
+            claim_for_hook((p for p in bucket.parameters() if self.plan.entry(p) is not None), self)
+            self._hook_ran = bucket.is_last()
+        if not self.rounds.in_round:
+            name = f"{hook_name} (suspended)" if self._suspended else hook_name
+            self.rounds.open(self.agreement_fields(name), bucket.buffer().device, masking=not self._suspended,
+                             wait_now=wait_now)
 
     def end_bucket(self, bucket: dist.GradBucket) -> None:
         """After every bucket: the last one closes the round (DDP reduces buckets in index order)."""
@@ -270,20 +222,11 @@ class DropGradHookState(PlannedRates):
         self.bytes_communicated += sent
         self.bytes_dense_equivalent += dense
 
-    def _optimizer_stepped(self) -> None:
+    def optimizer_stepped(self) -> None:
         """The first optimizer step over this model's parameters after a round: ``t`` advances."""
         self.step_index += 1
         self.plan.advance()
         self.rounds.consumed()
-
-    def _check_held_grad(self, param: torch.Tensor) -> None:
-        if self.rounds.unconsumed() > 0 and param.grad is not None and bool(param.grad.detach().ne(0).any()):
-            raise RuntimeError(
-                "DropGrad DDP hook: gradients were synchronized (and masked) and are still accumulated "
-                "in .grad without an optimizer step in between. Accumulating gradients across "
-                "synchronized micro-batches is not supported (masks would compound); accumulate "
-                "inside model.no_sync() (or accelerator.accumulate()), or call optimizer.zero_grad() "
-                "after a skipped step")
 
     def agreement_fields(self, hook_name: str) -> dict[str, object]:
         """What every rank must hold equally (checked every round)."""
@@ -295,37 +238,35 @@ class DropGradHookState(PlannedRates):
                 # advanced t: a rank that steps twice diverges without changing t.
                 "optimizer.step() calls since the last backward": self.rounds.steps_since_round()}
 
-    # -- masking a bucket ---------------------------------------------------------------------------
     def bucket_table(self, bucket: dist.GradBucket) -> BucketTable:
         """The bucket's segments and engine pieces, built once per bucket layout (see ddp_buckets.py)."""
         return self._tables.table(bucket, self.plan, self._known)
 
+    def bucket_engine(self, bucket: dist.GradBucket) -> _mask.SegmentTable | None:
+        """The bucket's checked :class:`~dropgrad_dist.mask.SegmentTable` (None: it packs through an index)."""
+        table = self.bucket_table(bucket)
+        return None if self._compact_via_index or table.has_complex else table.engine(self.plan, bucket.buffer())
+
     def mask_bucket_(self, bucket: dist.GradBucket, world_size: int, keep: torch.Tensor | None) -> None:
         """In place: masked coordinates times ``keep / (1 - p) / world_size``, others ``/ world_size``.
 
-        One engine call for the whole bucket, whatever the number of parameters in it; ``keep``
-        (bool, bucket-sized) receives the keep mask when given.
+        One engine call for the whole bucket; ``keep`` (bool, bucket-sized) receives the keep mask when given.
         """
         mask_table_(bucket.buffer(), self.bucket_table(bucket), self.plan, seed=self.seed, step=self.step_index,
                     scale=1.0 / world_size, keep=keep)
 
-    # -- checkpointing (rules: dropgrad_dist.checkpoint) ------------------------------------------
-    def _config(self) -> dict[str, Any]:
-        return {"seed": self.seed, "communication": self.communication, **self.plan.config()}
+    @torch.no_grad()
+    def mask_like_hook_(self, params: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
+        """``tensor <- keep(seed, t, key, p) * tensor / (1 - p)`` for whole gradients of ``params`` (no averaging)."""
+        for param, tensor in zip(params, tensors):
+            entry = self.plan.entry(param)
+            rate = 0.0 if entry is None else self.plan.rate_of(entry)
+            if rate > 0.0:  # drop_ masks a complex number as one coordinate, like a bucket's pairs
+                _mask.drop_(tensor, seed=self.seed, step=self.step_index, key=entry.key, rate=rate)
 
     def state_dict(self) -> dict[str, Any]:
         """Step count, schedule position and byte counters (progress) and the configuration: plain data."""
-        if self.plan is None:
-            return dict(self._unbound_state)
-        scheduler = self.plan.scheduler
-        return _checkpoint.plain({
-            "format": _checkpoint.FORMAT,
-            "step_index": self.step_index,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "bytes_communicated": self.bytes_communicated,
-            "bytes_dense_equivalent": self.bytes_dense_equivalent,
-            "config": self._config(),
-        })
+        return dict(self._unbound_state) if self.plan is None else hook_state_dict(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Restore progress; a different configuration raises unless ``strict=False``. Atomic."""
@@ -333,53 +274,19 @@ class DropGradHookState(PlannedRates):
 
     def prepare_state(self, state_dict: Mapping[str, Any], strict: bool) -> Callable[[], None]:
         """Validate ``state_dict`` completely and return what applies it."""
-        owner = "DropGradHookState"
-        step_index = _checkpoint.read_field(state_dict, "step_index", check_count, owner)
-        counters = [_checkpoint.read_field({"n": state_dict.get(name, 0)}, "n", check_count, f"{owner} {name}")
-                    for name in ("bytes_communicated", "bytes_dense_equivalent")]
-        saved_config = state_dict.get("config", {"seed": state_dict.get("seed")})
-        _checkpoint.check_config(owner, saved_config, self._config(), strict)
-        scheduler = self.plan.scheduler
-        scheduler_state = read_schedule_state(owner, state_dict, scheduler, strict)
-
-        def apply() -> None:
-            if scheduler_state is not None:
-                scheduler.load_state_dict(scheduler_state)  # a duck-typed schedule validates here
-            self.step_index = step_index
-            self.bytes_communicated, self.bytes_dense_equivalent = counters
-            self.rounds.reset()
-
-        return apply
+        return prepare_hook_state(self, state_dict, strict)
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable state without the process group and the model (like ``PowerSGDState``)."""
-        plan = self.plan
-        spec = self._spec if plan is None else {
-            "drop_rate": plan.drop_rate,
-            "params": {e.key: e.fixed_rate for e in plan.entries if e.fixed_rate is not None},
-            "scheduler": plan.scheduler,
-        }
-        return {"seed": self.seed, "communication": self.communication, "spec": spec,
-                "state": self.state_dict()}
+        spec = self._spec if self.plan is None else plan_spec(self.plan)
+        return {"seed": self.seed, "communication": self.communication, "spec": spec, "state": self.state_dict()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore an unbound state; ``register(ddp_model)`` binds it (default process group)."""
-        self.seed = state["seed"]
-        self.communication = state["communication"]
-        self.process_group = None
-        self.plan = None
-        self._spec = state["spec"]
-        self._unbound_state = state["state"]
-        self.step_index = state["state"]["step_index"]
-        self.bytes_communicated = state["state"].get("bytes_communicated", 0)
-        self.bytes_dense_equivalent = state["state"].get("bytes_dense_equivalent", 0)
-        self._known = set()
-        self._tables = BucketTables()
-        self._model = None
-        self._registered_on = None
-        self._hook_ran = False
-        self._suspended = False
-        self.rounds = Rounds("DropGradHookState", None)
+        saved = state["state"]
+        self._init_unbound(state["seed"], state["communication"], None, saved["step_index"],
+                     saved.get("bytes_communicated", 0), saved.get("bytes_dense_equivalent", 0))
+        self._spec, self._unbound_state = state["spec"], saved
 
     def __repr__(self) -> str:
         masked = len(self.plan.entries) if self.plan is not None else "unbound"
@@ -387,19 +294,6 @@ class DropGradHookState(PlannedRates):
                 f"communication={self.communication!r}, masked_params={masked}, "
                 f"bytes_communicated={self.bytes_communicated}, "
                 f"bytes_dense_equivalent={self.bytes_dense_equivalent})")
-
-
-def _held_grad_check(state_ref, param_ref) -> Callable[[torch.Tensor], None]:
-    def check(grad: torch.Tensor) -> None:
-        state, param = state_ref(), param_ref()
-        if state is not None and param is not None:
-            state._check_held_grad(param)
-    return check
-
-
-def _remove_all(handles: list) -> None:
-    for handle in handles:
-        handle.remove()
 
 
 def _group_size(state: DropGradHookState) -> int:
@@ -471,18 +365,17 @@ def _compact_all_reduce(state: DropGradHookState, bucket: dist.GradBucket,
     Real buckets: the engine packs (masks on the fly into a contiguous send buffer; no bool mask, no
     index array) and unpacks (recomputes the mask from the hash). Complex buckets: a mask and indices.
     """
-    buffer, table = bucket.buffer(), state.bucket_table(bucket)
-    if state._compact_via_index or table.has_complex:
+    buffer, engine = bucket.buffer(), state.bucket_engine(bucket)
+    if engine is None:
         return _compact_all_reduce_indexed(state, bucket, world_size)
-    pieces = table.pieces(state.plan)
     step = state.step_index  # the unpack must recompute the very masks the pack used
     # The kept count (so the send size) depends on no rank data: every rank sends the same size.
-    send = _mask.pack_segments(buffer, pieces, seed=state.seed, step=step, extra_scale=1.0 / world_size)
+    send = engine.pack(buffer, seed=state.seed, step=step, extra_scale=1.0 / world_size)
     state.rounds.sent.hold(send)
 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:
         # Kept coordinates from the sum, dropped ones x * 0, + the summed flag on the first element.
-        return _mask.unpack_segments_(buffer, pieces, fut.value()[0], seed=state.seed, step=step)
+        return engine.unpack_(buffer, fut.value()[0], seed=state.seed, step=step)
 
     work = dist.all_reduce(send, group=state.process_group, async_op=True)
     return work.get_future().then(unpack), send.numel() * send.element_size()
@@ -513,16 +406,3 @@ def _compact_all_reduce_indexed(state: DropGradHookState, bucket: dist.GradBucke
 
     work = dist.all_reduce(send, group=state.process_group, async_op=True)
     return work.get_future().then(unpack), send.numel() * send.element_size()
-
-
-_PYTHON_REDUCER = (
-    "DropGrad's DDP hook masks whole buckets; compiled DDP's python reducer "
-    "(torch._dynamo.config.optimize_ddp = 'python_reducer') calls communication hooks once per "
-    "parameter with (grad, param) inside compiled autograd, which it does not support. Use the "
-    "default optimize_ddp (DDPOptimizer: torch.compile on the DDP model works with the hook), or "
-    "the DropGrad optimizer wrapper on an uncompiled backward")
-
-
-def _refuse_per_parameter_call(bucket: Any) -> None:
-    if isinstance(bucket, tuple):
-        raise RuntimeError(_PYTHON_REDUCER)

@@ -274,6 +274,7 @@ class PlannedRates:
     agreement check, so every rank must assign the same value).
     """
 
+    __slots__ = ()  # subclasses may use __slots__ (DropGradHookState does)
     plan: DropPlan
 
     @property

@@ -6,6 +6,8 @@ every step (learning rate 0, so every step sees the same parameters), compared h
 one-process ``DropGrad`` run on the global batch.
 """
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dropgrad_dist import DropGrad, DropGradHookState, compressed_hook, dropgrad_hook, keep_mask
+from dropgrad_dist.mask import mask_backend, set_mask_backend
+from dropgrad_dist.schedules import LinearDropRateScheduler
 from dropgrad_dist.testing import run_on_ranks
 
 pytestmark = pytest.mark.distributed
@@ -116,25 +120,55 @@ class _OutOfOrder(nn.Module):
         return self.last(torch.tanh(self.first(x)))
 
 
+# The cached bucket tables under a fixed rate, and under a schedule with per-parameter rates (the
+# pieces' rates change every step).
+_LAYOUT_RATES = {"fixed": lambda: dict(drop_rate=RATE),
+                 "schedule": lambda: dict(params={"first.bias": 0.0, "last.*": 0.8},
+                                          drop_rate_scheduler=LinearDropRateScheduler(0.2, 0.6, STEPS))}
+
+
+def _masks_exact(state: DropGradHookState) -> bool:
+    """Synchronized gradients are zero exactly where ``keep_mask`` (``drop_`` per tensor) drops."""
+    return all(torch.equal(entry.param.grad.reshape(-1) != 0,
+                           keep_mask(entry.param.numel(), seed=SEED, step=state.step_index, key=entry.key,
+                                     rate=state.plan.rate_of(entry)))
+               for entry in state.plan.entries)
+
+
+def _layout_steps(state: DropGradHookState, ddp: DDP, rank: int, steps: range) -> tuple[list[int], list[bool]]:
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    layouts, exact = [], []
+    for step in steps:
+        optimizer.zero_grad()
+        _loss(ddp, *_batch(step, rank)).backward()
+        layouts.append(state._tables.builds)
+        exact.append(_masks_exact(state))
+        optimizer.step()
+    return layouts, exact
+
+
 def _bucket_rebuild(rank: int) -> dict:
-    """Every round's zero pattern against the engine's keep mask, across DDP's bucket rebuild."""
+    """Every round's zero pattern against the engine's keep mask, across DDP's bucket rebuild, a rate
+    schedule, and the state pickled and registered on a new model (a new parameter set), on the native
+    kernels through the cached tables ("compiled": a kernel failure raises)."""
+    previous = mask_backend()
+    set_mask_backend("compiled")
     results = {}
-    for communication in ("dense", "compact"):
-        ddp = DDP(_OutOfOrder(), bucket_cap_mb=0.0001)  # about one parameter per bucket
-        state = DropGradHookState(ddp, drop_rate=RATE, seed=SEED, communication=communication)
-        state.register(ddp)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
-        layouts, exact = [], []
-        names = dict((p, n) for n, p in ddp.module.named_parameters())
-        for step in range(STEPS):
-            optimizer.zero_grad()
-            _loss(ddp, *_batch(step, rank)).backward()
-            layouts.append(state._tables.builds)
-            exact.append(all(torch.equal(p.grad.reshape(-1) != 0,
-                                         keep_mask(p.numel(), seed=SEED, step=step, key=names[p], rate=RATE))
-                             for p in ddp.parameters()))
-            optimizer.step()
-        results[communication] = dict(layouts=layouts, exact=exact)
+    try:
+        for communication in ("dense", "compact"):
+            for rates, make_rates in _LAYOUT_RATES.items():
+                ddp = DDP(_OutOfOrder(), bucket_cap_mb=0.0001)  # about one parameter per bucket
+                state = DropGradHookState(ddp, seed=SEED, communication=communication, **make_rates())
+                state.register(ddp)
+                layouts, exact = _layout_steps(state, ddp, rank, range(STEPS))
+                moved = pickle.loads(pickle.dumps(state))
+                new_ddp = DDP(_OutOfOrder(), bucket_cap_mb=0.0001)
+                moved.register(new_ddp)
+                _, exact_moved = _layout_steps(moved, new_ddp, rank, range(STEPS, STEPS + 2))
+                results[communication, rates] = dict(layouts=layouts, exact=exact, exact_moved=exact_moved,
+                                                     step_moved=moved.step_index)
+    finally:
+        set_mask_backend(previous)
     return results
 
 
@@ -211,13 +245,16 @@ def test_python_reducer_is_refused_with_a_clear_message(ranks):
         assert all("python_reducer" in m and "DDPOptimizer" in m for m in messages["python_reducer"])
 
 
+@pytest.mark.parametrize("rates", sorted(_LAYOUT_RATES))
 @pytest.mark.parametrize("communication", ["dense", "compact"])
-def test_bucket_tables_follow_a_ddp_bucket_rebuild(ranks, communication):
+def test_bucket_tables_follow_a_ddp_bucket_rebuild(ranks, communication, rates):
     for per_rank in ranks:
-        seen = per_rank["bucket_rebuild"][communication]
+        seen = per_rank["bucket_rebuild"][communication, rates]
         # The rebuild after the first iteration brings new layouts (new tables), then none.
         assert seen["layouts"][1] > seen["layouts"][0] and seen["layouts"][-1] == seen["layouts"][1]
         assert all(seen["exact"]), seen["exact"]  # zeros exactly where the engine's mask drops
+        # Registered on new parameters, the unpickled state builds new tables and masks on at its step.
+        assert all(seen["exact_moved"]) and seen["step_moved"] == STEPS + 2, seen
 
 
 def test_compress_and_wrapper_arguments_are_checked():

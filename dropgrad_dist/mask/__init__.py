@@ -16,6 +16,7 @@ Modules:
 - :mod:`.dispatch`: the entry points :func:`drop_`, :func:`drop_tensors_`, :func:`drop_segments_`;
 - :mod:`.backends`: native kernels (checked bitwise on first use), torch.compile, eager;
 - :mod:`.compaction`: :func:`pack_segments`, :func:`unpack_segments_`;
+- :mod:`.segment_table`: :class:`SegmentTable`, a buffer's segments checked once (the DDP hook's buckets);
 - :mod:`.native` (C on CPU, source in ``dropgrad_dist/csrc``), :mod:`.cache` (the verified kernel
   cache), :mod:`.cuda` and :mod:`.triton_kernels` (Triton on CUDA, imported when used).
 
@@ -45,6 +46,7 @@ from .native import PARALLEL_GRAIN as PARALLEL_GRAIN
 from .native import CpuKernel as CpuKernel
 from .native import cpu_kernel as cpu_kernel
 from .pieces import TABLE_COLUMNS as TABLE_COLUMNS
+from .segment_table import SegmentTable
 
 _same_bits = _backends.same_bits
 _HASH_MULTIPLIERS = _definition.HASH_MULTIPLIERS
@@ -54,6 +56,7 @@ __all__ = [
     "Backend",
     "MaskStream",
     "Segment",
+    "SegmentTable",
     "drop_",
     "drop_pairs_",
     "drop_segments_",

@@ -43,7 +43,7 @@ def pack_segments(
     buffers: :func:`drop_segments_` with ``mask_out``); other arguments as :func:`drop_segments_`.
     """
     batch = _compaction_args(buffer, segments, seed, step, extra_scale)
-    kernel = _native_packer(buffer)
+    kernel = native_packer(buffer)
     if kernel is None:
         return _pack_torch(buffer, segments, seed, step, stream, extra_scale)
     return kernel.pack(piece_table(batch, None, seed, step, stream, extra_scale) if batch else EMPTY_TABLE, buffer)
@@ -67,15 +67,25 @@ def unpack_segments_(
     holds unspecified values). Returns ``buffer``.
     """
     batch = _compaction_args(buffer, segments, seed, step, 1.0)
+    check_received(received, buffer)
+    kernel = native_packer(buffer) if backends.addressable(received) else None
+    if kernel is None:
+        _unpack_torch(buffer, segments, received, seed, step, stream)
+        return buffer
+    return unpack_native_(kernel, piece_table(batch, None, seed, step, stream, 1.0) if batch else EMPTY_TABLE,
+                          buffer, received)
+
+
+def check_received(received: object, buffer: torch.Tensor) -> None:
+    """``received`` must be a contiguous tensor of ``buffer``'s dtype and device."""
     if (not isinstance(received, torch.Tensor) or received.dtype != buffer.dtype or received.device != buffer.device
             or not received.is_contiguous()):
         raise ValueError(f"received must be a contiguous tensor of the buffer's dtype ({buffer.dtype}) and device "
                          f"({buffer.device})")
-    kernel = _native_packer(buffer) if backends.addressable(received) else None
-    if kernel is None:
-        _unpack_torch(buffer, segments, received, seed, step, stream)
-        return buffer
-    table = piece_table(batch, None, seed, step, stream, 1.0) if batch else EMPTY_TABLE
+
+
+def unpack_native_(kernel, table: np.ndarray, buffer: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
+    """:func:`unpack_segments_` through ``kernel`` on an already-built piece table (at ``extra_scale`` 1)."""
     kept = kernel.unpack(table, buffer, received.view(-1))
     if kept < 0:
         raise ValueError(f"received must hold the kept coordinates plus one flag element, got {received.numel()} "
@@ -144,7 +154,7 @@ def _unpack_torch(buffer: torch.Tensor, segments, received: torch.Tensor, seed: 
 _packers: dict[tuple, object] = {}  # (device type, dtype) -> native kernel whose pack/unpack passed the check, or None
 
 
-def _native_packer(tensor: torch.Tensor):
+def native_packer(tensor: torch.Tensor):
     """The native kernel for ``tensor`` if it packs (checked against the torch ops on first use); or None."""
     kernel = backends._native_kernel(tensor) if backends.addressable(tensor) else None
     if kernel is None or not hasattr(kernel, "pack"):

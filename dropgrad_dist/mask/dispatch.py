@@ -263,13 +263,20 @@ def drop_segments_(
     return buffer
 
 
-def segment_batch(buffer: torch.Tensor, segments: object) -> list[Piece]:
-    """The pieces of ``segments`` laid back to back over ``buffer``, checked to cover it exactly."""
+def segment_batch(buffer: torch.Tensor, segments: object, pointer: int | None = None) -> list[Piece]:
+    """The pieces of ``segments`` laid back to back over ``buffer``, checked to cover it exactly.
+
+    ``pointer``: the address the pieces' pointers count from (default: the buffer's where the native
+    kernels may write it, else 0 with no pointers).
+    """
     if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence):
         raise ValueError(f"segments must be a sequence of (numel, key, start, rate), got {type(segments).__name__}")
     batch: list[Piece] = []
     offset = 0
-    ptr, size = (buffer.data_ptr(), buffer.element_size()) if backends.addressable(buffer) else (0, 0)
+    if pointer is not None:
+        ptr, size = pointer, buffer.element_size()
+    else:
+        ptr, size = (buffer.data_ptr(), buffer.element_size()) if backends.addressable(buffer) else (0, 0)
     for k, segment in enumerate(segments):
         numel, word, start, rate = check_segment(segment, k)
         batch.append(Piece(buffer, offset, numel, word, start, rate, ptr + offset * size))

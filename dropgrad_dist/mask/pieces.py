@@ -20,7 +20,8 @@ import torch
 
 from .definition import MASK32, MASK64, SALT_BLOCK, MaskStream, _rate_code, _salts
 
-__all__ = ["BlockPart", "Piece", "TABLE_COLUMNS", "block_parts", "piece_table"]
+__all__ = ["BlockPart", "Piece", "PieceColumns", "TABLE_COLUMNS", "block_parts", "fill_table", "piece_columns",
+           "piece_table"]
 
 TABLE_COLUMNS = 6
 
@@ -53,19 +54,30 @@ class BlockPart(NamedTuple):
 EMPTY_TABLE = np.zeros((0, TABLE_COLUMNS), dtype=np.int64)
 
 
-def piece_table(batch: Sequence[Piece], mask: torch.Tensor | None, seed: int, step: int, stream: MaskStream,
-                extra_scale: float) -> np.ndarray:
-    """The native kernels' int64 piece table: pieces split at salt blocks, all salted in one numpy pass.
+class PieceColumns(NamedTuple):
+    """The columns of a batch's piece table that do not depend on ``(seed, step)``, split at salt blocks.
 
-    ``mask`` (flat uint8) belongs to the batch's one tensor (a bucket, or a single tensor): the
-    piece at element ``o`` writes ``mask[o:o + count]``. Pieces may be plain tuples in
-    :class:`Piece`'s field order: the table is built from the batch's columns.
+    ``pointers`` (bytes) and ``masks`` (mask elements) are relative to the bases :func:`fill_table`
+    adds, so a batch laid over a buffer at fixed offsets serves any buffer of that layout.
     """
+
+    pointers: np.ndarray  # int64
+    masks: np.ndarray  # int64: the row's first element in the batch's mask
+    counts: np.ndarray  # int64
+    words: np.ndarray  # uint64: key hashes
+    blocks: np.ndarray  # uint64: salt blocks
+    within: np.ndarray  # int64: first coordinate within the salt block
+    thresholds: np.ndarray  # int64
+    scales: np.ndarray  # float64
+
+
+def piece_columns(batch: Sequence[Piece], extra_scale: float) -> PieceColumns:
+    """The fixed columns of ``batch`` (pieces or plain tuples in :class:`Piece`'s field order)."""
     tensors, offsets, counts, words, starts, rates, ptrs = zip(*batch)
     ptrs = np.array(ptrs, dtype=np.int64)
     counts = np.array(counts, dtype=np.int64)
     words = np.array(words, dtype=np.uint64)
-    masks = None if mask is None else mask.data_ptr() + np.array(offsets, dtype=np.int64)
+    masks = np.array(offsets, dtype=np.int64)
     try:
         start_array = np.array(starts, dtype=np.int64)
         blocks, within = (start_array >> 31).astype(np.uint64), start_array & (SALT_BLOCK - 1)
@@ -76,19 +88,42 @@ def piece_table(batch: Sequence[Piece], mask: torch.Tensor | None, seed: int, st
     thresholds = np.array([codes[rate][0] for rate in rates], dtype=np.int64)
     scales = np.array([codes[rate][1] for rate in rates], dtype=np.float64)
     if (within + counts).max() > SALT_BLOCK:  # rare: split the pieces at salt-block boundaries
-        ptrs, masks, counts, words, blocks, within, thresholds, scales = _split_at_blocks(
-            tensors[0].element_size(), ptrs, masks, counts, words, blocks, within, thresholds, scales)
-    table = np.empty((counts.size, TABLE_COLUMNS), dtype=np.int64)
-    table[:, 0] = ptrs
-    table[:, 1] = 0 if masks is None else masks
-    table[:, 2] = counts
-    table[:, 3] = (_salts(seed, step, stream, words, blocks) + within.astype(np.uint64)) & np.uint64(MASK32)
-    table[:, 4] = thresholds
-    table[:, 5] = scales.view(np.int64)
+        return PieceColumns(*_split_at_blocks(tensors[0].element_size(), ptrs, masks, counts, words, blocks, within,
+                                              thresholds, scales))
+    return PieceColumns(ptrs, masks, counts, words, blocks, within, thresholds, scales)
+
+
+def fill_table(table: np.ndarray, columns: PieceColumns, base: int, mask: int | None, seed: int, step: int,
+               stream: MaskStream) -> np.ndarray:
+    """Write the piece table of ``columns`` at ``(seed, step)`` into ``table`` (``len(columns.counts)`` rows).
+
+    ``base`` is added to the pointers, ``mask`` (a uint8 mask's address, None: no mask) to the mask offsets;
+    the salts of every row come from one numpy pass.
+    """
+    table[:, 0] = columns.pointers + base
+    table[:, 1] = 0 if mask is None else columns.masks + mask
+    table[:, 2] = columns.counts
+    table[:, 3] = ((_salts(seed, step, stream, columns.words, columns.blocks) + columns.within.astype(np.uint64))
+                   & np.uint64(MASK32))
+    table[:, 4] = columns.thresholds
+    table[:, 5] = columns.scales.view(np.int64)
     return table
 
 
-def _split_at_blocks(size: int, ptrs: np.ndarray, masks: np.ndarray | None, counts: np.ndarray, *columns):
+def piece_table(batch: Sequence[Piece], mask: torch.Tensor | None, seed: int, step: int, stream: MaskStream,
+                extra_scale: float) -> np.ndarray:
+    """The native kernels' int64 piece table: pieces split at salt blocks, all salted in one numpy pass.
+
+    ``mask`` (flat uint8) belongs to the batch's one tensor (a bucket, or a single tensor): the
+    piece at element ``o`` writes ``mask[o:o + count]``. Pieces may be plain tuples in
+    :class:`Piece`'s field order: the table is built from the batch's columns.
+    """
+    columns = piece_columns(batch, extra_scale)
+    table = np.empty((columns.counts.size, TABLE_COLUMNS), dtype=np.int64)
+    return fill_table(table, columns, 0, None if mask is None else mask.data_ptr(), seed, step, stream)
+
+
+def _split_at_blocks(size: int, ptrs: np.ndarray, masks: np.ndarray, counts: np.ndarray, *columns):
     """Columns of the pieces cut where they cross a salt block: ``[start, start + n)`` at multiples of 2**31."""
     words, blocks, within, thresholds, scales = columns
     parts = np.where(counts > 0, (within + counts - 1) // SALT_BLOCK + 1, 0)
@@ -96,7 +131,7 @@ def _split_at_blocks(size: int, ptrs: np.ndarray, masks: np.ndarray | None, coun
     k = np.arange(rows.size) - np.repeat(np.cumsum(parts) - parts, parts)  # part number within its piece
     first = np.where(k == 0, 0, k * SALT_BLOCK - within[rows])  # the part's first coordinate in its piece
     part_within = np.where(k == 0, within[rows], 0)
-    return (ptrs[rows] + first * size, None if masks is None else masks[rows] + first,
+    return (ptrs[rows] + first * size, masks[rows] + first,
             np.minimum(counts[rows] - first, SALT_BLOCK - part_within), words[rows],
             blocks[rows] + k.astype(np.uint64), part_within, thresholds[rows], scales[rows])
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import checkpoint as _checkpoint
 from .checks import check_count
-from .schedules import read_schedule_state
+from .plan_state import plan_state_dict, read_plan_state
 
 __all__ = ["hook_config", "hook_state_dict", "plan_spec", "prepare_hook_state"]
 
@@ -28,31 +28,19 @@ def hook_config(state: Any) -> dict[str, Any]:
 
 def hook_state_dict(state: Any) -> dict[str, Any]:
     """Step count, schedule position, byte counters and configuration, as plain data."""
-    scheduler = state.plan.scheduler
-    return _checkpoint.plain({
-        "format": _checkpoint.FORMAT,
-        "step_index": state.step_index,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "bytes_communicated": state.bytes_communicated,
-        "bytes_dense_equivalent": state.bytes_dense_equivalent,
-        "config": hook_config(state),
-    })
+    return plan_state_dict(state.plan, state.step_index, hook_config(state),
+                           **{name: getattr(state, name) for name in _COUNTERS})
 
 
 def prepare_hook_state(state: Any, state_dict: Mapping[str, Any], strict: bool) -> Callable[[], None]:
     """Validate ``state_dict`` completely against ``state`` and return what applies it (nothing fails then)."""
-    step_index = _checkpoint.read_field(state_dict, "step_index", check_count, _OWNER)
+    progress = read_plan_state(_OWNER, state_dict, state.plan, hook_config(state), strict)
     counters = [_checkpoint.read_field({"n": state_dict.get(name, 0)}, "n", check_count, f"{_OWNER} {name}")
                 for name in _COUNTERS]
-    saved_config = state_dict.get("config", {"seed": state_dict.get("seed")})
-    _checkpoint.check_config(_OWNER, saved_config, hook_config(state), strict)
-    scheduler = state.plan.scheduler
-    scheduler_state = read_schedule_state(_OWNER, state_dict, scheduler, strict)
 
     def apply() -> None:
-        if scheduler_state is not None:
-            scheduler.load_state_dict(scheduler_state)  # a duck-typed schedule validates here
-        state.step_index = step_index
+        progress.apply_schedule(state.plan)
+        state.step_index = progress.step_index
         state.bytes_communicated, state.bytes_dense_equivalent = counters
         state.rounds.reset()
 

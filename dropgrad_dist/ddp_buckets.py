@@ -55,7 +55,8 @@ class BucketTable:
             self._pieces = [(s.length, None, 0, None) if s.entry is None else
                             (s.length, s.entry.key, 0, plan.rate_of(s.entry)) for s in self.segments]
             self._rate = rate
-            self._engine = None
+            if self._engine is not None:  # same layout, new rates: the checked segments stay
+                self._engine.rerate([piece[3] for piece in self._pieces])
         return self._pieces
 
     def engine(self, plan: DropPlan, buffer: torch.Tensor) -> _mask.SegmentTable:

@@ -91,3 +91,32 @@ def test_bad_inputs_raise_naming_the_argument(backend):
         table.drop_(buffer, seed=-1, step=0)
     with pytest.raises(ValueError, match="received must be a contiguous tensor"):
         table.unpack_(buffer, torch.zeros(11, dtype=torch.float64), seed=SEED, step=0)
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "eager"])
+def test_rerate_masks_as_a_fresh_table_at_the_new_rates(backend, backend_name):
+    """A schedule's step re-rates the checked table: masks, packs and unpacks then match the new rates."""
+    backend(backend_name)
+    numel = sum(segment[0] for segment in LAYOUT)
+    table = SegmentTable(_buffer(numel, torch.float32, 0), LAYOUT)
+    for step, new_rates in enumerate([[0.9, None, 0.1, 0.5, 0.2, 0.0], [0.3, None, 0.5, 0.0, 0.7, 1.0]]):
+        table.drop_(_buffer(numel, torch.float32, 1), seed=SEED, step=step)  # columns of the old rates in use
+        table.rerate(new_rates)
+        segments = [(numel_, key, start, rate) for (numel_, key, start, _), rate in zip(LAYOUT, new_rates)]
+        buffer = _buffer(numel, torch.float32, 2 + step)
+        want = _per_segment(buffer, segments, step, 0.5)
+        table.drop_(buffer, seed=SEED, step=step, extra_scale=0.5)
+        assert same_bits(buffer, want), (backend_name, new_rates)
+        packed = _buffer(numel, torch.float32, 3)
+        assert same_bits(table.pack(packed, seed=SEED, step=step),
+                         pack_segments(packed, segments, seed=SEED, step=step))
+
+
+def test_rerate_refuses_a_changed_layout():
+    table = SegmentTable(_buffer(sum(segment[0] for segment in LAYOUT), torch.float32, 0), LAYOUT)
+    with pytest.raises(ValueError, match="one rate per segment"):
+        table.rerate([0.1])
+    with pytest.raises(ValueError, match="None exactly where"):
+        table.rerate([0.1, 0.2, 0.1, 0.1, 0.1, 0.1])  # segment 1 is unmasked: it has no key
+    with pytest.raises(ValueError, match=r"rates\[k\]"):
+        table.rerate([1.5, None, 0.1, 0.1, 0.1, 0.1])

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..checks import check_rate
 from . import backends
 from .arguments import check_common, check_tensor
 from .compaction import check_received, native_packer, pack_segments, unpack_native_, unpack_segments_
@@ -61,6 +62,25 @@ class SegmentTable:
         self.numel = buffer.numel()
         self._columns: dict[float, PieceColumns] = {}
         self._table: np.ndarray | None = None
+
+    def rerate(self, rates: Sequence[float | None]) -> None:
+        """Give the segments new rates, keeping their checked layout (a drop-rate schedule's next step).
+
+        ``rates[k]`` replaces ``segments[k]``'s rate: O(segments) without the per-segment checks.
+
+        Raises:
+            ValueError: not one rate per segment, a rate outside [0, 1], or None where the segment had
+                a rate (or a rate where it had None: an unmasked segment has no key).
+        """
+        if len(rates) != len(self.segments):
+            raise ValueError(f"rates must hold one rate per segment ({len(self.segments)}), got {len(rates)}")
+        checked = {rate: None if rate is None else check_rate(rate, "rates[k]") for rate in set(rates)}
+        if any((old[3] is None) is not (rate is None) for old, rate in zip(self.segments, rates)):
+            raise ValueError("rates must be None exactly where the segments were unmasked (rate None)")
+        self.segments = [(numel, key, start, rate) for (numel, key, start, _), rate in zip(self.segments, rates)]
+        self._batch = [piece._replace(rate=0.0 if rate is None else checked[rate])
+                       for piece, rate in zip(self._batch, rates)]
+        self._columns.clear()
 
     def drop_(self, buffer: torch.Tensor, *, seed: int, step: int, stream: MaskStream = MaskStream.GRAD,
               extra_scale: float = 1.0) -> torch.Tensor:

@@ -112,42 +112,7 @@ def _checked_config(alpha: float, r: float, warmup: str, warmup_steps: int, pert
 
 
 class GradientNormPenalty(OptimizerWrapper):
-    """``g = (1 - alpha_t) g1 + alpha_t grad L(theta + r_t g1 / ||g1||)``, ``g1 = grad L(theta)``; then step.
-
-    Args:
-        optimizer: the optimizer to step with the combined gradient (it may be a ``DropGrad``
-            and/or ``ClippedOptimizer`` chain: they then mask and clip the combined gradient).
-        alpha: the mixing weight ``alpha = lambda / r`` in [0, 1] (1: SAM; 0: plain training).
-        r: the perturbation radius, a finite number >= 0 (0: plain training, one pass).
-        model: the model (the DDP model for ``perturbation="local"``; needed for FSDP1 and for
-            the BatchNorm statistics).
-        warmup: over ``warmup_steps`` optimizer steps ``t``: ``"lambda"``: ``alpha_t = alpha
-            min(1, t / warmup_steps)``; ``"r"``: ``r_t = r min(1, t / warmup_steps)``; ``"zero"``:
-            ``alpha_t = 0`` for ``t < warmup_steps`` (no second pass), then ``alpha``; ``"none"``.
-            ``warmup_steps=0`` means no ramp.
-        perturbation: ``"global"`` (rank-averaged first gradient) or ``"local"`` (per replica, DDP).
-        adaptive: ASAM: ``e = r T^2 g1 / ||T g1||``, ``T = |theta|`` element-wise.
-        mix: ``"raw"`` (the paper's ``(1 - alpha) g1 + alpha g2``, default) or ``"normalized"``
-            (the GNP reference's ``(1 - alpha) g1 / ||g1|| + alpha g2``).
-        every, probability, seed: the two-pass step runs on steps ``t`` with ``t % every == 0`` and
-            ``u(seed, t) < probability``; other steps are plain (one pass).
-        replay_rng: the second pass replays the first pass's CPU/CUDA random state (default True).
-        bn_stats_from_first_pass: BatchNorm running statistics keep the first pass's update only
-            (default True; needs ``model``); False lets the second pass update them too.
-        first_pass: ``"closure"``: ``step(closure)`` runs the closure for both passes;
-            ``"given"``: the gradient in ``.grad`` when ``step(closure)`` is called is the first
-            pass's (davda54/sam's form), the closure runs once, at the perturbed point.
-        process_group: the ranks that must agree on configuration and step (default: the world).
-        pp_mesh: under pipeline parallelism, the pipeline dim (1-D ``DeviceMesh`` or ``ProcessGroup``):
-            ``||grad L||`` then sums every stage's parameters.
-
-    ``step(closure, scaler=None)``: ``closure`` zeroes nothing itself, computes the loss, calls
-    ``backward()`` (``scaler.scale(loss).backward()`` under a GradScaler, or
-    ``accelerator.backward(loss)``) and returns the loss; it may loop over micro-batches.
-    ``first_step()`` / ``second_step()`` split the step around a second forward/backward the
-    caller runs itself. The copies of ``g1`` and ``theta`` are buffers kept between steps and
-    reused while the layout of the gradients is unchanged (:mod:`dropgrad_dist.perturbation`).
-    """
+    # The docstring (arguments and the step contract) is set below the class, as torch.optim.SGD does.
 
     state_key = "gnp"
 
@@ -160,8 +125,10 @@ class GradientNormPenalty(OptimizerWrapper):
         super().__init__(optimizer)
         config = _checked_config(alpha, r, warmup, warmup_steps, perturbation, adaptive, mix, every, probability,
                                  seed, replay_rng, bn_stats_from_first_pass)
-        for name, value in config.items():  # alpha, r, warmup, ...: public attributes
-            setattr(self, name, value)
+        self.alpha, self.r, self.warmup, self.warmup_steps = (config[k] for k in _CONFIG_FIELDS[:4])
+        self.perturbation, self.adaptive, self.mix, self.every = (config[k] for k in _CONFIG_FIELDS[4:8])
+        self.probability, self.seed, self.replay_rng, self.bn_stats_from_first_pass = (config[k]
+                                                                                       for k in _CONFIG_FIELDS[8:])
         self.first_pass = _check_choice(first_pass, "first_pass", FIRST_PASSES)
         self.model = model
         self.pp_group = stage_group(pp_mesh)
@@ -256,8 +223,7 @@ class GradientNormPenalty(OptimizerWrapper):
         if self._pending is not None:
             raise ValueError("first_step was called twice without second_step in between")
         params, penalized, pending, hook = self._begin()
-        if penalized:
-            _refuse_given_under_hook(hook)
+        _refuse_given_under_hook(hook if penalized else None)
         _require_gradient(params, "first_step")
         if pending is not None:
             pending.wait()
@@ -285,10 +251,7 @@ class GradientNormPenalty(OptimizerWrapper):
 
     def _step_inner(self, scaler: torch.amp.GradScaler | None) -> None:
         self._watch.arm()
-        if scaler is not None:
-            scaler.step(self.optimizer)
-        else:
-            self.optimizer.step()
+        scaler.step(self.optimizer) if scaler is not None else self.optimizer.step()
         if not self._watch.armed and self.last_second_pass:
             self.penalty_steps += 1
         self._watch.disarm()  # a step that scaler skipped does not count
@@ -297,13 +260,11 @@ class GradientNormPenalty(OptimizerWrapper):
         """Save theta and g1 (in the buffers of this layout), move theta by ``e`` (:func:`.perturbation.perturb_`)."""
         layout, grads = self._buffers.layout(self.param_groups)
         adaptive = [self._group_adaptive(group) for group in self.param_groups]
-        norm = perturb_(layout, grads, self._group_radii(self.step_index), adaptive, self._global_norm)
+        norm = perturb_(layout, grads, self._group_radii(self.step_index), adaptive, self._global_norm,
+                        normalize=self.mix == "normalized")
         if not math.isfinite(norm):
             return FirstPass(layout.params, layout.first, layout, finite=False)
         first_pass = FirstPass(layout.params, layout.first, layout, moved=True, hook=hook)
-        if self.mix == "normalized":  # g1 / ||g1|| (the plain norm, also under ASAM)
-            plain = self._global_norm() if any(adaptive[index] for index, _ in layout.groups) else norm
-            torch._foreach_mul_(layout.first, 1.0 / plain if plain > 0.0 else 0.0)
         ddp = _ddp(self.model)
         if self.perturbation == "local" and ddp is not None and self.alpha < 1.0:
             first_pass.averaging = average_first(layout, ddp.process_group)
@@ -342,6 +303,44 @@ class GradientNormPenalty(OptimizerWrapper):
         fields = "".join(f"{name}={getattr(self, name)!r}, " for name in _CONFIG_FIELDS[:9])  # alpha ... probability
         return f"{type(self).__name__}({fields}step_index={self.step_index},\n  optimizer={self.optimizer!r})"
 
+
+GradientNormPenalty.__doc__ = """\
+``g = (1 - alpha_t) g1 + alpha_t grad L(theta + r_t g1 / ||g1||)``, ``g1 = grad L(theta)``; then step.
+
+Args:
+    optimizer: the optimizer to step with the combined gradient (it may be a ``DropGrad``
+        and/or ``ClippedOptimizer`` chain: they then mask and clip the combined gradient).
+    alpha: the mixing weight ``alpha = lambda / r`` in [0, 1] (1: SAM; 0: plain training).
+    r: the perturbation radius, a finite number >= 0 (0: plain training, one pass).
+    model: the model (the DDP model for ``perturbation="local"``; needed for FSDP1 and for
+        the BatchNorm statistics).
+    warmup: over ``warmup_steps`` optimizer steps ``t``: ``"lambda"``: ``alpha_t = alpha
+        min(1, t / warmup_steps)``; ``"r"``: ``r_t = r min(1, t / warmup_steps)``; ``"zero"``:
+        ``alpha_t = 0`` for ``t < warmup_steps`` (no second pass), then ``alpha``; ``"none"``.
+        ``warmup_steps=0`` means no ramp.
+    perturbation: ``"global"`` (rank-averaged first gradient) or ``"local"`` (per replica, DDP).
+    adaptive: ASAM: ``e = r T^2 g1 / ||T g1||``, ``T = |theta|`` element-wise.
+    mix: ``"raw"`` (the paper's ``(1 - alpha) g1 + alpha g2``, default) or ``"normalized"``
+        (the GNP reference's ``(1 - alpha) g1 / ||g1|| + alpha g2``).
+    every, probability, seed: the two-pass step runs on steps ``t`` with ``t % every == 0`` and
+        ``u(seed, t) < probability``; other steps are plain (one pass).
+    replay_rng: the second pass replays the first pass's CPU/CUDA random state (default True).
+    bn_stats_from_first_pass: BatchNorm running statistics keep the first pass's update only
+        (default True; needs ``model``); False lets the second pass update them too.
+    first_pass: ``"closure"``: ``step(closure)`` runs the closure for both passes;
+        ``"given"``: the gradient in ``.grad`` when ``step(closure)`` is called is the first
+        pass's (davda54/sam's form), the closure runs once, at the perturbed point.
+    process_group: the ranks that must agree on configuration and step (default: the world).
+    pp_mesh: under pipeline parallelism, the pipeline dim (1-D ``DeviceMesh`` or ``ProcessGroup``):
+        ``||grad L||`` then sums every stage's parameters.
+
+``step(closure, scaler=None)``: ``closure`` zeroes nothing itself, computes the loss, calls
+``backward()`` (``scaler.scale(loss).backward()`` under a GradScaler, or
+``accelerator.backward(loss)``) and returns the loss; it may loop over micro-batches.
+``first_step()`` / ``second_step()`` split the step around a second forward/backward the
+caller runs itself. The copies of ``g1`` and ``theta`` are buffers kept between steps and
+reused while the layout of the gradients is unchanged (:mod:`dropgrad_dist.perturbation`).
+"""
 
 def _read_state(state: Mapping[str, Any] | None, owner: str, config: dict[str, Any], strict: bool) -> tuple[int, int]:
     """``(step_index, penalty_steps)`` of a saved GNP state, validated against ``config`` (nothing applied)."""

@@ -133,12 +133,13 @@ class FirstPass:
 
 @torch.no_grad()
 def perturb_(layout: Layout, grads: list[torch.Tensor], radii: Sequence[float], adaptive: Sequence[bool],
-             global_norm: Callable[[], float]) -> float:
+             global_norm: Callable[[], float], normalize: bool = False) -> float:
     """Save ``g1`` and ``theta`` into the layout's buffers and move ``theta`` by ``e`` (per group ``k``:
     ``r_k T^2 g1 / ||T g1||``); ``.grad`` is ``g1`` again afterwards. Returns ``||T g1||`` (not finite: nothing moved).
 
     ``grads``: the local gradients of ``layout.params``; ``radii``/``adaptive``: per ``param_groups`` entry;
-    ``global_norm``: the global norm of the gradients now in ``.grad``.
+    ``global_norm``: the global norm of the gradients now in ``.grad``; ``normalize``: the saved ``g1``
+    becomes ``g1 / ||g1||`` (the plain norm, also under ASAM) for ``mix="normalized"``.
     """
     torch._foreach_copy_(layout.first, grads)
     values = layout.values()
@@ -158,6 +159,9 @@ def perturb_(layout: Layout, grads: list[torch.Tensor], radii: Sequence[float], 
             torch._foreach_add_(values[part], step, alpha=radii[index] / norm)
     for part in scaled:
         torch._foreach_copy_(grads[part], layout.first[part])
+    if normalize and math.isfinite(norm):
+        plain = global_norm() if scaled else norm
+        torch._foreach_mul_(layout.first, 1.0 / plain if plain > 0.0 else 0.0)
     return norm
 
 

@@ -49,13 +49,14 @@ class Layout:
     """The parameters with a gradient (in group order), each group's slice of them, and the buffers for
     their first gradient (``first``, flat per dtype and device in ``first_flats``) and values (``theta``)."""
 
-    __slots__ = ("first", "first_flats", "groups", "params", "plain", "theta")
+    __slots__ = ("complex", "first", "first_flats", "groups", "params", "plain", "theta")
 
     def __init__(self, params: list[torch.Tensor], groups: list[tuple[int, slice]], grads: Sequence[torch.Tensor],
                  values: Sequence[torch.Tensor], plain: bool) -> None:
         self.params = params
         self.groups = groups  # (index into param_groups, slice of params)
         self.plain = plain  # no DTensor: the parameters are their own local values
+        self.complex = any(g.is_complex() for g in grads)
         self.first_flats, self.first = _flat_views(grads)
         self.theta = _flat_views(values)[1]
 
@@ -100,8 +101,12 @@ def _build(param_groups: Sequence[dict[str, Any]], params: list[torch.Tensor], g
         if len(with_grad) > start:
             groups.append((index, slice(start, len(with_grad))))
             start = len(with_grad)
+    held = [g for g in grads if g is not None]
+    if any(g.layout != torch.strided for g in held):
+        raise ValueError("GradientNormPenalty/SAM needs dense gradients, got a sparse one (e.g. from "
+                         "nn.Embedding(sparse=True)); use dense gradients")
     values = with_grad if plain else [local_tensor(p.detach()) for p in with_grad]
-    return Layout(with_grad, groups, [g for g in grads if g is not None], values, plain)
+    return Layout(with_grad, groups, held, values, plain)
 
 
 @dataclass
@@ -144,8 +149,8 @@ def perturb_(layout: Layout, grads: list[torch.Tensor], radii: Sequence[float], 
     torch._foreach_copy_(layout.first, grads)
     values = layout.values()
     scaled = [part for index, part in layout.groups if adaptive[index]]
-    for part in scaled:  # .grad <- g1 * theta for ||T g1||: the sign does not change a norm
-        torch._foreach_mul_(grads[part], values[part])
+    for part in scaled:  # .grad <- g1 * theta for ||T g1|| (a real product's sign does not change the norm)
+        torch._foreach_mul_(grads[part], torch._foreach_abs(values[part]) if layout.complex else values[part])
     norm = global_norm()
     if math.isfinite(norm):
         torch._foreach_copy_(layout.theta, values)

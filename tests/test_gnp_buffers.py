@@ -160,3 +160,18 @@ def test_first_and_second_step_keep_the_buffers_out_of_grad():
         assert not any(p.grad.untyped_storage().data_ptr() in held for p in model.parameters())
         optimizer.zero_grad()
     assert optimizer.penalty_steps == 2 and optimizer._buffers.rebuilds == 1
+
+
+def test_sparse_gradients_are_refused_before_anything_moves():
+    embedding = nn.Embedding(10, 4, sparse=True)
+    theta = embedding.weight.detach().clone()
+    optimizer = GradientNormPenalty(torch.optim.SGD(embedding.parameters(), lr=LR), alpha=0.5, r=0.1)
+
+    def closure():
+        loss = embedding(torch.tensor([1, 2, 3])).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="dense gradients"):
+        optimizer.step(closure)
+    assert torch.equal(embedding.weight.detach(), theta)

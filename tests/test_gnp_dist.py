@@ -60,20 +60,31 @@ def _full(model: nn.Module, layout: str) -> dict[str, torch.Tensor]:
             for i in named_parameters(model)}
 
 
+def _regrouped(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``l1``'s parameters (trained from the start) and the others (added as a group half-way)."""
+    first = list(getattr(model, "module", model).l1.parameters())
+    return first, [p for p in model.parameters() if all(p is not q for q in first)]
+
+
 def train(config: str, layout: str = "single", rank: int = 0, world_size: int = 1) -> dict:
-    """config: "global", "local", "dropgrad" (DropGrad + GNP), "accumulate" (2 micro-batches per pass)."""
+    """config: "global", "local", "dropgrad" (DropGrad + GNP), "accumulate" (2 micro-batches per pass),
+    "regroup" / "local-regroup" (a parameter group added half-way: GNP's buffers are rebuilt)."""
     model = _wrap(layout)
-    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    first, rest = _regrouped(model)
+    regroup = config.endswith("regroup")
+    base = torch.optim.SGD(first if regroup else model.parameters(), lr=0.1, momentum=0.9)
     if config == "dropgrad":
         if layout.startswith("ddp"):
             communication = "compact" if "compact" in layout else "dense"
             DropGradHookState(model, 0.4, seed=2, communication=communication).register()
         else:
             base = DropGrad(base, 0.4, seed=2, model=model)
-    perturbation = "local" if config == "local" else "global"
+    perturbation = "local" if config.startswith("local") else "global"
     opt = GradientNormPenalty(base, alpha=ALPHA, r=R, model=model, perturbation=perturbation)
     for step in range(STEPS):
         x, y = _half(step, rank, world_size)
+        if regroup and step == STEPS // 2:
+            opt.add_param_group({"params": rest})
 
         def closure():
             if config != "accumulate":
@@ -90,7 +101,7 @@ def train(config: str, layout: str = "single", rank: int = 0, world_size: int = 
 
         opt.step(closure)
         opt.zero_grad()
-    return _full(model, layout)
+    return _full(model, layout) | ({} if layout == "single" else {"buffer rebuilds": opt._buffers.rebuilds})
 
 
 def _scaler_overflow_on_one_rank(rank: int) -> dict:
@@ -119,7 +130,7 @@ def _scaler_overflow_on_one_rank(rank: int) -> dict:
 
 
 LAYOUTS = {"global": ("ddp", "fsdp2", "fsdp1"), "local": ("ddp",), "accumulate": ("ddp",),
-           "dropgrad": ("ddp", "ddp-compact", "fsdp2")}
+           "dropgrad": ("ddp", "ddp-compact", "fsdp2"), "regroup": ("ddp", "fsdp2"), "local-regroup": ("ddp",)}
 
 
 def _all(rank: int, world_size: int) -> dict:
@@ -140,21 +151,27 @@ def _close(got: dict, want: dict, tol: float = 1e-5) -> None:
         torch.testing.assert_close(torch.from_numpy(got[name]), torch.from_numpy(value), rtol=tol, atol=tol, msg=name)
 
 
-@pytest.mark.parametrize("config, layout", [(c, layout) for c, ls in LAYOUTS.items() if c != "local" for layout in ls])
+@pytest.mark.parametrize("config, layout", [(c, layout) for c, ls in LAYOUTS.items() if not c.startswith("local")
+                                            for layout in ls])
 def test_global_perturbation_equals_one_process_on_the_global_batch(ranks, config, layout):
-    want = train("dropgrad" if config == "dropgrad" else "global")
-    if config == "dropgrad":  # the masks matter: the reference is not the unmasked run
+    want = train(config if config in ("dropgrad", "regroup") else "global")
+    if config in ("dropgrad", "regroup"):  # the masks (the late group) matter: the reference is not the plain run
         assert any(abs(want[k] - v).max() > 1e-4 for k, v in train("global").items())
     for results in ranks:
         _close(results[(config, layout)], want)
+        assert results[(config, layout)]["buffer rebuilds"] == (2 if config == "regroup" else 1)
 
 
-def _local_reference() -> dict:
-    """Per replica: g1_r on its half, g2_r at theta + r g1_r/|g1_r|; step on mean((1-a) g1_r + a g2_r)."""
+def _local_reference(regroup: bool = False) -> dict:
+    """Per replica: g1_r on its half, g2_r at theta + r g1_r/|g1_r|; step on mean((1-a) g1_r + a g2_r).
+    ``regroup``: over ``l1``'s parameters, the others added as a group half-way."""
     model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    params = list(model.parameters())
+    first, rest = _regrouped(model)
+    opt = torch.optim.SGD(first if regroup else model.parameters(), lr=0.1, momentum=0.9)
     for step in range(STEPS):
+        if regroup and step == STEPS // 2:
+            opt.add_param_group({"params": rest})
+        params = [p for group in opt.param_groups for p in group["params"]]
         total = [torch.zeros_like(p) for p in params]
         for rank in range(2):
             x, y = _half(step, rank, 2)
@@ -177,10 +194,13 @@ def _local_reference() -> dict:
 
 
 def test_local_perturbation_is_per_replica_and_differs_from_global(ranks):
-    want = _local_reference()
+    want, regrouped = _local_reference(), _local_reference(regroup=True)
     for results in ranks:
         _close(results[("local", "ddp")], want)
         assert any(abs(results[("local", "ddp")][k] - results[("global", "ddp")][k]).max() > 1e-4 for k in want)
+        _close(results[("local-regroup", "ddp")], regrouped)  # the rank-average of g1 over rebuilt buffers
+        assert results[("local-regroup", "ddp")]["buffer rebuilds"] == 2
+        assert any(abs(regrouped[k] - want[k]).max() > 1e-4 for k in want)
 
 
 def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(ranks):

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 
 __all__ = ["SEED_LIMIT", "ArgumentTypeError", "check_count", "check_int_in", "check_number_in", "check_positive",
-           "check_rate", "check_seed", "real_scalar", "shown"]
+           "check_rate", "check_seed", "check_choice", "check_bool", "real_scalar", "shown"]
 
 SEED_LIMIT = 1 << 64  # seeds and step counts enter the mask salt as 64-bit words: larger ones would alias
 
@@ -37,6 +38,21 @@ def shown(value: object, limit: int = 60) -> str:
 
 def _describe(value: object) -> str:
     return f"{shown(value)} ({type(value).__name__})"
+
+
+def check_choice(value: object, argument: str, allowed: Sequence[str]) -> str:
+    """One of the strings ``allowed``."""
+    if not isinstance(value, str) or value not in allowed:
+        error = ValueError if isinstance(value, str) else ArgumentTypeError
+        raise error(f"{argument} must be one of {', '.join(map(repr, allowed))}, got {_describe(value)}")
+    return value
+
+
+def check_bool(value: object, argument: str) -> bool:
+    """``True`` or ``False`` (not 0, 1 or a NumPy bool: a flag is not a number)."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{argument} must be True or False, got {_describe(value)}")
+    return value
 
 
 def real_scalar(value: object) -> float | None:

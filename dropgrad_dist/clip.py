@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .agreement import AgreementCheck
-from .checks import ArgumentTypeError, check_int_in, check_positive, check_seed
+from .checks import ArgumentTypeError, check_bool, check_int_in, check_positive, check_seed
 from .clip_layout import ClipLayout
 from .clip_methods import (
     CLIPPING_METHODS,
@@ -348,9 +348,7 @@ class ClippedSGD(torch.optim.SGD):
         method = check_method(clipping_type)
         if method not in RANDOM_POWERS and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
             raise TypeError(f"beta must be a number (ignored by {method!r}), got {type(beta).__name__}")
-        if not isinstance(do_restarts, bool):
-            raise TypeError(f"do_restarts must be a bool, got {type(do_restarts).__name__}")
-        if do_restarts:
+        if check_bool(do_restarts, "do_restarts"):
             warnings.warn("ClippedSGD(do_restarts=True) only records the flag in param_groups, as torch-clip's "
                           "does; restart with dropgrad_dist.Restarter (or compat.torch_clip.Restarter)",
                           UserWarning, stacklevel=2)

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from .checks import ArgumentTypeError, check_number_in, check_positive, real_scalar
+from .checks import ArgumentTypeError, check_choice, check_number_in, check_positive, real_scalar
 from .clip_layout import ClipLayout
 from .norm_history import NormHistory
 from .norms import GradNorms, planned_norms
@@ -36,15 +36,11 @@ NORM_SCOPES = ("global", "group")
 
 
 def check_method(method: object) -> str:
-    if method not in CLIPPING_METHODS:
-        raise ValueError(f"method (clipping_type) must be one of {', '.join(CLIPPING_METHODS)}; got {method!r}")
-    return method  # type: ignore[return-value]
+    return check_choice(method, "method (clipping_type)", CLIPPING_METHODS)
 
 
 def check_norm_scope(norm_scope: object) -> str:
-    if norm_scope not in NORM_SCOPES:
-        raise ValueError(f"norm_scope must be one of {', '.join(NORM_SCOPES)}; got {norm_scope!r}")
-    return norm_scope  # type: ignore[return-value]
+    return check_choice(norm_scope, "norm_scope", NORM_SCOPES)
 
 
 def check_beta(beta: object, method: str, argument: str = "beta") -> float:

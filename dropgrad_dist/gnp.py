@@ -45,6 +45,8 @@ from . import checkpoint as _checkpoint
 from .agreement import AgreementCheck
 from .checks import (
     ArgumentTypeError,
+    check_bool,
+    check_choice,
     check_count,
     check_int_in,
     check_number_in,
@@ -71,12 +73,6 @@ _CONFIG_FIELDS = ("alpha", "r", "warmup", "warmup_steps", "perturbation", "adapt
                   "seed", "replay_rng", "bn_stats_from_first_pass")  # what the ranks agree on, a checkpoint records
 
 
-def _check_choice(value: object, argument: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{argument} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    return value  # type: ignore[return-value]
-
-
 def check_radius(value: object, argument: str) -> float:
     """A perturbation radius: a finite number >= 0 (0: plain training)."""
     if real_scalar(value) == 0.0:
@@ -87,24 +83,18 @@ def check_radius(value: object, argument: str) -> float:
         raise type(error)(f"{argument} must be a finite number >= 0 (0: plain training), got {value!r}") from None
 
 
-def _check_bool(value: object, argument: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{argument} must be True or False, got {value!r} ({type(value).__name__})")
-    return value
-
-
 def _checked_config(alpha: float, r: float, warmup: str, warmup_steps: int, perturbation: str, adaptive: bool,
                     mix: str, every: int, probability: float, seed: int, replay_rng: bool,
                     bn_stats_from_first_pass: bool) -> dict[str, Any]:
     """The configuration (what the ranks agree on and a checkpoint records), every argument checked."""
     config = {"alpha": check_number_in(alpha, "alpha", 0.0, 1.0), "r": check_radius(r, "r"),
-              "warmup": _check_choice(warmup, "warmup", WARMUPS),
+              "warmup": check_choice(warmup, "warmup", WARMUPS),
               "warmup_steps": check_int_in(warmup_steps, "warmup_steps", 0),
-              "perturbation": _check_choice(perturbation, "perturbation", PERTURBATIONS),
-              "adaptive": _check_bool(adaptive, "adaptive"), "mix": _check_choice(mix, "mix", MIXES),
+              "perturbation": check_choice(perturbation, "perturbation", PERTURBATIONS),
+              "adaptive": check_bool(adaptive, "adaptive"), "mix": check_choice(mix, "mix", MIXES),
               "every": check_int_in(every, "every", 1), "probability": check_rate(probability, "probability"),
-              "seed": check_seed(seed), "replay_rng": _check_bool(replay_rng, "replay_rng"),
-              "bn_stats_from_first_pass": _check_bool(bn_stats_from_first_pass, "bn_stats_from_first_pass")}
+              "seed": check_seed(seed), "replay_rng": check_bool(replay_rng, "replay_rng"),
+              "bn_stats_from_first_pass": check_bool(bn_stats_from_first_pass, "bn_stats_from_first_pass")}
     if config["every"] > 1 and config["probability"] < 1.0:
         raise ValueError("give every= (a GNP step every k steps) or probability= (a GNP step with "
                          f"probability q), not both; got every={every!r}, probability={probability!r}")
@@ -129,7 +119,7 @@ class GradientNormPenalty(OptimizerWrapper):
         self.perturbation, self.adaptive, self.mix, self.every = (config[k] for k in _CONFIG_FIELDS[4:8])
         self.probability, self.seed, self.replay_rng, self.bn_stats_from_first_pass = (config[k]
                                                                                        for k in _CONFIG_FIELDS[8:])
-        self.first_pass = _check_choice(first_pass, "first_pass", FIRST_PASSES)
+        self.first_pass = check_choice(first_pass, "first_pass", FIRST_PASSES)
         self.model = model
         self.pp_group = stage_group(pp_mesh)
         params = self._params()

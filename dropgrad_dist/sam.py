@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .gnp import GradientNormPenalty, _check_bool, check_radius
+from .checks import check_bool
+from .gnp import GradientNormPenalty, check_radius
 
 __all__ = ["SAM"]
 
@@ -73,9 +74,9 @@ class SAM(GradientNormPenalty):
                                 "the base optimizer belong to SAM(params, base_optimizer_cls, ...)")
             optimizer, default_first_pass = params, "closure"
         else:
-            rho, adaptive = check_radius(rho, "rho"), _check_bool(adaptive, "adaptive")
+            rho, adaptive = check_radius(rho, "rho"), check_bool(adaptive, "adaptive")
             optimizer, default_first_pass = _build_base(params, base_optimizer, rho, adaptive, base_kwargs), "given"
-        rho, adaptive = check_radius(rho, "rho"), _check_bool(adaptive, "adaptive")
+        rho, adaptive = check_radius(rho, "rho"), check_bool(adaptive, "adaptive")
         for group in optimizer.param_groups:
             group.setdefault("rho", rho)
             group.setdefault("adaptive", adaptive)
@@ -91,4 +92,4 @@ class SAM(GradientNormPenalty):
         return check_radius(group.get("rho", self.r), "param_groups[i]['rho']")
 
     def _group_adaptive(self, group: Mapping[str, Any]) -> bool:
-        return _check_bool(group.get("adaptive", self.adaptive), "param_groups[i]['adaptive']")
+        return check_bool(group.get("adaptive", self.adaptive), "param_groups[i]['adaptive']")

@@ -185,7 +185,7 @@ def test_mask_then_clip_then_step_under_dropgrad():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(method="clip_all"), "method \\(clipping_type\\) must be one of no_clip, norm"),
+    (dict(method="clip_all"), "method \\(clipping_type\\) must be one of 'no_clip', 'norm'"),
     (dict(method="linear_rand_norm"), "beta must be a number in \\(0, 1\\) for method 'linear_rand_norm'"),
     (dict(method="quadratic_rand_autoclip", beta=0.0), "beta=0 would never clip"),
     (dict(method="linear_rand_norm", beta=1.0), "beta must be a number in \\(0, 1\\)"),

@@ -367,7 +367,7 @@ def test_do_restarts_is_recorded_like_torch_clips_and_changes_nothing():
             optimizer.step()
         runs.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
-    with pytest.raises(TypeError, match="do_restarts must be a bool"):
+    with pytest.raises(TypeError, match="do_restarts must be True or False"):
         ClippedSGD(seeded_net().parameters(), 0.1, do_restarts="yes")
 
 

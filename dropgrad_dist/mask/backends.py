@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from ..checks import check_choice
 from . import cuda, native
 from .definition import MaskStream, _hash32, _key_hash, _salt, _scale_dtype, keep_threshold, signed32
 from .pieces import Piece, block_parts, piece_table
@@ -63,9 +64,7 @@ def set_mask_backend(backend: Backend) -> None:
     back, with one warning, to the next path where one fails. All give bitwise-identical masks.
     """
     global _backend
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of 'auto', 'compiled', 'eager', got {backend!r}")
-    _backend = backend
+    _backend = check_choice(backend, "backend", _BACKENDS)
 
 
 def mask_backend() -> Backend:

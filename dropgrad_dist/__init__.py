@@ -4,12 +4,21 @@ Whether a gradient coordinate is dropped depends only on (seed, step, parameter 
 coordinate index, rate), never on rank, world size, bucket layout, shard boundaries or device.
 """
 
-from .agreement import RankDisagreement
-from .clip import CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, GradientClipper
-from .ddp_compose import compressed_hook, dropgrad_wrapper
-from .ddp_hook import DropGradHookState, dropgrad_hook
-from .gnp import GradientNormPenalty
-from .integration import (
+from .clipping.clipper import CLIPPING_METHODS, ClippedOptimizer, ClippedSGD, GradientClipper
+from .clipping.restarts import Restarter, RestartingOptimizer
+from .core.agreement import RankDisagreement
+from .ddp.compose import compressed_hook, dropgrad_wrapper
+from .ddp.hook import DropGradHookState, dropgrad_hook
+from .dropgrad.optimizer import DropGrad
+from .dropgrad.schedules import (
+    CosineAnnealingDropRateScheduler,
+    DropRateScheduler,
+    LinearDropRateScheduler,
+    StepDropRateScheduler,
+)
+from .gnp.penalty import GradientNormPenalty
+from .gnp.sam import SAM
+from .integrations.accelerate import (
     DropGradHandle,
     Regularizers,
     check_launch,
@@ -17,6 +26,7 @@ from .integration import (
     prepare_dropgrad,
     prepare_regularizers,
 )
+from .layout.names import canonical_name
 from .mask import (
     MaskStream,
     Segment,
@@ -30,16 +40,6 @@ from .mask import (
     pack_segments,
     set_mask_backend,
     unpack_segments_,
-)
-from .optim import DropGrad
-from .params import canonical_name
-from .restarts import Restarter, RestartingOptimizer
-from .sam import SAM
-from .schedules import (
-    CosineAnnealingDropRateScheduler,
-    DropRateScheduler,
-    LinearDropRateScheduler,
-    StepDropRateScheduler,
 )
 
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dropgrad_dist import DropGrad
-from dropgrad_dist.collectives import exit_skipping_finalization
+from dropgrad_dist.core.collectives import exit_skipping_finalization
 
 
 def build(width: int, fsdp1: bool, device: torch.device) -> nn.Module:
@@ -73,5 +73,5 @@ def main() -> None:
 if __name__ == "__main__":
     main()
     # FSDP's own collectives hold Python tensors that a gloo worker may release during interpreter
-    # finalization, which aborts the process: end without it (see dropgrad_dist.collectives).
+    # finalization, which aborts the process: end without it (see dropgrad_dist.core.collectives).
     exit_skipping_finalization(0)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dropgrad_dist import DropGrad
-from dropgrad_dist.params import canonical_name
+from dropgrad_dist.layout.names import canonical_name
 
 GLOBAL_BATCH = 8
 STEPS = 3

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..clip import CLIPPING_METHODS, GradientClipper, NormHistory
+from ..clipping.clipper import CLIPPING_METHODS, GradientClipper, NormHistory
 from ..testing import run_on_ranks
 from . import median_ratio
 

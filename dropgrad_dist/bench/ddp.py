@@ -24,8 +24,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import mask as _mask
-from ..agreement import AgreementCheck
-from ..ddp_hook import DropGradHookState
+from ..core.agreement import AgreementCheck
+from ..ddp.hook import DropGradHookState
 from ..testing import run_on_ranks
 from . import median_ratio
 

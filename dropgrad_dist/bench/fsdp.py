@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..optim import DropGrad
+from ..dropgrad.optimizer import DropGrad
 from ..testing import run_on_ranks
 from . import interleaved_timings, median_ratio
 

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..gnp import GradientNormPenalty
-from ..sam import SAM
+from ..gnp.penalty import GradientNormPenalty
+from ..gnp.sam import SAM
 from . import _LiveBytes, interleaved_timings, median_ratio, peak_allocated_bytes
 from .clip import _model, _small_model
 

@@ -168,7 +168,7 @@ class _NoStep(torch.optim.Optimizer):
 def _wrapper_case(case: str, shapes: list[tuple[str, tuple[int, ...]]], args: argparse.Namespace,
                   device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
     """``DropGrad.step()`` minus the wrapped optimizer's own step, against ``_foreach_mul_`` on the same gradients."""
-    from ..optim import DropGrad
+    from ..dropgrad.optimizer import DropGrad
 
     params = [torch.nn.Parameter(torch.zeros(shape, device=device, dtype=dtype)) for _, shape in shapes]
     for param in params:

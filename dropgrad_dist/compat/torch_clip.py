@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..clip import ClippedSGD
-from ..restarts import Restarter as _Restarter
+from ..clipping.clipper import ClippedSGD
+from ..clipping.restarts import Restarter as _Restarter
 
 __all__ = ["ClippedSGD", "ModelProperties", "OptimizerProperties", "RestartProperties", "Restarter"]
 

@@ -22,13 +22,13 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
 
-from ..clip import ClippedOptimizer
-from ..ddp_hook import DropGradHookState
-from ..gnp import GradientNormPenalty
-from ..optim import DropGrad
-from ..params import RateSpec
-from ..schedules import DropRateScheduler
-from ..wrapper import OptimizerWrapper
+from ..clipping.clipper import ClippedOptimizer
+from ..core.wrapper import OptimizerWrapper
+from ..ddp.hook import DropGradHookState
+from ..dropgrad.optimizer import DropGrad
+from ..dropgrad.plan import RateSpec
+from ..dropgrad.schedules import DropRateScheduler
+from ..gnp.penalty import GradientNormPenalty
 
 __all__ = ["DropGradDDPStrategy"]
 

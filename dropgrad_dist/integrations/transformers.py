@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..integration import Regularizers, prepare_regularizers
+from .accelerate import Regularizers, prepare_regularizers
 
 __all__ = ["RegularizersCallback", "add_regularizers"]
 

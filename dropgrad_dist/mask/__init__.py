@@ -17,8 +17,10 @@ Modules:
 - :mod:`.backends`: native kernels (checked bitwise on first use), torch.compile, eager;
 - :mod:`.compaction`: :func:`pack_segments`, :func:`unpack_segments_`;
 - :mod:`.segment_table`: :class:`SegmentTable`, a buffer's segments checked once (the DDP hook's buckets);
-- :mod:`.native` (C on CPU, source in ``dropgrad_dist/csrc``), :mod:`.cache` (the verified kernel
-  cache), :mod:`.cuda` and :mod:`.triton_kernels` (Triton on CUDA, imported when used).
+- :mod:`.grad_table`: the wrapper's cached table of a step's gradients;
+- :mod:`.local`: the mask on the locally held part of a sharded tensor;
+- :mod:`.kernels`: native C on CPU (source in ``dropgrad_dist/csrc``), the verified kernel cache,
+  Triton on CUDA (imported when used).
 
 See ``docs/mask_engine.md``.
 """
@@ -35,16 +37,16 @@ from .compaction import _check_packer as _check_packer
 from .compaction import _kept_positions as _kept_positions
 from .compaction import _pack_torch as _pack_torch
 from .compaction import pack_segments, unpack_segments_
-from .cuda import CudaKernel as CudaKernel
-from .cuda import cuda_kernel as cuda_kernel
 from .definition import KEEP_ALL as KEEP_ALL
 from .definition import MaskStream, keep_probability, keep_threshold, key_hash, uniform_u32
 from .definition import _salt as _salt
 from .definition import _salts as _salts
 from .dispatch import Segment, drop_, drop_pairs_, drop_segments_, drop_tensors_, keep_mask
-from .native import PARALLEL_GRAIN as PARALLEL_GRAIN
-from .native import CpuKernel as CpuKernel
-from .native import cpu_kernel as cpu_kernel
+from .kernels.cuda import CudaKernel as CudaKernel
+from .kernels.cuda import cuda_kernel as cuda_kernel
+from .kernels.native import PARALLEL_GRAIN as PARALLEL_GRAIN
+from .kernels.native import CpuKernel as CpuKernel
+from .kernels.native import cpu_kernel as cpu_kernel
 from .pieces import TABLE_COLUMNS as TABLE_COLUMNS
 from .segment_table import SegmentTable
 

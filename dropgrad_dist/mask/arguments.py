@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..checks import SEED_LIMIT, check_count, check_int_in, check_rate, check_seed
+from ..core.checks import SEED_LIMIT, check_count, check_int_in, check_rate, check_seed
 from .definition import _key_hash
 
 

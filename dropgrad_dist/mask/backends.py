@@ -22,9 +22,9 @@ from typing import Literal
 
 import torch
 
-from ..checks import check_choice
-from . import cuda, native
+from ..core.checks import check_choice
 from .definition import MaskStream, _hash32, _key_hash, _salt, _scale_dtype, keep_threshold, signed32
+from .kernels import cuda, native
 from .pieces import Piece, block_parts, piece_table
 
 __all__ = ["Backend", "mask_backend", "set_mask_backend"]

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..checks import check_int_in
+from ..core.checks import check_int_in
 from . import backends
 from .arguments import (
     check_args,

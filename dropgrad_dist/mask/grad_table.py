@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..layout.shards import dtensor_segments
 from . import backends
 from .definition import MASK32, SALT_BLOCK, MaskStream, _key_hash, _rate_code, _salts
 from .dispatch import refuse_overlap
@@ -121,8 +122,6 @@ def _local(grad: torch.Tensor | None) -> torch.Tensor | None:
 
 def _build(grads: Sequence[torch.Tensor | None], locals_: Sequence[torch.Tensor | None], keys: Sequence[str],
            rates: Sequence[float], starts: Sequence[int]) -> list[_Batch] | None:
-    from ..shards import _dtensor_segments  # the shards module imports this package
-
     columns: dict[tuple, tuple[list, ...]] = {}
     for k, (grad, local) in enumerate(zip(grads, locals_)):
         if grad is None or rates[k] <= 0.0:
@@ -138,7 +137,7 @@ def _build(grads: Sequence[torch.Tensor | None], locals_: Sequence[torch.Tensor 
             base = local.data_ptr()
             size = local.element_size()
             pieces = [((view.data_ptr() - base) // size, start, view.numel())
-                      for view, start in _dtensor_segments(grad, local) if view.numel()]
+                      for view, start in dtensor_segments(grad, local) if view.numel()]
         group = columns.setdefault((local.device, local.dtype), ([], [], [], [], [], []))
         word = _key_hash(keys[k])
         for offset, start, count in pieces:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..checks import check_rate
+from ..core.checks import check_rate
 from . import backends
 from .arguments import check_common, check_tensor
 from .compaction import check_received, native_packer, pack_segments, unpack_native_, unpack_segments_

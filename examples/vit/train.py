@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import cifar10_splits, synthetic_splits  # noqa: E402
 
 from dropgrad_dist import CLIPPING_METHODS, check_launch, enable_fsdp_on_cpu, prepare_regularizers  # noqa: E402
-from dropgrad_dist.collectives import exit_skipping_finalization  # noqa: E402
+from dropgrad_dist.core.collectives import exit_skipping_finalization  # noqa: E402
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad", "adadelta", "lion")
 

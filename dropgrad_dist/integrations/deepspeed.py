@@ -1,0 +1,278 @@
+"""DeepSpeed ZeRO-1/2/3 (through Accelerate): DropGrad, clipping and GNP/SAM on this rank's fp32 partition.
+
+Under DeepSpeed every ``p.grad`` is ``None`` after backward: the reduced gradient lives only in
+this rank's flat fp32 partition, formed inside the ZeRO optimizer's ``step()`` and handed to the
+client optimizer (the user's ``torch.optim`` optimizer) right before the update. Accelerate calls
+``engine.step()`` inside ``accelerator.backward``, so the regularizers act there:
+
+- the ZeRO optimizer's ``step`` becomes ``DropGrad.step`` (step count, schedule, cross-rank
+  agreement, checkpoint state: the ordinary wrapper) over the model's parameters, whose inner
+  step is DeepSpeed's own;
+- the client optimizer's ``step`` first masks the fp32 partition fragment by fragment, then clips,
+  then updates. Parameter ``p``'s fragment ``p._hp_mapping`` lies at
+  ``hp_fragment_address.start`` of the partition and covers the flat coordinates
+  ``[lp_fragment_address.start, + numel)`` of ``p``: its mask is ``(seed, t, key(p), i, rate)`` on
+  those global coordinates, exactly the one-process mask (one engine call for all fragments). Under
+  ZeRO-3 parameter ``p``'s piece ``p.ds_tensor`` holds the coordinates from ``rank * ds_numel`` on.
+- with GNP/SAM the client step is :class:`~dropgrad_dist.integrations.deepspeed_gnp.ZeroPenaltyPasses`'
+  (perturb in the first pass; combine, then mask, clip, update in the second).
+
+Math: ``g_frag <- m_t(key, i) * g_frag / (1 - p)`` on each fragment, then ``clip``, then the update.
+Supported: ZeRO stage 1, 2 and 3, fp32 and bf16 (DeepSpeed's ``BF16_Optimizer`` or the ZeRO
+optimizer with bf16), any client ``torch.optim`` optimizer, GNP/SAM, ``save_state``/``load_state``.
+Refused, each with its reason: fp16 loss scaling, DeepSpeed's own ``gradient_clipping``, optimizer
+offload, ``full_update_drop``/``step_skip_rate``, restarts, layer-wise clipping, clipping or GNP/SAM
+when the ZeRO optimizer steps several parameter groups (or ZeRO-3 sub-groups) apart, and GNP/SAM
+with gradient accumulation, ``perturbation="local"``, ``first_pass="given"`` or ``pp_mesh``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..clipping.clipper import GradientClipper
+from ..dropgrad.optimizer import DropGrad
+from ..gnp.penalty import GradientNormPenalty
+from ..layout.shards import FlatPiece
+from ..mask.local import drop_locals_
+from .deepspeed_gnp import ZeroPenaltyPasses
+
+__all__ = ["ZeroPartitions", "ZeroRegularizers", "prepare_deepspeed"]
+
+
+def _refuse(what: str, why: str) -> ValueError:
+    return ValueError(f"prepare_regularizers under DeepSpeed: {what} is not supported: {why}")
+
+
+class ZeroPartitions:
+    """Where each parameter's fragment lies in this rank's flat fp32 partitions (ZeRO-1/2/3, BF16_Optimizer).
+
+    ``fragments[flat]``: ``[(param, start in flat, numel, start in param), ...]`` for each flat fp32
+    partition ``flat`` (one per parameter group) that the client optimizer steps on.
+    """
+
+    def __init__(self, zero_optimizer: Any) -> None:
+        if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # DeepSpeedZeroOptimizer_Stage3
+            self._stage3(zero_optimizer)
+            return
+        if hasattr(zero_optimizer, "single_partition_of_fp32_groups"):  # DeepSpeedZeroOptimizer (stage 1, 2)
+            flats, lps = zero_optimizer.single_partition_of_fp32_groups, zero_optimizer.bit16_groups
+        elif hasattr(zero_optimizer, "fp32_groups_flat_partition"):  # BF16_Optimizer
+            flats, lps = zero_optimizer.fp32_groups_flat_partition, zero_optimizer.bf16_groups
+        else:
+            raise _refuse(f"the optimizer {type(zero_optimizer).__name__}",
+                          "DropGrad finds gradient partitions in DeepSpeed's ZeRO-1/2/3 optimizers and its "
+                          "BF16_Optimizer only (fp32 or bf16 with zero_optimization.stage 1, 2 or 3)")
+        self.groups: list[list[torch.Tensor]] = [list(group) for group in lps]
+        self.flats: list[torch.Tensor] = list(flats)
+        self.shard_groups = list(zero_optimizer.real_dp_process_group)
+        self.fragments: dict[torch.Tensor, list[tuple[torch.Tensor, int, int, int]]] = {}
+        for flat, group in zip(self.flats, self.groups):
+            self.fragments[flat] = [
+                (lp, lp._hp_mapping.hp_fragment_address.start, lp._hp_mapping.hp_fragment_address.numel,
+                 lp._hp_mapping.lp_fragment_address.start)
+                for lp in group if getattr(lp, "_hp_mapping", None) is not None]
+
+    def _stage3(self, zero_optimizer: Any) -> None:
+        """ZeRO-3: each parameter ``p`` is split evenly; this rank holds ``p.ds_tensor`` (padded), the flat
+        coordinates from ``partition rank * p.ds_tensor.ds_numel`` on; a sub-group's fp32 partition lays
+        the parameters' pieces back to back, in the sub-group's order."""
+        self.groups = [list(group) for group in zero_optimizer.fp16_groups]
+        self.flats = list(zero_optimizer.fp32_partitioned_groups_flat)
+        self.shard_groups = [zero_optimizer._get_sub_group_process_group(i) for i in range(len(self.flats))]
+        self.fragments = {}
+        for i, (flat, group) in enumerate(zip(self.flats, self.groups)):
+            rank = zero_optimizer._get_sub_group_partition_rank(i)
+            fragments, at = [], 0
+            for lp in group:
+                size = lp.ds_tensor.ds_numel  # this rank's piece, padding included
+                start = rank * size
+                held = max(0, min(size, lp.ds_numel - start))  # the padding of the last piece is no coordinate
+                if held:
+                    fragments.append((lp, at, held, start))
+                at += size
+            self.fragments[flat] = fragments
+
+    def pieces(self) -> dict[torch.Tensor, FlatPiece]:
+        """Each flat partition as a piece summed over its data-parallel group (for global norms)."""
+        return {flat: FlatPiece(0, group) for flat, group in zip(self.flats, self.shard_groups)}
+
+
+class _ZeroStep(torch.optim.Optimizer):
+    """The model's parameters, grouped as DeepSpeed groups them, stepped by DeepSpeed's ZeRO ``step``.
+
+    What ``DropGrad`` wraps: it names and rates these parameters and counts the steps; their
+    gradients stay ``None`` (DeepSpeed keeps them in its partitions), so it masks nothing itself.
+    """
+
+    def __init__(self, groups: list[list[torch.Tensor]], zero_step: Callable[[], Any]) -> None:
+        super().__init__([{"params": group} for group in groups if group], {})
+        self._zero_step = zero_step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("the DeepSpeed ZeRO step takes no closure")
+        return self._zero_step()
+
+
+def _masking_client_step(client: torch.optim.Optimizer, partitions: ZeroPartitions, dropgrad: DropGrad | None,
+                         clipper: GradientClipper | None) -> Callable[..., Any]:
+    """The client optimizer's step: mask the fragments of the partitions it is about to update, clip, update."""
+    inner_step = client.step  # bound, with torch's step hooks (the clipper's step count listens to them)
+    pieces = partitions.pieces()
+
+    @torch.no_grad()
+    def step(*args: Any, **kwargs: Any) -> Any:
+        flats = [p for group in client.param_groups for p in group["params"] if p in partitions.fragments]
+        if dropgrad is not None:
+            todo = []
+            for flat in flats:
+                if flat.grad is None:
+                    continue
+                grad = flat.grad.view(-1)
+                for lp, at, numel, start in partitions.fragments[flat]:
+                    entry = dropgrad.plan.entry(lp)
+                    rate = dropgrad.plan.rate_of(entry) if entry is not None else 0.0
+                    if rate > 0.0:
+                        todo.append((grad.narrow(0, at, numel), entry.key, rate, start))
+            drop_locals_(todo, seed=dropgrad.seed, step=dropgrad.step_index)
+        if clipper is not None:
+            if clipper._pieces is None:  # the partitions are pieces of whole gradients, summed over the DP group
+                clipper._pieces = pieces
+                clipper._watch.watch(flats)
+            clipper.clip_(flats)
+        return inner_step(*args, **kwargs)
+
+    return step
+
+
+class _PartitionStep(torch.optim.Optimizer):
+    """This rank's fp32 partitions (one group each), stepped by the masking client step: what GNP/SAM wraps.
+
+    Its parameter list stays fixed (ZeRO-3 empties the client's groups outside its step), so the
+    penalty's step count sees every update of the partitions.
+    """
+
+    def __init__(self, partitions: ZeroPartitions, masked_step: Callable[..., Any]) -> None:
+        super().__init__([{"params": [flat]} for flat in partitions.flats], {})
+        self._masked_step = masked_step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("the DeepSpeed partition step takes no closure")
+        return self._masked_step()
+
+
+def _stepped_apart(zero_optimizer: Any) -> bool:
+    """Whether DeepSpeed's ZeRO optimizer updates several parameter groups (or ZeRO-3 sub-groups) one by one."""
+    groups = getattr(zero_optimizer, "single_partition_of_fp32_groups", None) or \
+        getattr(zero_optimizer, "fp32_partitioned_groups_flat", [])
+    return len(groups) > 1
+
+
+def _check_engine(engine: Any, zero_optimizer: Any, dropgrad: Mapping[str, Any], clipping: Mapping[str, Any] | None,
+                  restarts: Any) -> None:
+    """Refuse, before anything changes, every combination this integration would get wrong."""
+    if engine.fp16_enabled():
+        raise _refuse("fp16", "DeepSpeed's loss scaler skips overflowing steps inside its optimizer, after DropGrad "
+                      "would have counted them; use bf16 or fp32")
+    if engine.gradient_clipping() > 0.0:
+        raise _refuse(f"DeepSpeed's gradient_clipping={engine.gradient_clipping()}",
+                      "DeepSpeed clips before DropGrad masks; set gradient_clipping to 0 in the DeepSpeed config and "
+                      "pass clipping=dict(method='norm', clipping_level=...) to prepare_regularizers instead")
+    if getattr(zero_optimizer, "cpu_offload", False) or getattr(zero_optimizer, "offload_optimizer", False):
+        raise _refuse("offload_optimizer", "the offloaded partitions are stepped by DeepSpeed's CPU path")
+    if dropgrad.get("full_update_drop") or dropgrad.get("step_skip_rate"):
+        raise _refuse("full_update_drop/step_skip_rate", "DeepSpeed updates its fp32 partitions itself; only "
+                      "gradient masking runs inside its step")
+    if restarts is not None:
+        raise _refuse("restarts", "the iterate averages would live in DeepSpeed's fp32 partitions")
+    if clipping is not None:
+        if clipping.get("method") == "layer_wise":
+            raise _refuse("clipping method 'layer_wise'", "a ZeRO partition holds fragments of several parameters; "
+                          "the global methods ('norm', 'auto_clip', 'coordinate_wise', the random ones) work")
+        if _stepped_apart(zero_optimizer):
+            raise _refuse("clipping with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer",
+                          "DeepSpeed updates one group after another, so no global norm exists before the first "
+                          "group's update; use one parameter group (or bf16 with DeepSpeed's BF16_Optimizer)")
+
+
+def _check_penalty(engine: Any, zero_optimizer: Any, gnp: Mapping[str, Any]) -> None:
+    """Refuse the GNP/SAM combinations the two ZeRO passes (:mod:`.deepspeed_gnp`) would get wrong."""
+    what = "gnp (gradient norm penalty / SAM)"
+    if engine.gradient_accumulation_steps() != 1:
+        raise _refuse(f"{what} with gradient_accumulation_steps={engine.gradient_accumulation_steps()}",
+                      "each pass is one DeepSpeed backward and step; set gradient_accumulation_steps to 1")
+    if _stepped_apart(zero_optimizer):
+        raise _refuse(f"{what} with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer",
+                      "DeepSpeed updates one group after another, so no global norm exists before the first group "
+                      "moves; use one parameter group (or bf16 with DeepSpeed's BF16_Optimizer)")
+    if gnp.get("perturbation") == "local":
+        raise _refuse("gnp perturbation='local'", "DeepSpeed reduces the gradient inside backward, so no rank holds "
+                      "its own unreduced gradient; use perturbation='global'")
+    if gnp.get("first_pass") == "given":
+        raise _refuse("gnp first_pass='given'", "a backward before regularizers.step would already update; let the "
+                      "closure run both passes (first_pass='closure')")
+    if "pp_mesh" in gnp:
+        raise _refuse("gnp pp_mesh=", "the norm is summed over the data-parallel partitions; DeepSpeed's pipeline "
+                      "engine is not integrated")
+
+
+class ZeroRegularizers(NamedTuple):
+    """What :func:`prepare_deepspeed` hooked into the engine (None where not asked for)."""
+
+    dropgrad: DropGrad | None
+    clipper: GradientClipper | None
+    penalty: GradientNormPenalty | None
+    penalty_step: Callable[..., Any] | None  # regularizers.step(closure) with GNP/SAM
+
+
+def prepare_deepspeed(accelerator: Any, engine: nn.Module, optimizer: Any, *, dropgrad: Mapping[str, Any] | None,
+                      clipping: Mapping[str, Any] | None, restarts: Any,
+                      gnp: Mapping[str, Any] | None) -> ZeroRegularizers:
+    """Hook DropGrad, clipping and GNP/SAM into a prepared DeepSpeed engine.
+
+    ``engine``/``optimizer``: what ``accelerator.prepare`` returned (the ``DeepSpeedEngine`` and
+    Accelerate's ``DeepSpeedOptimizerWrapper``). Validates everything before changing anything.
+    """
+    if not callable(getattr(engine, "zero_optimization_stage", None)):
+        raise ValueError("prepare_regularizers under DeepSpeed: model must be the DeepSpeedEngine returned by "
+                         f"accelerator.prepare, got {type(engine).__name__}")
+    zero_optimizer = engine.optimizer
+    client = getattr(zero_optimizer, "optimizer", None)
+    _check_engine(engine, zero_optimizer, dict(dropgrad or {}), clipping, restarts)
+    if gnp is not None:
+        _check_penalty(engine, zero_optimizer, gnp)
+    if not isinstance(client, torch.optim.Optimizer):
+        raise _refuse(f"the engine optimizer {type(zero_optimizer).__name__}",
+                      "DropGrad needs DeepSpeed's ZeRO optimizer around a torch.optim client optimizer")
+    partitions = ZeroPartitions(zero_optimizer)
+    model = engine.module  # canonical names: the one-process model's (the engine adds "module.")
+    zero_step = zero_optimizer.step
+    drop = None
+    if dropgrad is not None:
+        drop = DropGrad(_ZeroStep(partitions.groups, zero_step), **dropgrad, model=model)
+        drop.include_state_in_state_dict = False  # the integration's JSON file holds it
+    clipper = GradientClipper(**clipping, model=model) if clipping is not None else None
+    penalty = passes = None
+    if gnp is not None:
+        # Each rank's partition is a disjoint part of every parameter: ||g|| sums the ranks' squares over the
+        # data-parallel group, what GradientNormPenalty does over pipeline stages (pp_mesh).
+        update = _PartitionStep(partitions, _masking_client_step(client, partitions, drop, clipper))
+        penalty = GradientNormPenalty(update, **gnp, model=model, pp_mesh=partitions.shard_groups[0])
+        penalty.include_state_in_state_dict = False
+        passes = ZeroPenaltyPasses(engine, zero_step, penalty)
+    if drop is not None:
+        zero_optimizer.step = drop.step  # engine.step() -> DropGrad.step -> DeepSpeed's ZeRO step
+    if passes is not None:
+        zero_optimizer.step = passes.guard(zero_optimizer.step)
+        client.step = passes.client_step  # perturb, or combine and then mask, clip, update
+    elif drop is not None or clipper is not None:
+        client.step = _masking_client_step(client, partitions, drop, clipper)
+    return ZeroRegularizers(drop, clipper, penalty, passes.step if passes is not None else None)

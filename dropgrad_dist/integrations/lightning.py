@@ -1,26 +1,37 @@
-"""PyTorch Lightning: the DropGrad DDP communication hook on every device, and the checks Lightning lacks.
+"""PyTorch Lightning: DropGrad, clipping and GNP/SAM under DDP and FSDP2, resumable from Lightning's checkpoints.
 
 ``Trainer(strategy=DropGradDDPStrategy(drop_rate=0.1, seed=0, communication="compact"))`` masks
 the all-reduced gradient buckets with the seeded masks (``g <- mean_ranks(g) * m_t / (1 - p)``),
 on CPU (gloo) as on CUDA. Lightning's own ``DDPStrategy(ddp_comm_hook=...)`` registers a hook
 only when the root device is CUDA, so on CPU such a hook silently never runs.
 
-Clipping and the gradient norm penalty / SAM are optimizer wrappers returned by
-``configure_optimizers`` (``ClippedOptimizer``, ``GradientNormPenalty``); the strategy checks
-at setup that Lightning can honour them and raises otherwise:
+``Trainer(strategy=DropGradFSDPStrategy(drop_rate=0.1, seed=0))`` is Lightning's
+``ModelParallelStrategy`` (FSDP2: ``configure_model`` applies ``fully_shard``) with the
+:class:`~dropgrad_dist.DropGrad` wrapper placed in the optimizer chain: the same masks on the
+sharded gradients.
 
-- ``GradientNormPenalty`` with ``accumulate_grad_batches > 1`` under automatic optimization:
-  its closure recomputes the gradient from the last micro-batch only, discarding the rest;
-- ``ClippedOptimizer`` with Lightning's ``gradient_clip_val``: gradients would be clipped twice;
-- a ``DropGrad`` wrapper: the hook already masks, the wrapper would mask a second time.
+Clipping and the gradient norm penalty / SAM are optimizer wrappers returned by
+``configure_optimizers`` (``ClippedOptimizer``, ``GradientNormPenalty``). Both strategies
+
+- save every regularizer's state (the hook state or the DropGrad wrapper, the clippers, GNP/SAM)
+  as plain data under ``checkpoint["dropgrad_dist"]`` of every checkpoint Lightning writes
+  (``ModelCheckpoint``, ``trainer.save_checkpoint``), and restore it on ``trainer.fit(ckpt_path=...)``;
+- run GNP/SAM on the accumulated gradient with ``accumulate_grad_batches = k > 1``: the first pass
+  is Lightning's accumulation (``g1 = sum_j grad L_j(theta) / k``), the second pass replays the
+  window's ``k`` micro-batches at ``theta + e``;
+- refuse at setup what Lightning would silently defeat: a ``ClippedOptimizer`` with Lightning's
+  ``gradient_clip_val`` (clipped twice), a ``DropGrad`` wrapper next to the strategy's own
+  (masked twice).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.strategies import DDPStrategy
+import torch
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from ..clipping.clipper import ClippedOptimizer
 from ..core.wrapper import OptimizerWrapper
@@ -29,13 +40,153 @@ from ..dropgrad.optimizer import DropGrad
 from ..dropgrad.plan import RateSpec
 from ..dropgrad.schedules import DropRateScheduler
 from ..gnp.penalty import GradientNormPenalty
+from ..gnp.second_pass import RngState
+from .accelerate import Mode, Regularizers
 
-__all__ = ["DropGradDDPStrategy"]
+__all__ = ["DropGradDDPStrategy", "DropGradFSDPStrategy"]
 
+CHECKPOINT_KEY = "dropgrad_dist"  # the entry of Lightning's checkpoint dict that holds the regularizers' state
 _HOOK_OPTIONS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
 
 
-class DropGradDDPStrategy(DDPStrategy):
+class _RegularizedStrategy:
+    """What both strategies add to Lightning's: the regularizers in its checkpoints, GNP/SAM over accumulation.
+
+    A mixin before a Lightning strategy class in the bases; ``_mode`` and ``_dropgrad_target`` say how
+    DropGrad runs (the DDP hook or the wrapper).
+    """
+
+    _mode: Mode
+    strict_load: bool  # the ``strict`` of the regularizers' load (False: keep this run's configuration, warn)
+
+    def _init_regularized(self) -> None:
+        self.strict_load = True
+        # This accumulation window's earlier micro-batches: training_step's arguments and the random state
+        # each started from, replayed by the second pass of GNP/SAM.
+        self._micro_batches: list[tuple[tuple[Any, ...], dict[str, Any], RngState]] = []
+        self._replaying = False
+
+    def _dropgrad_target(self, index: int, chain: list[Any]) -> Any:
+        raise NotImplementedError
+
+    # -- the regularizers of each optimizer ------------------------------------------------------
+    def regularizers(self) -> list[Regularizers]:
+        """One :class:`~dropgrad_dist.integrations.accelerate.Regularizers` per optimizer: what the checkpoint holds."""
+        handles = []
+        for index, optimizer in enumerate(self.optimizers):
+            chain = _chain(optimizer)
+            clipped = _find(chain, ClippedOptimizer)
+            handles.append(Regularizers(self._mode, self.lightning_module, self._dropgrad_target(index, chain),
+                                        clipped.clipper if clipped is not None else None, None,
+                                        _find(chain, GradientNormPenalty)))
+        return handles
+
+    def _setup_regularized(self, trainer: pl.Trainer) -> None:
+        self._micro_batches = []
+        for optimizer in self.optimizers:
+            refuse_unhonoured(optimizer, trainer)
+            for wrapper in _chain(optimizer)[:-1]:
+                if isinstance(wrapper, (DropGrad, ClippedOptimizer, GradientNormPenalty)):
+                    wrapper.include_state_in_state_dict = False  # checkpoint["dropgrad_dist"] holds it
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _add_regularizer_state(self, checkpoint: dict[str, Any]) -> None:
+        if "optimizer_states" in checkpoint:  # a weights-only checkpoint resumes nothing
+            checkpoint[CHECKPOINT_KEY] = {"regularizers": [handle.state_dict() for handle in self.regularizers()]}
+
+    def _prepare_regularizer_state(self, checkpoint: Mapping[str, Any]) -> Callable[[], None]:
+        """Validate ``checkpoint[CHECKPOINT_KEY]`` against this run's regularizers; return what applies it."""
+        name = type(self).__name__
+        if CHECKPOINT_KEY not in checkpoint:
+            raise ValueError(f"{name}: the checkpoint has no {CHECKPOINT_KEY!r} entry (saved without {name}, or "
+                             "weights only), so the masks, clipping and GNP/SAM would restart from step 0 while the "
+                             "model continues; resume from a checkpoint this strategy wrote")
+        entry = checkpoint[CHECKPOINT_KEY]
+        saved = entry.get("regularizers") if isinstance(entry, Mapping) else None
+        handles = self.regularizers()
+        if not isinstance(saved, list) or len(saved) != len(handles):
+            count = len(saved) if isinstance(saved, list) else "no"
+            raise ValueError(f"{name}: checkpoint entry {CHECKPOINT_KEY!r} must hold a list 'regularizers' with one "
+                             f"state per optimizer ({len(handles)}), found {count}")
+        applies = [handle.prepare_state(state, self.strict_load) for handle, state in zip(handles, saved)]
+
+        def apply() -> None:
+            for apply_one in applies:
+                apply_one()
+
+        return apply
+
+    # -- GNP/SAM over accumulated micro-batches ------------------------------------------------------
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._replaying and self._accumulates_for_penalty():
+            self._micro_batches.append((args, kwargs, RngState()))
+        return super().training_step(*args, **kwargs)
+
+    def _accumulates_for_penalty(self) -> bool:
+        trainer = self.lightning_module.trainer
+        return (trainer.accumulate_grad_batches > 1 and self.lightning_module.automatic_optimization
+                and any(_find(_chain(optimizer), GradientNormPenalty) is not None for optimizer in self.optimizers))
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any],
+                       model: Any = None, **kwargs: Any) -> Any:
+        earlier, self._micro_batches = self._micro_batches, []
+        penalty = _find(_chain(optimizer), GradientNormPenalty)
+        if penalty is not None and earlier:
+            closure = self._accumulated_closure(optimizer, closure, earlier, penalty.replay_rng)
+        try:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        finally:
+            self._micro_batches = []  # the last micro-batch (and its replays) recorded while stepping
+
+    def _accumulated_closure(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any],
+                             earlier: list[tuple[tuple[Any, ...], dict[str, Any], RngState]],
+                             replay_rng: bool) -> Callable[[], Any]:
+        """The closure GNP/SAM evaluates: the whole window's gradient at the current parameters.
+
+        First pass: the earlier micro-batches' gradients, which GNP cleared before it, are put back and
+        the last micro-batch's backward adds to them (and synchronizes). Later passes: every earlier
+        micro-batch again (without synchronizing), each from its first random state, then the last.
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        accumulated = [p.grad for p in params]
+        passes = 0
+
+        def window() -> Any:
+            nonlocal passes
+            passes += 1
+            if passes == 1:
+                for param, grad in zip(params, accumulated):
+                    param.grad = grad
+                return closure()
+            last = RngState() if replay_rng else None  # what GNP replays for the last micro-batch
+            self._replay(optimizer, earlier, replay_rng)
+            if last is not None:
+                last.restore()
+            return closure()
+
+        return window
+
+    def _replay(self, optimizer: torch.optim.Optimizer,
+                earlier: list[tuple[tuple[Any, ...], dict[str, Any], RngState]], replay_rng: bool) -> None:
+        from lightning.pytorch.loops.optimization.automatic import ClosureResult
+
+        accumulate = self.lightning_module.trainer.accumulate_grad_batches
+        self._replaying = True
+        try:
+            for args, kwargs, rng in earlier:
+                if replay_rng:
+                    rng.restore()
+                with self.block_backward_sync(), torch.enable_grad():
+                    output = self.training_step(*args, **kwargs)
+                    # Lightning's own normalization of the loss (divided by accumulate_grad_batches)
+                    loss = ClosureResult.from_training_step_output(output, accumulate).closure_loss
+                    if loss is not None:
+                        self.backward(loss, optimizer)
+        finally:
+            self._replaying = False
+
+
+class DropGradDDPStrategy(_RegularizedStrategy, DDPStrategy):
     """Lightning's DDP strategy with DropGrad's communication hook registered on every device type.
 
     Math: ``g_i <- mean_ranks(g_i) * keep_i(seed, t, name, p) / (1 - p)``: the masks of
@@ -49,8 +200,12 @@ class DropGradDDPStrategy(DDPStrategy):
             ``find_unused_parameters``, ...); its communication-hook arguments are refused.
 
     ``dropgrad_state`` is the :class:`~dropgrad_dist.DropGradHookState` once fitting began
-    (``step_index``, ``bytes_communicated``, ``state_dict()``).
+    (``step_index``, ``bytes_communicated``, ``state_dict()``). Checkpoints carry it, the clippers'
+    and GNP/SAM's state under ``checkpoint["dropgrad_dist"]``; ``strict_load = False`` resumes with a
+    changed configuration (warning).
     """
+
+    _mode: Mode = "ddp_hook"
 
     def __init__(self, drop_rate: float | RateSpec | None = None, params: RateSpec | None = None, *,
                  drop_rate_scheduler: DropRateScheduler | None = None, seed: int = 0,
@@ -62,6 +217,7 @@ class DropGradDDPStrategy(DDPStrategy):
         if communication not in ("dense", "compact"):
             raise ValueError(f"communication must be 'dense' or 'compact', got {communication!r}")
         super().__init__(**kwargs)
+        self._init_regularized()
         self._dropgrad_options = dict(drop_rate=drop_rate, params=params, drop_rate_scheduler=drop_rate_scheduler,
                                       seed=seed, communication=communication)
         self.dropgrad_state: DropGradHookState | None = None
@@ -74,11 +230,109 @@ class DropGradDDPStrategy(DDPStrategy):
         state.register(self.model)
         self.dropgrad_state = state
 
+    def _dropgrad_target(self, index: int, chain: list[Any]) -> Any:
+        return self.dropgrad_state if index == 0 else None  # one hook for the model, saved once
+
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         if self.dropgrad_state is not None:
-            for optimizer in self.optimizers:
-                refuse_unhonoured(optimizer, trainer)
+            self._setup_regularized(trainer)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if self.dropgrad_state is not None:
+            self._add_regularizer_state(checkpoint)
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        # trainer.fit(ckpt_path=...) calls it after setup (the weights loaded before): ours is validated
+        # before the optimizer state loads, and applied after it.
+        apply = self._prepare_regularizer_state(checkpoint) if self.dropgrad_state is not None else None
+        super().load_optimizer_state_dict(checkpoint)
+        if apply is not None:
+            apply()
+
+
+class DropGradFSDPStrategy(_RegularizedStrategy, ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2) with a :class:`~dropgrad_dist.DropGrad` wrapper in the chain.
+
+    Math: ``g_i <- g_i * keep_i(seed, t, name, p) / (1 - p)`` on each rank's shard in global
+    coordinates, ``g`` the reduce-scattered (rank-averaged) gradient: the masks of
+    ``DropGrad(optimizer, drop_rate, seed=seed, model=lightning_module)`` in one process.
+
+    ``configure_model`` applies ``fully_shard`` (the strategy's ``device_mesh["data_parallel"]``);
+    ``configure_optimizers`` returns the optimizer, optionally wrapped in ``ClippedOptimizer`` and
+    ``GradientNormPenalty``/``SAM``. The strategy puts ``DropGrad`` inside GNP/SAM and outside
+    clipping (``GNP(DropGrad(ClippedOptimizer(opt)))``: penalize, mask, clip, step).
+
+    Args:
+        drop_rate, params, drop_rate_scheduler, seed, full_update_drop, step_skip_rate: as for
+            :class:`~dropgrad_dist.DropGrad` (all None: no DropGrad; clipping and GNP/SAM still
+            checkpointed and accumulated).
+        **kwargs: ``ModelParallelStrategy``'s arguments. With ``data_parallel_size`` and
+            ``tensor_parallel_size`` both ``"auto"`` (the default) every process is one data-parallel
+            shard (FSDP over the world; Lightning's own default puts the processes of a node into
+            tensor parallelism).
+
+    ``dropgrad`` is the ``DropGrad`` wrapper once fitting began (``step_index``, ``state_dict()``).
+    """
+
+    _mode: Mode = "fsdp_wrapper"
+
+    def __init__(self, drop_rate: float | RateSpec | None = None, params: RateSpec | None = None, *,
+                 drop_rate_scheduler: DropRateScheduler | None = None, seed: int = 0,
+                 full_update_drop: bool = False, step_skip_rate: float = 0.0, **kwargs: Any) -> None:
+        self._fsdp_over_world = kwargs.get("data_parallel_size", "auto") == "auto" and kwargs.get(
+            "tensor_parallel_size", "auto") == "auto"
+        super().__init__(**kwargs)
+        self._init_regularized()
+        self._dropgrad_options = dict(drop_rate=drop_rate, params=params, drop_rate_scheduler=drop_rate_scheduler,
+                                      seed=seed, full_update_drop=full_update_drop, step_skip_rate=step_skip_rate)
+        self._uses_dropgrad = drop_rate is not None or params is not None or drop_rate_scheduler is not None
+        self.dropgrad: DropGrad | None = None
+
+    def setup_environment(self) -> None:
+        if self._fsdp_over_world:  # resolved before ModelParallelStrategy reads "auto"
+            self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
+        super().setup_environment()
+
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        super().setup_optimizers(trainer)
+        if self._uses_dropgrad:
+            self.optimizers = [self._with_dropgrad(optimizer) for optimizer in self.optimizers]
+            self.dropgrad = _find(_chain(self.optimizers[0]), DropGrad)
+
+    def _with_dropgrad(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """``optimizer`` with DropGrad inside GNP/SAM (which computes the gradient it masks) and outside the rest."""
+        chain = _chain(optimizer)
+        if _find(chain, DropGrad) is not None:
+            raise ValueError("the optimizer is wrapped in DropGrad and DropGradFSDPStrategy adds its own: gradients "
+                             "would be masked twice; remove the DropGrad wrapper or the strategy's drop_rate")
+        outer = chain[0] if isinstance(chain[0], GradientNormPenalty) else None
+        inner = outer.optimizer if outer is not None else optimizer
+        masked = DropGrad(inner, **self._dropgrad_options, model=self.lightning_module)
+        if outer is None:
+            return masked
+        outer.optimizer = masked  # wrappers share param_groups and state: GNP sees the same parameters
+        return outer
+
+    def _dropgrad_target(self, index: int, chain: list[Any]) -> Any:
+        return _find(chain, DropGrad)
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        if trainer.state.fn == "fit":
+            self._setup_regularized(trainer)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        self._add_regularizer_state(checkpoint)  # rank 0 writes it with Lightning's metadata
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # ModelParallelStrategy loads after setup, model and optimizer in place, then returns the metadata.
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if self.lightning_module.trainer.state.fn == "fit":
+            self._prepare_regularizer_state(checkpoint)()
+        return checkpoint
 
 
 def _chain(optimizer: Any) -> list[Any]:
@@ -88,19 +342,16 @@ def _chain(optimizer: Any) -> list[Any]:
     return chain
 
 
+def _find(chain: list[Any], kind: type) -> Any:
+    return next((wrapper for wrapper in chain if isinstance(wrapper, kind)), None)
+
+
 def refuse_unhonoured(optimizer: Any, trainer: pl.Trainer) -> None:
     """Raise ``ValueError`` for optimizer wrappers that ``trainer``'s settings would silently defeat."""
     chain = _chain(optimizer)
-    automatic = trainer.lightning_module.automatic_optimization
-    if automatic and trainer.accumulate_grad_batches > 1 and any(isinstance(o, GradientNormPenalty) for o in chain):
-        raise ValueError(
-            f"accumulate_grad_batches={trainer.accumulate_grad_batches} with GradientNormPenalty/SAM under automatic "
-            "optimization: the penalty's closure recomputes the gradient of the last micro-batch only, discarding "
-            "the accumulated ones; set accumulate_grad_batches=1 and use a larger batch, or accumulate inside a "
-            "closure with manual optimization")
     if trainer.gradient_clip_val and any(isinstance(o, ClippedOptimizer) for o in chain):
         raise ValueError(f"gradient_clip_val={trainer.gradient_clip_val} with a ClippedOptimizer would clip twice; "
                          "remove one of them")
-    if any(isinstance(o, DropGrad) for o in chain):
+    if isinstance(trainer.strategy, DDPStrategy) and any(isinstance(o, DropGrad) for o in chain):
         raise ValueError("the optimizer is wrapped in DropGrad and DropGradDDPStrategy's hook masks too: gradients "
                          "would be masked twice; remove the DropGrad wrapper")

@@ -27,7 +27,7 @@ PUBLIC = {
         "pack_segments", "set_mask_backend", "uniform_u32", "unpack_segments_",
     ],
     "dropgrad_dist.integrations.transformers": ["RegularizersCallback", "add_regularizers"],
-    "dropgrad_dist.integrations.lightning": ["DropGradDDPStrategy"],
+    "dropgrad_dist.integrations.lightning": ["DropGradDDPStrategy", "DropGradFSDPStrategy"],
     "dropgrad_dist.compat.torch_clip": [
         "ClippedSGD", "ModelProperties", "OptimizerProperties", "RestartProperties", "Restarter",
     ],

@@ -175,7 +175,9 @@ class GradientClipper:
         Call it after ``GradScaler.unscale_`` (on unscaled gradients), after DropGrad has masked,
         before the optimizer step. Every rank must pass the same parameters in the same order.
         A repeated call on the very gradients the previous call left (no backward, no in-place
-        change, no optimizer step in between) returns the previous result: no work, no collective.
+        change, no optimizer step in between) with the same options (the clipper's method,
+        ``clipping_level``, ``beta``, ``p_autoclip``, ...; each group's; the grouping) returns the
+        previous result: no work, no collective. Changed options clip the gradients again.
         """
         return self.clip_groups_([{"params": list(parameters)}])
 
@@ -191,13 +193,16 @@ class GradientClipper:
         """
         members = [list(group["params"]) for group in groups]
         params = [p for member in members for p in member]
-        if self._watch.armed and self._clipped is not None and self._clipped.unchanged(params):
-            # The very gradients clip_ left, not yet stepped on: clipping is idempotent, so return the same
-            # result without a collective (one rank clipping twice then sends nothing the others do not).
-            return dict(self.last_stats)
         options = [self._options(group, i) for i, group in enumerate(groups)]
-        local = self._local_grads(params)
         sizes = [len(member) for member in members]
+        # What decides the result besides the gradients (the step's draw and the histories do not move
+        # while the watch is armed): the clipper's configuration, each group's options, the grouping.
+        inputs = (tuple(self._config().items()), tuple(options), tuple(sizes))
+        if self._watch.armed and self._clipped is not None and self._clipped.unchanged(params, inputs):
+            # The very gradients clip_ left, with the same options, not yet stepped on: clipping is idempotent,
+            # so return the same result without a collective (one rank clipping twice sends nothing the others do not).
+            return dict(self.last_stats)
+        local = self._local_grads(params)
         above = ([o.level for o, size in zip(options, sizes) for _ in range(size)]
                  if self.method == "coordinate_wise" else None)  # the threshold per parameter
         norms = planned_norms(self._layout.plan, local, above, self.pp_group)
@@ -220,7 +225,7 @@ class GradientClipper:
         self._pending_norms = scope_norms if self.norm_scope == "group" else [norm]
         self._watch.arm()
         self.last_stats = clip_stats(norm, norm_after, per_group, self.clipping_level)
-        self._clipped = GradientStamp(params)
+        self._clipped = GradientStamp(params, inputs)
         return self.last_stats
 
     def _local_grads(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:

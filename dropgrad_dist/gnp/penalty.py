@@ -57,7 +57,7 @@ from ..core.checks import (
 )
 from ..core.ownership import hook_state_masking
 from ..core.steps import StepWatch
-from ..core.wrapper import OptimizerWrapper
+from ..core.wrapper import OptimizerWrapper, added_params
 from ..layout.norms import grad_norms, stage_group
 from ..layout.shards import _is_dtensor, flat_param_pieces, local_grads
 from .perturbation import FirstPass, PassBuffers, average_first, mix_gradients_, perturb_, restore_
@@ -134,6 +134,20 @@ class GradientNormPenalty(OptimizerWrapper):
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer; the next steps perturb its parameters with the others (the
+        norm ``||g1||`` spans them; SAM's ``rho``/``adaptive`` come from the defaults unless the group sets them).
+        Refused between :meth:`first_step` and :meth:`second_step`: the first pass did not see the group."""
+        if self._pending is not None:
+            raise ValueError("add_param_group between first_step() and second_step(): the first pass did not see "
+                             "the new parameters; add the group before first_step() (or after second_step())")
+        added = added_params(param_group)
+        params = self._params() + added
+        pieces = _checked_pieces(params, self.model, self.perturbation)  # checked before anything changes
+        super().add_param_group({**param_group, "params": added})
+        self._pieces = pieces
+        self._watch.watch(params)
 
     # -- the schedule (dropgrad_dist.gnp.schedule) --------------------------------------------------
     def coefficients(self, step: int | None = None) -> tuple[float, float]:

@@ -62,7 +62,7 @@ from ..layout.norms import grad_norms, stage_group
 from ..layout.shards import _is_dtensor, flat_param_pieces, local_grads
 from .perturbation import FirstPass, PassBuffers, average_first, mix_gradients_, perturb_, restore_
 from .schedule import WARMUPS, coefficients, periodic_step, radius_scale
-from .second_pass import BatchNormSnapshot, RngState, replaying
+from .second_pass import BatchNormProbe, BatchNormSnapshot, RngState, replaying
 
 __all__ = ["FIRST_PASSES", "MIXES", "PERTURBATIONS", "WARMUPS", "GradientNormPenalty"]
 
@@ -128,6 +128,7 @@ class GradientNormPenalty(OptimizerWrapper):
         self.penalty_steps = 0  # of which ran the two-pass step
         self.last_second_pass = False
         self._pending: FirstPass | None = None  # between first_step and second_step
+        self._bn_probed = False  # without model=: whether a second pass was watched for BatchNorm updates
         self._buffers = PassBuffers()
         self._watch = StepWatch(params, self._stepped)
         self._agreement = AgreementCheck("GradientNormPenalty", process_group)
@@ -225,7 +226,8 @@ class GradientNormPenalty(OptimizerWrapper):
         ``model=`` the DDP model, so that GNP averages the ``(1 - alpha)`` term).
         """
         if self._pending is not None:
-            raise ValueError("first_step was called twice without second_step in between")
+            raise ValueError("first_step was called twice without second_step in between (theta is still "
+                             "perturbed; call restore() to abandon the first step)")
         params, penalized, pending, hook = self._begin()
         _refuse_given_under_hook(hook if penalized else None)
         _require_gradient(params, "first_step")
@@ -235,6 +237,21 @@ class GradientNormPenalty(OptimizerWrapper):
         self._pending = self._perturb(hook) if penalized else FirstPass.plain(params)
         if zero_grad:
             self.zero_grad()
+
+    def restore(self) -> bool:
+        """Abandon a step begun by :meth:`first_step`: ``theta`` back (bitwise, from its copy), the BatchNorm
+        statistics as the first pass left them, the gradients cleared; the next call may be ``first_step()``.
+
+        For code that fails between the two steps (an exception in the second forward, a skipped batch):
+        call it in a ``finally`` after :meth:`second_step`, where it does nothing. The step count does not
+        advance. Returns whether a first step was abandoned.
+        """
+        first_pass, self._pending = self._pending, None
+        if first_pass is None:
+            return False
+        restore_(first_pass)
+        self.optimizer.zero_grad(set_to_none=True)  # g1 or a partial g2: neither belongs to the next step
+        return True
 
     def second_step(self, zero_grad: bool = False, *, scaler: torch.amp.GradScaler | None = None) -> None:
         """Back to ``theta`` (bitwise), combine the gradients, step the wrapped optimizer (``scaler.step``
@@ -272,8 +289,11 @@ class GradientNormPenalty(OptimizerWrapper):
         ddp = _ddp(self.model)
         if self.perturbation == "local" and ddp is not None and self.alpha < 1.0:
             first_pass.averaging = average_first(layout, ddp.process_group)
-        if self.bn_stats_from_first_pass:
+        if self.bn_stats_from_first_pass and self.model is not None:
             first_pass.batch_norm = BatchNormSnapshot(self.model)
+        elif self.bn_stats_from_first_pass and not self._bn_probed:  # the first two-pass step without model=
+            self._bn_probed = True
+            first_pass.batch_norm = BatchNormProbe(type(self).__name__)
         return first_pass
 
     def _global_norm(self) -> float:
@@ -330,7 +350,8 @@ Args:
         ``u(seed, t) < probability``; other steps are plain (one pass).
     replay_rng: the second pass replays the first pass's CPU/CUDA random state (default True).
     bn_stats_from_first_pass: BatchNorm running statistics keep the first pass's update only
-        (default True; needs ``model``); False lets the second pass update them too.
+        (default True; needs ``model``: without it the first two-pass step warns once if a BatchNorm
+        module updated its statistics in the second pass); False lets the second pass update them too.
     first_pass: ``"closure"``: ``step(closure)`` runs the closure for both passes;
         ``"given"``: the gradient in ``.grad`` when ``step(closure)`` is called is the first
         pass's (davda54/sam's form), the closure runs once, at the perturbed point.
@@ -342,7 +363,8 @@ Args:
 ``backward()`` (``scaler.scale(loss).backward()`` under a GradScaler, or
 ``accelerator.backward(loss)``) and returns the loss; it may loop over micro-batches.
 ``first_step()`` / ``second_step()`` split the step around a second forward/backward the
-caller runs itself. The copies of ``g1`` and ``theta`` are buffers kept between steps and
+caller runs itself; ``restore()`` (in a ``finally``) abandons a step whose second pass failed.
+The copies of ``g1`` and ``theta`` are buffers kept between steps and
 reused while the layout of the gradients is unchanged (:mod:`dropgrad_dist.gnp.perturbation`).
 """
 

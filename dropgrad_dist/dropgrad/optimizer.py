@@ -25,7 +25,7 @@ from ..core.wrapper import OptimizerWrapper, added_params
 from ..layout.shards import flat_param_pieces
 from ..mask.grad_table import GradTable
 from .mask_once import MaskedThisStep
-from .plan import DropPlan, ParamEntry, PlannedRates, RateSpec, named_params_of_optimizer
+from .plan import DropPlan, PlannedRates, RateSpec, named_params_of_optimizer
 from .plan_state import plan_state_dict, read_plan_state
 from .schedules import DropRateScheduler
 from .step import MaskColumns, mask_columns, mask_grads_, step_and_drop_update, step_skipped
@@ -55,14 +55,14 @@ class DropGrad(PlannedRates, OptimizerWrapper):
         model: the model the optimizer's parameters belong to; gives canonical names as mask
             keys (needed to match the DDP hook and FSDP runs, and for name/glob ``params``).
             Without it the key of a parameter is ``"param_groups[g][i]"``.
-
-    Parameters of a group added later (:meth:`add_param_group`, e.g. a LoRA adapter) are masked
-    like those given at construction: the same default rate and ``params`` entries, applied to
-    their keys, so a run that adds a group equals a run that had it from the start.
         process_group: the ranks that must agree on seed, rates, schedule and step count
             (default: the world). Checked every step when ``torch.distributed`` is initialized;
             with ``model`` the check is launched by each training forward (so that a rank that
             skips a step is named instead of hanging) and waited in ``step()``.
+
+    Parameters of a group added later (:meth:`add_param_group`, e.g. a LoRA adapter) are masked
+    like those given at construction: the same default rate and ``params`` entries, applied to
+    their keys, so a run that adds a group equals a run that had it from the start.
     """
 
     state_key = "dropgrad"
@@ -89,8 +89,7 @@ class DropGrad(PlannedRates, OptimizerWrapper):
         self.plan = DropPlan(named_params_of_optimizer(optimizer.param_groups, model), drop_rate, params,
                              drop_rate_scheduler, names_allowed=model is not None)
         # FSDP1 (use_orig_params=True): where each parameter's local flat piece starts.
-        self._starts: dict[torch.Tensor, int] = {}
-        self._find_starts(self.plan.entries)
+        self._starts = self._flat_starts()
         self.full_update_drop = bool(full_update_drop)
         self.step_skip_rate = check_rate(step_skip_rate, "step_skip_rate")
         self.step_index = 0  # optimizer steps taken: the ``t`` of the masks
@@ -103,9 +102,9 @@ class DropGrad(PlannedRates, OptimizerWrapper):
         self._agreement = AgreementCheck("DropGrad", process_group)
         self._check = ForwardLaunchedCheck(self._agreement, self.agreement_fields, model)
 
-    def _find_starts(self, entries: list[ParamEntry]) -> None:
-        pieces = flat_param_pieces((entry.param for entry in entries), self.model)
-        self._starts.update({param: piece.start for param, piece in pieces.items()})
+    def _flat_starts(self) -> dict[torch.Tensor, int]:
+        pieces = flat_param_pieces((entry.param for entry in self.plan.entries), self.model)
+        return {param: piece.start for param, piece in pieces.items()}
 
     @property
     def drop_rate_scheduler(self) -> DropRateScheduler | None:
@@ -212,9 +211,8 @@ class DropGrad(PlannedRates, OptimizerWrapper):
         for item in named:
             refuse_hook_masked(item.param, item.key)
         super().add_param_group({**param_group, "params": params})  # torch refuses a parameter given twice
-        before = set(self.plan.entries)
         self.plan.add(named)
-        self._find_starts([entry for entry in self.plan.entries if entry not in before])
+        self._starts = self._flat_starts()
 
     # -- checkpointing (rules: dropgrad_dist.core.checkpoint) ------------------------------------------
     def _config(self) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from ..mask import MaskStream, uniform_u32
 from .history import AutoClipHistories, NormHistory
 from .layout_cache import ClipLayout
 from .methods import (
+    AUTO_METHODS,
     CLIPPING_METHODS,
     NORM_SCOPES,
     RANDOM_POWERS,
@@ -148,6 +149,16 @@ class GradientClipper:
     def _options(self, group: Mapping[str, Any], index: int) -> ClipOptions:
         return group_options(self.method, group, index, ClipOptions(self.clipping_level, self.beta, self.p_autoclip))
 
+    def check_added_group(self, group: Mapping[str, Any], index: int) -> None:
+        """Validate the clipping options of a group added to the optimizer as ``param_groups[index]``; refuse
+        it under AutoClip with ``norm_scope="group"`` once the histories exist (a new group has no history)."""
+        self._options(group, index)
+        if self.norm_scope == "group" and self.method in AUTO_METHODS and self.histories.group_histories:
+            raise ValueError(f"GradientClipper({self.method!r}, norm_scope='group') keeps one AutoClip history per "
+                             f"parameter group since the first clip ({len(self.histories.group_histories)} groups); "
+                             "a group added now would have none. Use norm_scope='global' (one history over all "
+                             "groups) or a new clipper")
+
     def draw(self, step: int | None = None) -> float:
         """The uniform draw in [0, 1) of step ``step`` (default: this step): ``u(seed, t)``."""
         return uniform_u32(self.seed, self.step_index if step is None else step, MaskStream.CLIP) / 4294967296.0
@@ -175,7 +186,9 @@ class GradientClipper:
         Call it after ``GradScaler.unscale_`` (on unscaled gradients), after DropGrad has masked,
         before the optimizer step. Every rank must pass the same parameters in the same order.
         A repeated call on the very gradients the previous call left (no backward, no in-place
-        change, no optimizer step in between) returns the previous result: no work, no collective.
+        change, no optimizer step in between) with the same options (the clipper's method,
+        ``clipping_level``, ``beta``, ``p_autoclip``, ...; each group's; the grouping) returns the
+        previous result: no work, no collective. Changed options clip the gradients again.
         """
         return self.clip_groups_([{"params": list(parameters)}])
 
@@ -191,13 +204,16 @@ class GradientClipper:
         """
         members = [list(group["params"]) for group in groups]
         params = [p for member in members for p in member]
-        if self._watch.armed and self._clipped is not None and self._clipped.unchanged(params):
-            # The very gradients clip_ left, not yet stepped on: clipping is idempotent, so return the same
-            # result without a collective (one rank clipping twice then sends nothing the others do not).
-            return dict(self.last_stats)
         options = [self._options(group, i) for i, group in enumerate(groups)]
-        local = self._local_grads(params)
         sizes = [len(member) for member in members]
+        # What decides the result besides the gradients (the step's draw and the histories do not move
+        # while the watch is armed): the clipper's configuration, each group's options, the grouping.
+        inputs = (tuple(self._config().items()), tuple(options), tuple(sizes))
+        if self._watch.armed and self._clipped is not None and self._clipped.unchanged(params, inputs):
+            # The very gradients clip_ left, with the same options, not yet stepped on: clipping is idempotent,
+            # so return the same result without a collective (one rank clipping twice sends nothing the others do not).
+            return dict(self.last_stats)
+        local = self._local_grads(params)
         above = ([o.level for o, size in zip(options, sizes) for _ in range(size)]
                  if self.method == "coordinate_wise" else None)  # the threshold per parameter
         norms = planned_norms(self._layout.plan, local, above, self.pp_group)
@@ -209,7 +225,7 @@ class GradientClipper:
             pending = self._agreement.start(self.agreement_fields(norm, tuple(options)))
         else:  # launched by the forward; none when this iteration's check was waited by an earlier clip
             pending = self._forward_check.take(launch_if_none=False)
-        histories = self.histories.for_groups(len(groups))
+        histories = self.histories.for_groups(len(groups), grow=self.method not in AUTO_METHODS)
         levels = [clip_level(self.method, n, o, h) for n, o, h in zip(scope_norms, options, histories)]
         per_group = [{"norm": n, "level": level, "clipped": False, "coefficient": None}
                      for n, level in zip(scope_norms, levels)]
@@ -220,7 +236,7 @@ class GradientClipper:
         self._pending_norms = scope_norms if self.norm_scope == "group" else [norm]
         self._watch.arm()
         self.last_stats = clip_stats(norm, norm_after, per_group, self.clipping_level)
-        self._clipped = GradientStamp(params)
+        self._clipped = GradientStamp(params, inputs)
         return self.last_stats
 
     def _local_grads(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -311,6 +327,12 @@ class ClippedOptimizer(OptimizerWrapper):
         super().__init__(optimizer)
         self.clipper = clipper
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer; the next steps clip it with the others (its own
+        ``clipping_level``, ``beta``, ``p_autoclip`` if it holds them, validated before it is added)."""
+        self.clipper.check_added_group(param_group, len(self.param_groups))
+        super().add_param_group(param_group)
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Clip, then step; with a ``closure`` every evaluation's gradient is clipped (e.g. LBFGS)."""
         return self.optimizer.step(*_clipping_closure(self.clipper, self.param_groups, closure))
@@ -378,6 +400,7 @@ class ClippedSGD(torch.optim.SGD):
         """Add a group; missing clipping options come from the defaults (validated before it is added)."""
         if "clipping_type" in self.defaults:  # torch's __init__ adds the first groups before the options exist
             self._check_group({**self.defaults, **param_group}, len(self.param_groups))
+            self.clipper.check_added_group(param_group, len(self.param_groups))
         super().add_param_group(param_group)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

@@ -109,12 +109,16 @@ class AutoClipHistories:
         self.history = NormHistory(size) if history is None else history
         self.group_histories = [] if group_histories is None else group_histories
 
-    def for_groups(self, groups: int) -> list[NormHistory]:
-        """The history each group's AutoClip level is read from (the same one under the global norm)."""
+    def for_groups(self, groups: int, grow: bool = False) -> list[NormHistory]:
+        """The history each group's AutoClip level is read from (the same one under the global norm).
+
+        ``grow``: groups beyond the known ones (added to the optimizer) start empty histories; else
+        (AutoClip, whose level a new group's short history would decide) another count raises.
+        """
         if not self.per_group:
             return [self.history] * groups
-        if not self.group_histories:
-            self.group_histories = [NormHistory(self.size) for _ in range(groups)]
+        if grow or not self.group_histories:
+            self.group_histories += [NormHistory(self.size) for _ in range(groups - len(self.group_histories))]
         if len(self.group_histories) != groups:
             raise ValueError(f"GradientClipper(norm_scope='group') keeps one history per parameter group: "
                              f"it has {len(self.group_histories)}, this step passed {groups} groups")

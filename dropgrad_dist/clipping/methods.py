@@ -135,7 +135,9 @@ def _clip_norms_(method: str, layout: ClipLayout, local: Sequence[torch.Tensor |
         if clipped and len(sizes) == 1:
             layout.scale_(local, coefficient)
         elif clipped:
-            torch._foreach_mul_([g for g in local[start:start + size] if g is not None], coefficient)
+            held = [g for g in local[start:start + size] if g is not None]
+            if held:  # a group without any gradient (frozen, unused) has nothing to scale
+                torch._foreach_mul_(held, coefficient)
         after.append(float(square) * coefficient ** 2)
         start += size
     return norm * per_group[0]["coefficient"] if len(sizes) == 1 else math.sqrt(math.fsum(after))

@@ -9,15 +9,17 @@ over the watched parameters that follows (a global ``torch.optim`` step post-hoo
 model, stepping the same gradients fire it once. With ``count_all`` it also counts every such
 step, so ranks can compare how many ``step()`` calls they made.
 
-A :class:`GradientStamp` tells whether gradients changed since a moment (a repeated clip or
-step on the very same gradients is then recognized without any communication).
+A :class:`GradientStamp` tells whether gradients changed since a moment, and whether the
+other inputs of what was computed from them (a clip's options) are still the same: a repeated
+clip or step on the very same gradients with the same inputs is then recognized without any
+communication.
 """
 
 from __future__ import annotations
 
 import operator
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -86,18 +88,26 @@ def _stepped(watch_ref: weakref.ref[StepWatch], optimizer: torch.optim.Optimizer
 
 
 class GradientStamp:
-    """Which gradient tensors some parameters hold and their in-place version counters, at one moment.
+    """Which gradient tensors some parameters hold and their in-place version counters, at one moment,
+    and the other ``inputs`` that decided what was computed from them.
 
-    Two equal stamps mean that no backward, zeroing or in-place change touched the gradients in
-    between: what was computed from them (a mask applied, a clip) is still current. Tensors are
-    held weakly, so a new gradient that reuses a freed one's memory never compares equal.
+    Equal gradients (no backward, zeroing or in-place change touched them in between) and equal
+    ``inputs`` mean that what was computed from them (a mask applied, a clip) is still current.
+    ``inputs`` is whatever besides the gradients the result depends on (a clip's method, levels,
+    ``beta``, ``p_autoclip``, grouping), compared with ``==``: the caller lists all of it, or a
+    changed option would return a stale result. Tensors are held weakly, so a new gradient that
+    reuses a freed one's memory never compares equal.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+    def __init__(self, params: Iterable[torch.Tensor], inputs: Hashable = None) -> None:
         self._refs, self._versions, self._holes = _refs_and_versions(local_grads(params))
+        self._inputs = inputs
 
-    def unchanged(self, params: Iterable[torch.Tensor]) -> bool:
-        """Whether ``params`` hold the very gradients of this stamp, unmodified (and at least one)."""
+    def unchanged(self, params: Iterable[torch.Tensor], inputs: Hashable = None) -> bool:
+        """Whether ``params`` hold the very gradients of this stamp, unmodified (and at least one), and
+        ``inputs`` equals the stamp's."""
+        if inputs != self._inputs:
+            return False
         locals_ = local_grads(params)
         if len(locals_) != len(self._refs) or self._versions.count(None) == len(self._versions):  # none held
             return False

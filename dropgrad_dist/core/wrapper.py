@@ -18,7 +18,7 @@ import torch
 
 from .checks import ArgumentTypeError
 
-__all__ = ["OptimizerWrapper"]
+__all__ = ["OptimizerWrapper", "added_params"]
 
 
 class OptimizerWrapper(torch.optim.Optimizer):
@@ -83,7 +83,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the wrapped optimizer; wrappers leave its parameters alone."""
+        """Add a group to the wrapped optimizer (a wrapper that acts on parameters overrides this to take it in)."""
         self.optimizer.add_param_group(param_group)
 
     # -- checkpointing ------------------------------------------------------------------------------
@@ -116,3 +116,11 @@ class OptimizerWrapper(torch.optim.Optimizer):
         else:
             self.optimizer.load_state_dict(state_dict)
         apply()
+
+
+def added_params(param_group: object) -> list[torch.Tensor]:
+    """The parameters of a group given to ``add_param_group`` as a list (torch accepts one tensor or an iterable)."""
+    if not isinstance(param_group, Mapping) or "params" not in param_group:
+        raise ArgumentTypeError(f"add_param_group takes a dict with a 'params' entry, got {type(param_group).__name__}")
+    params = param_group["params"]
+    return [params] if isinstance(params, torch.Tensor) else list(params)

@@ -21,7 +21,7 @@ from ..core.agreement import AgreementCheck, PendingCheck
 from ..core.checks import ArgumentTypeError, check_rate, check_seed
 from ..core.forward_check import ForwardLaunchedCheck, wait
 from ..core.ownership import refuse_dropgrad_inside, refuse_hook_masked
-from ..core.wrapper import OptimizerWrapper
+from ..core.wrapper import OptimizerWrapper, added_params
 from ..layout.shards import flat_param_pieces
 from ..mask.grad_table import GradTable
 from .mask_once import MaskedThisStep
@@ -59,6 +59,10 @@ class DropGrad(PlannedRates, OptimizerWrapper):
             (default: the world). Checked every step when ``torch.distributed`` is initialized;
             with ``model`` the check is launched by each training forward (so that a rank that
             skips a step is named instead of hanging) and waited in ``step()``.
+
+    Parameters of a group added later (:meth:`add_param_group`, e.g. a LoRA adapter) are masked
+    like those given at construction: the same default rate and ``params`` entries, applied to
+    their keys, so a run that adds a group equals a run that had it from the start.
     """
 
     state_key = "dropgrad"
@@ -81,11 +85,11 @@ class DropGrad(PlannedRates, OptimizerWrapper):
             raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         super().__init__(optimizer)
         self.seed = check_seed(seed)
+        self.model = model
         self.plan = DropPlan(named_params_of_optimizer(optimizer.param_groups, model), drop_rate, params,
                              drop_rate_scheduler, names_allowed=model is not None)
         # FSDP1 (use_orig_params=True): where each parameter's local flat piece starts.
-        pieces = flat_param_pieces((entry.param for entry in self.plan.entries), model)
-        self._starts = {param: piece.start for param, piece in pieces.items()}
+        self._starts = self._flat_starts()
         self.full_update_drop = bool(full_update_drop)
         self.step_skip_rate = check_rate(step_skip_rate, "step_skip_rate")
         self.step_index = 0  # optimizer steps taken: the ``t`` of the masks
@@ -97,6 +101,10 @@ class DropGrad(PlannedRates, OptimizerWrapper):
             refuse_hook_masked(entry.param, entry.key)
         self._agreement = AgreementCheck("DropGrad", process_group)
         self._check = ForwardLaunchedCheck(self._agreement, self.agreement_fields, model)
+
+    def _flat_starts(self) -> dict[torch.Tensor, int]:
+        pieces = flat_param_pieces((entry.param for entry in self.plan.entries), self.model)
+        return {param: piece.start for param, piece in pieces.items()}
 
     @property
     def drop_rate_scheduler(self) -> DropRateScheduler | None:
@@ -190,8 +198,21 @@ class DropGrad(PlannedRates, OptimizerWrapper):
         super().zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the wrapped optimizer; its parameters are stepped but not masked."""
-        super().add_param_group(param_group)
+        """Add a group to the wrapped optimizer and mask its parameters from the next step on.
+
+        Their keys are their canonical names with ``model=`` (they must be the model's parameters),
+        else ``"param_groups[g][i]"`` with ``g`` the new group's index; the default rate and the
+        ``params`` entries given at construction apply to them. The plan's configuration changes, so
+        every rank must add the same group, and a checkpoint saved before the addition is refused
+        (strict) with a message saying how to load it.
+        """
+        params = added_params(param_group)
+        named = named_params_of_optimizer([{"params": params}], self.model, first_group=len(self.param_groups))
+        for item in named:
+            refuse_hook_masked(item.param, item.key)
+        super().add_param_group({**param_group, "params": params})  # torch refuses a parameter given twice
+        self.plan.add(named)
+        self._starts = self._flat_starts()
 
     # -- checkpointing (rules: dropgrad_dist.core.checkpoint) ------------------------------------------
     def _config(self) -> dict[str, Any]:

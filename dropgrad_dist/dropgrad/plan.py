@@ -148,6 +148,22 @@ class DropPlan:
             specs.append((target, check_rate(rate, f"params[{target!r}]")))
         return specs
 
+    def add(self, named: Sequence[NamedParam]) -> None:
+        """Plan parameters added to the optimizer (``add_param_group``): the default rate and the ``params``
+        entries apply to their keys as if they had been there from the start; the entries (and the
+        configuration that ranks and checkpoints compare) are rebuilt."""
+        planned = {item.key for item in self._named}
+        taken = [item.key for item in named if item.key in planned]
+        if taken:
+            raise ValueError(f"the added parameters' keys {taken[:4]} are already planned (a parameter given twice?)")
+        before = self._named
+        self._named = [*before, *named]
+        try:
+            self._resolve()
+        except ValueError:
+            self._named = before
+            raise
+
     def set_drop_rate(self, rate: float) -> None:
         """Change the default rate (from the next masking on); not allowed with a schedule."""
         if self.scheduler is not None:
@@ -182,11 +198,13 @@ class DropPlan:
         return self._config
 
 
-def named_params_of_optimizer(param_groups: Iterable[Mapping[str, Any]], model: nn.Module | None) -> list[NamedParam]:
-    """Keys for the optimizer's parameters: canonical names via ``model``, else ``param_groups[g][i]``."""
+def named_params_of_optimizer(param_groups: Iterable[Mapping[str, Any]], model: nn.Module | None,
+                              first_group: int = 0) -> list[NamedParam]:
+    """Keys for the optimizer's parameters: canonical names via ``model``, else ``param_groups[g][i]``
+    (``g`` counted from ``first_group``: the index the first of ``param_groups`` has in the optimizer)."""
     by_param = {item.param: item for item in named_parameters(model)} if model is not None else None
     named = []
-    for g, group in enumerate(param_groups):
+    for g, group in enumerate(param_groups, start=first_group):
         for i, param in enumerate(group["params"]):
             if by_param is None:
                 named.append(NamedParam(f"param_groups[{g}][{i}]", f"param_groups[{g}][{i}]", param))

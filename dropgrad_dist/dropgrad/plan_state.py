@@ -54,5 +54,34 @@ def read_plan_state(owner: str, state: Mapping[str, Any], plan: DropPlan, config
     step_index = _checkpoint.read_field(state, "step_index", check_count, owner)
     # A state without "config" is compared as one holding only its seed: refused when strict.
     saved_config = state.get("config", {"seed": state.get("seed")})
+    if strict:
+        _refuse_other_parameters(owner, saved_config, config)
     _checkpoint.check_config(owner, saved_config, config, strict)
     return PlanProgress(step_index, read_schedule_state(owner, state, plan.scheduler, strict))
+
+
+def _keys(config: object) -> set[str] | None:
+    """The mask keys a configuration's ``params`` field lists (None: not a readable list)."""
+    entries = config.get("params") if isinstance(config, Mapping) else None
+    if not isinstance(entries, (list, tuple)) or not all(isinstance(e, (list, tuple)) and e for e in entries):
+        return None
+    return {str(entry[0]) for entry in entries}
+
+
+def _refuse_other_parameters(owner: str, saved_config: object, config: Mapping[str, Any]) -> None:
+    """A checkpoint that masks a subset or a superset of this run's parameters was saved before or after
+    a parameter group was added (``add_param_group``): say so, and how to load it."""
+    saved, current = _keys(saved_config), _keys(config)
+    if saved is None or current is None or saved == current:
+        return
+    if saved < current:
+        added = sorted(current - saved)
+        raise ValueError(f"{owner}: the checkpoint was saved before the parameters {added[:4]}"
+                         f"{' ...' if len(added) > 4 else ''} were masked (a group added by add_param_group "
+                         "after it was saved?). Load it before adding that group, then add the group; or load "
+                         "with strict=False to keep this run's plan and take only the checkpoint's progress")
+    if saved > current:
+        missing = sorted(saved - current)
+        raise ValueError(f"{owner}: the checkpoint also masks {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                         "which this run does not (a group added by add_param_group before it was saved?). Add "
+                         "the same group (add_param_group) before loading")

@@ -57,12 +57,12 @@ from ..core.checks import (
 )
 from ..core.ownership import hook_state_masking
 from ..core.steps import StepWatch
-from ..core.wrapper import OptimizerWrapper
+from ..core.wrapper import OptimizerWrapper, added_params
 from ..layout.norms import grad_norms, stage_group
 from ..layout.shards import _is_dtensor, flat_param_pieces, local_grads
 from .perturbation import FirstPass, PassBuffers, average_first, mix_gradients_, perturb_, restore_
 from .schedule import WARMUPS, coefficients, periodic_step, radius_scale
-from .second_pass import BatchNormSnapshot, RngState, replaying
+from .second_pass import BatchNormProbe, BatchNormSnapshot, RngState, replaying
 
 __all__ = ["FIRST_PASSES", "MIXES", "PERTURBATIONS", "WARMUPS", "GradientNormPenalty"]
 
@@ -128,12 +128,27 @@ class GradientNormPenalty(OptimizerWrapper):
         self.penalty_steps = 0  # of which ran the two-pass step
         self.last_second_pass = False
         self._pending: FirstPass | None = None  # between first_step and second_step
+        self._bn_probed = False  # without model=: whether a second pass was watched for BatchNorm updates
         self._buffers = PassBuffers()
         self._watch = StepWatch(params, self._stepped)
         self._agreement = AgreementCheck("GradientNormPenalty", process_group)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer; the next steps perturb its parameters with the others (the
+        norm ``||g1||`` spans them; SAM's ``rho``/``adaptive`` come from the defaults unless the group sets them).
+        Refused between :meth:`first_step` and :meth:`second_step`: the first pass did not see the group."""
+        if self._pending is not None:
+            raise ValueError("add_param_group between first_step() and second_step(): the first pass did not see "
+                             "the new parameters; add the group before first_step() (or after second_step())")
+        added = added_params(param_group)
+        params = self._params() + added
+        pieces = _checked_pieces(params, self.model, self.perturbation)  # checked before anything changes
+        super().add_param_group({**param_group, "params": added})
+        self._pieces = pieces
+        self._watch.watch(params)
 
     # -- the schedule (dropgrad_dist.gnp.schedule) --------------------------------------------------
     def coefficients(self, step: int | None = None) -> tuple[float, float]:
@@ -211,7 +226,8 @@ class GradientNormPenalty(OptimizerWrapper):
         ``model=`` the DDP model, so that GNP averages the ``(1 - alpha)`` term).
         """
         if self._pending is not None:
-            raise ValueError("first_step was called twice without second_step in between")
+            raise ValueError("first_step was called twice without second_step in between (theta is still "
+                             "perturbed; call restore() to abandon the first step)")
         params, penalized, pending, hook = self._begin()
         _refuse_given_under_hook(hook if penalized else None)
         _require_gradient(params, "first_step")
@@ -221,6 +237,21 @@ class GradientNormPenalty(OptimizerWrapper):
         self._pending = self._perturb(hook) if penalized else FirstPass.plain(params)
         if zero_grad:
             self.zero_grad()
+
+    def restore(self) -> bool:
+        """Abandon a step begun by :meth:`first_step`: ``theta`` back (bitwise, from its copy), the BatchNorm
+        statistics as the first pass left them, the gradients cleared; the next call may be ``first_step()``.
+
+        For code that fails between the two steps (an exception in the second forward, a skipped batch):
+        call it in a ``finally`` after :meth:`second_step`, where it does nothing. The step count does not
+        advance. Returns whether a first step was abandoned.
+        """
+        first_pass, self._pending = self._pending, None
+        if first_pass is None:
+            return False
+        restore_(first_pass)
+        self.optimizer.zero_grad(set_to_none=True)  # g1 or a partial g2: neither belongs to the next step
+        return True
 
     def second_step(self, zero_grad: bool = False, *, scaler: torch.amp.GradScaler | None = None) -> None:
         """Back to ``theta`` (bitwise), combine the gradients, step the wrapped optimizer (``scaler.step``
@@ -258,8 +289,11 @@ class GradientNormPenalty(OptimizerWrapper):
         ddp = _ddp(self.model)
         if self.perturbation == "local" and ddp is not None and self.alpha < 1.0:
             first_pass.averaging = average_first(layout, ddp.process_group)
-        if self.bn_stats_from_first_pass:
+        if self.bn_stats_from_first_pass and self.model is not None:
             first_pass.batch_norm = BatchNormSnapshot(self.model)
+        elif self.bn_stats_from_first_pass and not self._bn_probed:  # the first two-pass step without model=
+            self._bn_probed = True
+            first_pass.batch_norm = BatchNormProbe(type(self).__name__)
         return first_pass
 
     def _global_norm(self) -> float:
@@ -316,7 +350,8 @@ Args:
         ``u(seed, t) < probability``; other steps are plain (one pass).
     replay_rng: the second pass replays the first pass's CPU/CUDA random state (default True).
     bn_stats_from_first_pass: BatchNorm running statistics keep the first pass's update only
-        (default True; needs ``model``); False lets the second pass update them too.
+        (default True; needs ``model``: without it the first two-pass step warns once if a BatchNorm
+        module updated its statistics in the second pass); False lets the second pass update them too.
     first_pass: ``"closure"``: ``step(closure)`` runs the closure for both passes;
         ``"given"``: the gradient in ``.grad`` when ``step(closure)`` is called is the first
         pass's (davda54/sam's form), the closure runs once, at the perturbed point.
@@ -328,7 +363,8 @@ Args:
 ``backward()`` (``scaler.scale(loss).backward()`` under a GradScaler, or
 ``accelerator.backward(loss)``) and returns the loss; it may loop over micro-batches.
 ``first_step()`` / ``second_step()`` split the step around a second forward/backward the
-caller runs itself. The copies of ``g1`` and ``theta`` are buffers kept between steps and
+caller runs itself; ``restore()`` (in a ``finally``) abandons a step whose second pass failed.
+The copies of ``g1`` and ``theta`` are buffers kept between steps and
 reused while the layout of the gradients is unchanged (:mod:`dropgrad_dist.gnp.perturbation`).
 """
 

@@ -10,7 +10,8 @@
   the base optimizer from ``params`` and ``base_kwargs``; ``step(closure)`` takes the first pass
   from the gradient already in ``.grad`` and runs the closure once, at the perturbed point.
 
-Both offer ``first_step(zero_grad)`` / ``second_step(zero_grad)``, ``base_optimizer`` (the
+Both offer ``first_step(zero_grad)`` / ``second_step(zero_grad)`` (and ``restore()`` to abandon a step
+whose second pass failed), ``base_optimizer`` (the
 optimizer that updates the parameters: LR schedulers may be built on it) and ``param_groups[i]
 ['rho']`` / ``['adaptive']``, read at every step (set them like ``lr``).
 """

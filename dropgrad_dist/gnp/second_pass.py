@@ -7,19 +7,24 @@ GNP/SAM evaluates the same batch twice. The two evaluations must differ only in 
   the first pass left them, so the user's random stream continues as after one plain forward;
 - **BatchNorm running statistics** (``running_mean``, ``running_var``, ``num_batches_tracked`` of
   every ``_BatchNorm``, ``SyncBatchNorm`` included): restored after the second pass, so they are
-  updated once per step, from the unperturbed parameters, as in a plain step.
+  updated once per step, from the unperturbed parameters, as in a plain step. This needs the
+  model: parameters do not know their modules, and a BatchNorm without ``affine`` has none.
+  Without ``model=``, :class:`BatchNormProbe` watches the first two-pass step's second pass and
+  warns once if a BatchNorm module updated its statistics there, naming the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import register_module_forward_pre_hook
 
-__all__ = ["BatchNormSnapshot", "RngState", "replaying"]
+__all__ = ["BatchNormProbe", "BatchNormSnapshot", "RngState", "replaying"]
 
 
 class RngState:
@@ -72,3 +77,34 @@ class BatchNormSnapshot:
     def restore(self) -> None:
         for buffer, value in zip(self._buffers, self._saved):
             buffer.copy_(value)
+
+
+def _updates_statistics(module: nn.Module) -> bool:
+    """Whether a forward of ``module`` now moves BatchNorm running statistics (momentum 0, davda54/sam's
+    ``disable_running_stats``, leaves them)."""
+    return (isinstance(module, _BatchNorm) and module.training and module.track_running_stats
+            and module.momentum != 0)
+
+
+class BatchNormProbe:
+    """Without the model: notes the BatchNorm modules that update their running statistics between its
+    creation and :meth:`restore` (the second pass), through a global module forward pre-hook held only
+    that long; :meth:`restore` removes the hook and warns if there were any (the statistics stay updated)."""
+
+    def __init__(self, owner: str) -> None:
+        self._owner = owner
+        self._seen: dict[str, None] = {}
+        self._handle = register_module_forward_pre_hook(self._see)
+
+    def _see(self, module: nn.Module, args: object) -> None:
+        if _updates_statistics(module):
+            self._seen[type(module).__name__] = None
+
+    def restore(self) -> None:
+        self._handle.remove()
+        if self._seen:
+            warnings.warn(f"{self._owner}(bn_stats_from_first_pass=True) cannot keep the BatchNorm running "
+                          f"statistics without model=: the second (perturbed) pass updated those of "
+                          f"{', '.join(self._seen)} too (num_batches_tracked advances by 2 per step). Pass "
+                          "model=your_model, or bn_stats_from_first_pass=False to let both passes update them",
+                          UserWarning, stacklevel=2)

@@ -53,3 +53,11 @@ def test_a_stamp_of_no_gradient_is_never_unchanged():
     params = _params([False, False])
     assert not GradientStamp(params).unchanged(params)
     assert not GradientStamp([]).unchanged([])
+
+
+def test_a_stamp_with_other_inputs_is_not_unchanged():
+    params = _params([True, True])
+    stamp = GradientStamp(params, ("norm", 0.5))
+    assert stamp.unchanged(params, ("norm", 0.5))
+    assert not stamp.unchanged(params, ("norm", 0.01))  # the same gradients, another option
+    assert not stamp.unchanged(params)

@@ -105,7 +105,7 @@ def test_schedule_rates_follow_every_step():
         _step_and_check(dropgrad, params, _fresh_grads(params, generator), rates)
 
 
-def test_added_param_group_is_stepped_not_masked_and_masks_stay_exact():
+def test_added_param_group_is_masked_through_a_rebuilt_table_and_masks_stay_exact():
     params = _params()
     dropgrad = DropGrad(torch.optim.SGD(params, lr=0.0), drop_rate=0.5, seed=SEED)
     generator = torch.Generator().manual_seed(4)
@@ -115,8 +115,10 @@ def test_added_param_group_is_stepped_not_masked_and_masks_stay_exact():
     dropgrad.zero_grad()
     extra.grad = torch.randn(4, 4, generator=generator)
     extra_before = extra.grad.clone()
+    step = dropgrad.step_index
     _step_and_check(dropgrad, params, _fresh_grads(params, generator), [0.5] * len(params))
-    assert torch.equal(extra.grad, extra_before)
+    assert torch.equal(extra.grad, drop_(extra_before, seed=SEED, step=step, key="param_groups[1][0]", rate=0.5))
+    assert dropgrad._table.rebuilds == 2
 
 
 def test_mask_gradients_then_step_masks_once_through_the_table():

@@ -169,6 +169,44 @@ def test_a_closure_may_accumulate_micro_batches():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("options", [dict(alpha=0.8, r=0.1, every=2), dict(alpha=1.0, r=0.5, adaptive=True)])
+def test_an_engine_running_both_passes_itself_equals_step_with_a_closure(options):
+    """begin_passes / first_pass_context / finish_passes / step() (Trainer's form) is step(closure), bitwise."""
+    models = seeded_net(), seeded_net()
+    penalties = [GradientNormPenalty(DropGrad(torch.optim.SGD(m.parameters(), lr=0.1), 0.5, seed=2, model=m),
+                                     **options, model=m) for m in models]
+
+    def backward(model, step):
+        x, y = _data(step)
+        for part in range(2):  # two accumulated micro-batches
+            (nn.functional.mse_loss(model(x[8 * part:8 * part + 8]), y[8 * part:8 * part + 8]) / 2).backward()
+
+    for step in range(3):  # with every=2, step 1 is a plain (one-pass) step
+        penalties[0].step(lambda: backward(models[0], step))
+        engine = penalties[1]
+        engine.zero_grad(set_to_none=True)
+        engine.begin_passes()
+        with engine.first_pass_context():
+            backward(models[1], step)
+        engine.finish_passes(lambda: backward(models[1], step))
+        engine.step()
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
+    assert [(g.step_index, g.penalty_steps) for g in penalties] == [(3, 3 if "every" not in options else 2)] * 2
+
+
+def test_an_engine_step_out_of_order_is_refused():
+    model = seeded_net()
+    penalty = GradientNormPenalty(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    with pytest.raises(ValueError, match="finish_passes needs begin_passes"):
+        penalty.finish_passes(lambda: None)
+    penalty.begin_passes()
+    _loss(model).backward()
+    with pytest.raises(ValueError, match="needs finish_passes"):
+        penalty.step()
+    assert penalty.step_index == 0
+
+
 def test_resume_is_exact(tmp_path):
     def make():
         model = seeded_net()

@@ -1,7 +1,8 @@
 """The regularizers' state in ``accelerator.save_state``/``load_state``, all or nothing, validated on every rank first.
 
 :func:`attach_to_checkpoints` writes a handle's state (JSON, per-rank safetensors for restart sums)
-through Accelerate's save hooks.
+through Accelerate's save hooks; Hugging Face Trainer's checkpoints get the same files
+(:mod:`dropgrad_dist.integrations.transformers`).
 
 Accelerate loads an FSDP model and optimizer before it runs its load pre-hooks, so a regularizer
 file refused in a hook would leave the optimizer state half replaced. The wrapper installed here

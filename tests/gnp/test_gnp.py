@@ -195,6 +195,33 @@ def test_an_engine_running_both_passes_itself_equals_step_with_a_closure(options
     assert [(g.step_index, g.penalty_steps) for g in penalties] == [(3, 3 if "every" not in options else 2)] * 2
 
 
+@pytest.mark.parametrize("bad_pass", [0, 1])
+def test_an_engine_step_under_grad_scaler_skips_a_non_finite_pass(bad_pass):
+    """As AcceleratedOptimizer steps it: scaler.step(penalty) after finish_passes; nothing moves or counts."""
+    model = seeded_net()
+    theta = [p.detach().clone() for p in model.parameters()]
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    penalty = GradientNormPenalty(base, alpha=0.5, r=0.1, model=model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+
+    def backward(which):
+        scaler.scale(_loss(model) * (float("inf") if which == bad_pass else 1.0)).backward()
+
+    for _ in range(2):  # the skipped step, then (bad_pass = -1) a finite one
+        penalty.zero_grad(set_to_none=True)
+        penalty.begin_passes()
+        with penalty.first_pass_context():
+            backward(0)
+        penalty.finish_passes(lambda: backward(1), scaler=scaler)
+        scaler.step(penalty)
+        scaler.update()
+        if bad_pass >= 0:
+            assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta))  # no perturbation left
+            assert penalty.step_index == 0 and not base.state and scaler.get_scale() < 2.0 ** 12
+        bad_pass = -1
+    assert penalty.step_index == penalty.penalty_steps == 1 and base.state
+
+
 def test_an_engine_step_out_of_order_is_refused():
     model = seeded_net()
     penalty = GradientNormPenalty(torch.optim.SGD(model.parameters(), lr=0.1), model=model)

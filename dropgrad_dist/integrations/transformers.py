@@ -202,7 +202,7 @@ def add_regularizers(trainer: Trainer, *, dropgrad: Mapping[str, Any] | None = N
         folder = resume_from_checkpoint
         if folder is True:
             folder = get_last_checkpoint(trainer.args.output_dir)  # None: Trainer raises its own error
-        if isinstance(folder, (str, os.PathLike)):
+        if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):  # else Trainer raises its own error
             callback.check_resumable(os.fspath(folder))
             callback.resume_from = os.fspath(folder)
         return train(resume_from_checkpoint, *args, **kwargs)

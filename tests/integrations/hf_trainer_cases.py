@@ -4,8 +4,8 @@
     torchrun --nproc_per_node 2 tests/integrations/hf_trainer_cases.py OUT [--fsdp2]
 
 Each case writes ``OUT/<case>/params.safetensors`` and ``result.json`` (examples/hf_trainer.py's
-``save_results``). Cases: ``clip`` (DropGrad compact + norm clipping, Trainer's default
-``max_grad_norm``), ``gnp`` (GNP over 2 accumulated micro-batches, with our clipping), ``asam``
+``save_results``). Cases: ``clip`` (the example's command line: DropGrad compact + norm clipping,
+Trainer's default ``max_grad_norm``), ``gnp`` (GNP over 2 accumulated micro-batches, with our clipping), ``asam``
 (ASAM clipped by Trainer's ``max_grad_norm``), ``resume_full`` (6 steps, checkpoints at 3 and 6)
 and ``resume_half`` (a new Trainer resumed from ``resume_full/checkpoint-3``), ``refused`` (the
 error messages of two resumes that must be refused). In one process also ``<case>_reference``: the
@@ -88,7 +88,9 @@ def reference(out: Path, name: str, case: dict, batch_size: int = 8) -> None:
 
 def main() -> None:
     out, fsdp2 = Path(sys.argv[1]), "--fsdp2" in sys.argv
-    run(out, "clip", dict(dropgrad=DROPGRAD, clipping=dict(method="norm", clipping_level=0.5)), fsdp2=fsdp2)
+    # The example's command line: DROPGRAD with norm clipping at 0.5, Trainer's default max_grad_norm.
+    sys.argv = [example.__file__, "--output_dir", str(out / "clip"), *(["--fsdp2"] if fsdp2 else [])]
+    example.main()
     for name, case in PENALTY_CASES.items():
         clipping = dict(method="norm", clipping_level=case["clip_level"]) if name == "gnp" else None
         run(out, name, dict(dropgrad=DROPGRAD, clipping=clipping, gnp=case["gnp"]), fsdp2=fsdp2,

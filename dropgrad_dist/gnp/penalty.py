@@ -426,6 +426,7 @@ The copies of ``g1`` and ``theta`` are buffers kept between steps and
 reused while the layout of the gradients is unchanged (:mod:`dropgrad_dist.gnp.perturbation`).
 """
 
+
 @dataclass
 class _EnginePasses:
     """An open step of :meth:`GradientNormPenalty.begin_passes`: whether it penalizes, the started agreement

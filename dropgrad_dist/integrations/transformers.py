@@ -95,9 +95,10 @@ class RegularizersCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Write the regularizers' state into the ``checkpoint-N/`` folder Trainer has just written."""
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not os.path.isdir(folder):
+        if args.should_save and not os.path.isdir(folder):
             raise RuntimeError(f"add_regularizers: Trainer's checkpoint folder {folder!r} does not exist (a "
                                "hyperparameter search's run folder?); the regularizers' state cannot be saved")
+        os.makedirs(folder, exist_ok=True)  # a rank on another node without a shared folder: its restart sums
         write_handle_files(self.regularizers, folder, write_json=args.should_save)
 
     def _measured_norm(self, parameters: Any, max_norm: float, norm_type: float = 2, **kwargs: Any) -> torch.Tensor:

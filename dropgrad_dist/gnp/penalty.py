@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -129,6 +130,7 @@ class GradientNormPenalty(OptimizerWrapper):
         self.last_second_pass = False
         self._pending: FirstPass | None = None  # between first_step and second_step
         self._bn_probed = False  # without model=: whether a second pass was watched for BatchNorm updates
+        self._engine: _EnginePasses | None = None  # between begin_passes and the step()
         self._buffers = PassBuffers()
         self._watch = StepWatch(params, self._stepped)
         self._agreement = AgreementCheck("GradientNormPenalty", process_group)
@@ -196,6 +198,8 @@ class GradientNormPenalty(OptimizerWrapper):
         the whole step (``theta`` restored, step count unchanged); call ``scaler.update()`` afterwards.
         """
         if closure is None:
+            if self._engine is not None:
+                return self._engine_step()
             return _step_without_closure(self.optimizer)
         params, penalized, pending, hook = self._begin()
         loss, before = None, None
@@ -269,6 +273,58 @@ class GradientNormPenalty(OptimizerWrapper):
         self._step_inner(scaler)
         if zero_grad:
             self.zero_grad()
+
+    # -- a step whose passes an engine runs (Hugging Face Trainer's training_step) ----------------------
+    def begin_passes(self) -> None:
+        """Open a step whose forward/backward passes the caller runs, each backward of the first pass (every
+        micro-batch) inside :meth:`first_pass_context`; then :meth:`finish_passes`, then ``step()``
+        without a closure (e.g. by Accelerate's ``AcceleratedOptimizer``, under its GradScaler).
+
+        The gradients must be cleared before the first pass; its random state is replayed in the second.
+        """
+        _params, penalized, pending, hook = self._begin()
+        before = RngState() if penalized and self.replay_rng else None
+        self._engine = _EnginePasses(penalized, pending, hook, before)
+
+    def first_pass_context(self) -> contextlib.AbstractContextManager:
+        """Where a backward of the open step's first pass runs: with the DDP hook suspended (global
+        perturbation) or under ``no_sync()`` (local); no change on a plain step. A new context per backward."""
+        engine = self._open_engine("first_pass_context")
+        if not engine.penalized:
+            return contextlib.nullcontext()
+        return _first_pass_context(self.perturbation, self.model, engine.hook)
+
+    def finish_passes(self, second_pass: Callable[[], Any], *,
+                      scaler: torch.amp.GradScaler | None = None) -> None:
+        """With the first pass's (accumulated) gradient ``g1`` in ``.grad``: move to ``theta + e``, run
+        ``second_pass`` (forward and backward of every micro-batch, the first pass's random state replayed)
+        from cleared gradients, restore ``theta`` bitwise and leave ``g`` in ``.grad``. A plain step leaves ``g1``.
+
+        ``scaler``: the GradScaler both passes' losses were scaled by (``mix="normalized"`` needs its scale).
+        """
+        engine = self._open_engine("finish_passes")
+        _require_gradient(self._params(), "the first pass")
+        if engine.pending is not None:
+            engine.pending.wait()
+        self.last_second_pass = False
+        if engine.penalized:
+            first_pass = self._perturb(engine.hook)
+            if first_pass.finite:  # else leave the non-finite g1: a GradScaler skips the step, theta never moved
+                _second_evaluation(second_pass, self.optimizer, first_pass, engine.before)
+                self._combine(first_pass, scaler)
+                self.last_second_pass = True
+        engine.finished = True
+
+    def _open_engine(self, where: str) -> _EnginePasses:
+        if self._engine is None or self._engine.finished:
+            raise ValueError(f"{where} needs begin_passes() before it (once per optimizer step)")
+        return self._engine
+
+    def _engine_step(self) -> None:
+        engine, self._engine = self._engine, None
+        if not engine.finished:
+            raise ValueError("step() after begin_passes() needs finish_passes() first: the gradient is g1 alone")
+        self._step_inner(None)  # under a GradScaler, scaler.step(this wrapper) called this step
 
     def _step_inner(self, scaler: torch.amp.GradScaler | None) -> None:
         self._watch.arm()
@@ -364,9 +420,24 @@ Args:
 ``accelerator.backward(loss)``) and returns the loss; it may loop over micro-batches.
 ``first_step()`` / ``second_step()`` split the step around a second forward/backward the
 caller runs itself; ``restore()`` (in a ``finally``) abandons a step whose second pass failed.
+``begin_passes()``, ``first_pass_context()``, ``finish_passes(second_pass)`` and ``step()`` are the
+step of an engine that runs both passes itself (Hugging Face ``Trainer``).
 The copies of ``g1`` and ``theta`` are buffers kept between steps and
 reused while the layout of the gradients is unchanged (:mod:`dropgrad_dist.gnp.perturbation`).
 """
+
+
+@dataclass
+class _EnginePasses:
+    """An open step of :meth:`GradientNormPenalty.begin_passes`: whether it penalizes, the started agreement
+    check, the DDP hook state that masks, the random state the first pass started from."""
+
+    penalized: bool
+    pending: Any
+    hook: Any
+    before: RngState | None
+    finished: bool = False
+
 
 def _read_state(state: Mapping[str, Any] | None, owner: str, config: dict[str, Any], strict: bool) -> tuple[int, int]:
     """``(step_index, penalty_steps)`` of a saved GNP state, validated against ``config`` (nothing applied)."""

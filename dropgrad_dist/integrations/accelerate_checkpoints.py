@@ -1,7 +1,8 @@
 """The regularizers' state in ``accelerator.save_state``/``load_state``, all or nothing, validated on every rank first.
 
 :func:`attach_to_checkpoints` writes a handle's state (JSON, per-rank safetensors for restart sums)
-through Accelerate's save hooks.
+through Accelerate's save hooks; Hugging Face Trainer's checkpoints get the same files
+(:mod:`dropgrad_dist.integrations.transformers`).
 
 Accelerate loads an FSDP model and optimizer before it runs its load pre-hooks, so a regularizer
 file refused in a hook would leave the optimizer state half replaced. The wrapper installed here
@@ -23,7 +24,8 @@ from ..core.agreement import collective_device
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["attach_to_checkpoints", "make_load_state_all_or_nothing"]
+__all__ = ["all_ranks_ok", "attach_to_checkpoints", "make_load_state_all_or_nothing", "prepare_on_all_ranks",
+           "state_stem", "write_handle_files"]
 
 
 def _checkpoint_dir(accelerator: Accelerator, input_dir: str | None) -> str | None:
@@ -43,7 +45,7 @@ def _checkpoint_dir(accelerator: Accelerator, input_dir: str | None) -> str | No
     return max(numbered)[1] if numbered else None
 
 
-def _all_ranks_ok(ok: bool) -> bool:
+def all_ranks_ok(ok: bool) -> bool:
     """Whether every rank of the world is ``ok`` (one MIN all-reduce; just ``ok`` in one process)."""
     import torch.distributed as dist
 
@@ -52,6 +54,40 @@ def _all_ranks_ok(ok: bool) -> bool:
     flag = torch.tensor([int(ok)], dtype=torch.int64, device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def state_stem(index: int) -> str:
+    """The file stem of an accelerator's ``index``-th handle: ``dropgrad_dist_state_<index>``."""
+    return f"dropgrad_dist_state_{index}"
+
+
+def write_handle_files(handle: Any, output_dir: str, write_json: bool) -> None:
+    """Write ``handle``'s files into ``output_dir``: its JSON state (where ``write_json``: one process per
+    shared folder) and this rank's restart sums. Each file atomically (``core.checkpoint``)."""
+    if write_json:
+        _checkpoint.write_json(os.path.join(output_dir, f"{handle._stem}.json"), handle.state_dict())
+    if handle.restarter is not None:
+        _checkpoint.write_tensors(os.path.join(output_dir, f"{handle._stem}_rank{handle._rank}.safetensors"),
+                                  handle.restart_sums())
+
+
+def prepare_on_all_ranks(handles: list[Any], directory: str) -> list[Any]:
+    """Read and validate every handle's files in ``directory`` on every rank, then agree (one all-reduce).
+
+    Returns what applies them; if any rank refused its files, every rank raises and nothing is applied.
+    """
+    applies, error = [], None
+    try:
+        applies = [handle.prepare_checkpoint(directory) for handle in handles]
+    except Exception as err:  # noqa: BLE001 - every rank must reach the agreement below, then it re-raises
+        error = err
+    all_ok = all_ranks_ok(error is None)
+    if error is not None:
+        raise error
+    if not all_ok:
+        raise ValueError(f"dropgrad_dist: another rank refused its regularizer checkpoint files in "
+                         f"{directory!r} (see that rank's error); nothing was loaded")
+    return applies
 
 
 def make_load_state_all_or_nothing(accelerator: Accelerator) -> None:
@@ -71,18 +107,8 @@ def make_load_state_all_or_nothing(accelerator: Accelerator) -> None:
 
     def load_state(input_dir: str | None = None, load_kwargs: dict | None = None, **load_model_func_kwargs: Any) -> Any:
         directory = _checkpoint_dir(accelerator, input_dir)
-        applies, error = [], None
-        if directory is not None:  # else Accelerate raises its own error for the folder
-            try:
-                applies = [handle.prepare_checkpoint(directory) for handle in accelerator._dropgrad_dist_handles]
-            except Exception as err:  # noqa: BLE001 - every rank must reach the agreement below, then it re-raises
-                error = err
-        all_ok = _all_ranks_ok(error is None)
-        if error is not None:
-            raise error
-        if not all_ok:
-            raise ValueError(f"dropgrad_dist: another rank refused its regularizer checkpoint files in "
-                             f"{directory!r} (see that rank's error); nothing was loaded")
+        # Without a folder Accelerate raises its own error (every rank alike: the same rule decides).
+        applies = prepare_on_all_ranks(accelerator._dropgrad_dist_handles, directory) if directory is not None else []
         accelerator.__dict__["_dropgrad_dist_loading"] = True
         try:
             result = original(input_dir, load_kwargs, **load_model_func_kwargs)
@@ -102,18 +128,14 @@ def attach_to_checkpoints(accelerator: Accelerator, handle: Any) -> None:
     ``..._rank<r>.safetensors`` (each rank's restart sums), ``i`` counting the handles of ``accelerator``.
     """
     handles = accelerator.__dict__.setdefault("_dropgrad_dist_handles", [])
-    stem = handle._stem = f"dropgrad_dist_state_{len(handles)}"
+    handle._stem = state_stem(len(handles))
     handles.append(handle)
-    rank = handle._rank = accelerator.process_index
+    handle._rank = accelerator.process_index
 
     def save(models: Any, weights: Any, output_dir: str) -> None:
         os.makedirs(output_dir, exist_ok=True)
-        if accelerator.is_main_process or (accelerator.is_local_main_process
-                                           and accelerator.project_configuration.save_on_each_node):
-            _checkpoint.write_json(os.path.join(output_dir, f"{stem}.json"), handle.state_dict())
-        if handle.restarter is not None:
-            _checkpoint.write_tensors(os.path.join(output_dir, f"{stem}_rank{rank}.safetensors"),
-                                      handle.restart_sums())
+        write_handle_files(handle, output_dir, accelerator.is_main_process or (
+            accelerator.is_local_main_process and accelerator.project_configuration.save_on_each_node))
 
     def load(models: Any, input_dir: str) -> None:
         if not accelerator.__dict__.get("_dropgrad_dist_loading"):  # load_state's wrapper applies it

@@ -169,6 +169,71 @@ def test_a_closure_may_accumulate_micro_batches():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("options", [dict(alpha=0.8, r=0.1, every=2), dict(alpha=1.0, r=0.5, adaptive=True)])
+def test_an_engine_running_both_passes_itself_equals_step_with_a_closure(options):
+    """begin_passes / first_pass_context / finish_passes / step() (Trainer's form) is step(closure), bitwise."""
+    models = seeded_net(), seeded_net()
+    penalties = [GradientNormPenalty(DropGrad(torch.optim.SGD(m.parameters(), lr=0.1), 0.5, seed=2, model=m),
+                                     **options, model=m) for m in models]
+
+    def backward(model, step):
+        x, y = _data(step)
+        for part in range(2):  # two accumulated micro-batches
+            (nn.functional.mse_loss(model(x[8 * part:8 * part + 8]), y[8 * part:8 * part + 8]) / 2).backward()
+
+    for step in range(3):  # with every=2, step 1 is a plain (one-pass) step
+        penalties[0].step(lambda: backward(models[0], step))
+        engine = penalties[1]
+        engine.zero_grad(set_to_none=True)
+        engine.begin_passes()
+        with engine.first_pass_context():
+            backward(models[1], step)
+        engine.finish_passes(lambda: backward(models[1], step))
+        engine.step()
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
+    assert [(g.step_index, g.penalty_steps) for g in penalties] == [(3, 3 if "every" not in options else 2)] * 2
+
+
+@pytest.mark.parametrize("bad_pass", [0, 1])
+def test_an_engine_step_under_grad_scaler_skips_a_non_finite_pass(bad_pass):
+    """As AcceleratedOptimizer steps it: scaler.step(penalty) after finish_passes; nothing moves or counts."""
+    model = seeded_net()
+    theta = [p.detach().clone() for p in model.parameters()]
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    penalty = GradientNormPenalty(base, alpha=0.5, r=0.1, model=model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+
+    def backward(which):
+        scaler.scale(_loss(model) * (float("inf") if which == bad_pass else 1.0)).backward()
+
+    for _ in range(2):  # the skipped step, then (bad_pass = -1) a finite one
+        penalty.zero_grad(set_to_none=True)
+        penalty.begin_passes()
+        with penalty.first_pass_context():
+            backward(0)
+        penalty.finish_passes(lambda: backward(1), scaler=scaler)
+        scaler.step(penalty)
+        scaler.update()
+        if bad_pass >= 0:
+            assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta))  # no perturbation left
+            assert penalty.step_index == 0 and not base.state and scaler.get_scale() < 2.0 ** 12
+        bad_pass = -1
+    assert penalty.step_index == penalty.penalty_steps == 1 and base.state
+
+
+def test_an_engine_step_out_of_order_is_refused():
+    model = seeded_net()
+    penalty = GradientNormPenalty(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    with pytest.raises(ValueError, match="finish_passes needs begin_passes"):
+        penalty.finish_passes(lambda: None)
+    penalty.begin_passes()
+    _loss(model).backward()
+    with pytest.raises(ValueError, match="needs finish_passes"):
+        penalty.step()
+    assert penalty.step_index == 0
+
+
 def test_resume_is_exact(tmp_path):
     def make():
         model = seeded_net()

@@ -15,10 +15,8 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..core import checkpoint as _checkpoint
-from ..core.agreement import collective_device
+from ..core.agreement import all_ranks_ok
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -41,17 +39,6 @@ def _checkpoint_dir(accelerator: Accelerator, input_dir: str | None) -> str | No
     numbered = [(int(digits[0]), os.path.join(root, name)) for name in names
                 if (digits := re.findall(r"[0-9]+", name))]
     return max(numbered)[1] if numbered else None
-
-
-def _all_ranks_ok(ok: bool) -> bool:
-    """Whether every rank of the world is ``ok`` (one MIN all-reduce; just ``ok`` in one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return ok
-    flag = torch.tensor([int(ok)], dtype=torch.int64, device=collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def make_load_state_all_or_nothing(accelerator: Accelerator) -> None:
@@ -77,7 +64,7 @@ def make_load_state_all_or_nothing(accelerator: Accelerator) -> None:
                 applies = [handle.prepare_checkpoint(directory) for handle in accelerator._dropgrad_dist_handles]
             except Exception as err:  # noqa: BLE001 - every rank must reach the agreement below, then it re-raises
                 error = err
-        all_ok = _all_ranks_ok(error is None)
+        all_ok = all_ranks_ok(error is None)
         if error is not None:
             raise error
         if not all_ok:

@@ -15,17 +15,22 @@ The rule, the same for every regularizer:
   levels of nesting, JSON files of at most ``MAX_JSON_BYTES``; anything else raises
   ``ValueError`` naming the field (the same rule for a file and for an in-memory dict).
 
-On disk (Accelerate's ``save_state``) the state is JSON: nothing in it can execute code. Inside a
+On disk (Accelerate's ``save_state``) the state is JSON: nothing in it can execute code. Every file
+is written by :func:`write_atomically` (a temporary file in the same directory, flushed, fsynced,
+renamed over the target): a process killed mid-save leaves the previous file whole, and a file cut
+short some other way is refused, naming it. Inside a
 ``torch.distributed.checkpoint`` (DCP) the same JSON travels as a uint8 tensor of fixed capacity
 (:func:`state_tensor`), because DCP pickles every non-tensor value it saves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,7 +38,7 @@ from typing import Any, TypeVar
 
 __all__ = ["FORMAT", "MAX_DEPTH", "MAX_JSON_BYTES", "STATE_TENSOR_HEADER", "check_config", "check_plain", "plain",
            "read_field", "read_json", "read_state_tensor", "read_tensor_field", "read_tensors", "state_tensor",
-           "write_json", "write_tensors"]
+           "write_atomically", "write_json", "write_tensors"]
 
 FORMAT = 1  # version of the state-dict layout
 MAX_DEPTH = 32  # nesting levels of plain data; the regularizers' states use fewer than 8
@@ -41,6 +46,8 @@ MAX_JSON_BYTES = 64 << 20  # an AutoClip history of ~3 million norms; set histor
 INT_LIMIT = 1 << 64  # seeds and counts are 64-bit words: a larger int is never a valid field
 STATE_TENSOR_HEADER = 8  # bytes of a state tensor that hold the JSON's length (little-endian)
 T = TypeVar("T")
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), restored on the next line
+os.umask(_UMASK)
 
 
 def _bounded_problem(value: Any) -> str | None:
@@ -169,16 +176,50 @@ def _json_bytes(state: Mapping[str, Any], limit: int | None = None) -> bytes:
     return raw
 
 
+def write_atomically(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``.
+
+    The bytes go to a temporary file in the same directory, are flushed and fsynced, and the file
+    is renamed over ``path`` (``os.replace``, atomic on POSIX and Windows); the directory is fsynced
+    so the rename survives a power loss. A process killed at any point leaves the old file (and at
+    worst a stray ``.<name>.*.tmp``). ``mode``: the file's permissions (default: what ``open`` gives).
+    """
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, (0o666 & ~_UMASK) if mode is None else mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_json(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
-    """Write ``state`` (plain data) as JSON, atomically (a partial file never replaces a good one).
+    """Write ``state`` (plain data) as JSON with :func:`write_atomically`.
 
     Refuses (``ValueError``) a state that :func:`read_json` would refuse: too large or too deep.
     """
-    path = Path(path)
-    raw = _json_bytes(state)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(raw)
-    os.replace(temporary, path)
+    write_atomically(path, _json_bytes(state))
 
 
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
@@ -284,13 +325,10 @@ def read_state_tensor(tensor: Any, owner: str, where: str) -> dict[str, Any]:
 
 
 def write_tensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:
-    """Write named tensors as safetensors (a format that holds only data), atomically."""
-    from safetensors.torch import save_file
+    """Write named tensors as safetensors (a format that holds only data) with :func:`write_atomically`."""
+    from safetensors.torch import save
 
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, str(temporary))
-    os.replace(temporary, path)
+    write_atomically(path, save({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}))
 
 
 def read_tensors(path: str | os.PathLike, owner: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ BENCHMARKS = {
     "fsdp": "dropgrad_dist.bench.fsdp",
     "clip": "dropgrad_dist.bench.clip",
     "gnp": "dropgrad_dist.bench.gnp",
+    "checkpoint": "dropgrad_dist.bench.checkpoint",
 }
 
 

@@ -44,7 +44,7 @@ from ..core.agreement import AgreementCheck
 from ..core.checks import ArgumentTypeError, check_bool, check_int_in, check_positive, check_seed
 from ..core.forward_check import ForwardLaunchedCheck
 from ..core.steps import GradientStamp, StepWatch
-from ..core.wrapper import OptimizerWrapper
+from ..core.wrapper import OptimizerWrapper, missing_state_hint, state_init_step
 from ..layout.norms import planned_norms, stage_group
 from ..layout.shards import flat_param_pieces, local_grads
 from ..mask import MaskStream, uniform_u32
@@ -335,6 +335,8 @@ class ClippedOptimizer(OptimizerWrapper):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Clip, then step; with a ``closure`` every evaluation's gradient is clipped (e.g. LBFGS)."""
+        if state_init_step(self.param_groups, closure):  # torch creating the optimizer state: not a step
+            return self.optimizer.step()
         return self.optimizer.step(*_clipping_closure(self.clipper, self.param_groups, closure))
 
     def own_state_dict(self) -> dict[str, Any]:
@@ -343,7 +345,7 @@ class ClippedOptimizer(OptimizerWrapper):
     def prepare_own_state(self, state: Mapping[str, Any] | None, strict: bool) -> Callable[[], None]:
         if state is None:
             raise ValueError("ClippedOptimizer.load_state_dict: the state dict has no 'clipping' entry "
-                             "(saved from the bare optimizer?)")
+                             "(saved from the bare optimizer?). " + missing_state_hint("clipping"))
         return self.clipper.prepare_state(state, strict)
 
 
@@ -407,6 +409,8 @@ class ClippedSGD(torch.optim.SGD):
         """Clip (with each group's current options), then take the SGD step."""
         for index, group in enumerate(self.param_groups):
             self._check_group(group, index)
+        if state_init_step(self.param_groups, closure):  # torch creating the optimizer state: not a step
+            return super().step()
         return super().step(*_clipping_closure(self.clipper, self.param_groups, closure))
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

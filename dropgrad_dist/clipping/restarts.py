@@ -20,7 +20,7 @@ from torch import nn
 from ..core import checkpoint as _checkpoint
 from ..core.agreement import AgreementCheck
 from ..core.checks import SEED_LIMIT, check_count, check_int_in, check_number_in, real_scalar, shown
-from ..core.wrapper import OptimizerWrapper
+from ..core.wrapper import OptimizerWrapper, state_init_step
 from ..layout.names import named_parameters
 from ..layout.shards import local_tensor
 
@@ -236,6 +236,8 @@ class RestartingOptimizer(OptimizerWrapper):
         self.include_state_in_state_dict = False  # sums are tensors: checkpoint them with the restarter
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if state_init_step(self.param_groups, closure):  # torch creating the optimizer state: no snapshot
+            return self.optimizer.step()
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self.restarter.step(self.model, self.optimizer)
         return loss

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .collectives import SentTensors
 
-__all__ = ["AgreementCheck", "PendingCheck", "RankDisagreement", "collective_device", "fingerprint"]
+__all__ = ["AgreementCheck", "PendingCheck", "RankDisagreement", "all_ranks_ok", "collective_device", "fingerprint"]
 
 FIELDS = 12  # fingerprints per check; more fields are folded into the last one
 _FINGERPRINT_BITS = 62  # |f| < 2**62, so -f never overflows int64
@@ -41,6 +41,18 @@ def fingerprint(value: object) -> int:
     """A stable 62-bit digest of ``repr(value)`` (exact for ints, floats, strings and tuples of them)."""
     digest = hashlib.blake2b(repr(value).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> (64 - _FINGERPRINT_BITS)
+
+
+def all_ranks_ok(ok: bool, group: dist.ProcessGroup | None = None) -> bool:
+    """Whether every rank of ``group`` is ``ok`` (one MIN all-reduce of one integer; ``ok`` itself in one process).
+
+    A checkpoint load that one rank refuses must stop every rank, not only the one that refused.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int64, device=collective_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
 
 
 def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:

@@ -15,28 +15,39 @@ The rule, the same for every regularizer:
   levels of nesting, JSON files of at most ``MAX_JSON_BYTES``; anything else raises
   ``ValueError`` naming the field (the same rule for a file and for an in-memory dict).
 
-On disk (Accelerate's ``save_state``) the state is JSON: nothing in it can execute code.
+On disk (Accelerate's ``save_state``) the state is JSON: nothing in it can execute code. Every file
+is written by :func:`write_atomically` (a temporary file in the same directory, flushed, fsynced,
+renamed over the target): a process killed mid-save leaves the previous file whole, and a file cut
+short some other way is refused, naming it. Inside a
+``torch.distributed.checkpoint`` (DCP) the same JSON travels as a uint8 tensor of fixed capacity
+(:func:`state_tensor`), because DCP pickles every non-tensor value it saves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["FORMAT", "MAX_DEPTH", "MAX_JSON_BYTES", "check_config", "check_plain", "plain", "read_field",
-           "read_json", "read_tensor_field", "read_tensors", "write_json", "write_tensors"]
+__all__ = ["FORMAT", "MAX_DEPTH", "MAX_JSON_BYTES", "STATE_TENSOR_HEADER", "check_config", "check_plain", "plain",
+           "read_field", "read_json", "read_state_tensor", "read_tensor_field", "read_tensors", "state_tensor",
+           "write_atomically", "write_json", "write_tensors"]
 
 FORMAT = 1  # version of the state-dict layout
 MAX_DEPTH = 32  # nesting levels of plain data; the regularizers' states use fewer than 8
 MAX_JSON_BYTES = 64 << 20  # an AutoClip history of ~3 million norms; set history_size for longer runs
 INT_LIMIT = 1 << 64  # seeds and counts are 64-bit words: a larger int is never a valid field
+STATE_TENSOR_HEADER = 8  # bytes of a state tensor that hold the JSON's length (little-endian)
 T = TypeVar("T")
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), restored on the next line
+os.umask(_UMASK)
 
 
 def _bounded_problem(value: Any) -> str | None:
@@ -152,21 +163,63 @@ def check_config(owner: str, saved: Mapping[str, Any], current: Mapping[str, Any
                   "keeping this run's configuration (strict=False)", RuntimeWarning, stacklevel=3)
 
 
+def _json_bytes(state: Mapping[str, Any], limit: int | None = None) -> bytes:
+    """``state`` (plain data) as UTF-8 JSON of at most ``limit`` (default ``MAX_JSON_BYTES``) bytes;
+    refuses (``ValueError``) what loading would refuse."""
+    limit = MAX_JSON_BYTES if limit is None else limit
+    state = plain(state)
+    check_plain(state, "dropgrad_dist (saving)", "state")
+    raw = json.dumps(state, indent=1, allow_nan=False).encode("utf-8")
+    if len(raw) > limit:
+        raise ValueError(f"the regularizer state is {len(raw)} bytes as JSON, over the {limit} bytes a checkpoint "
+                         "of it may hold (an unbounded AutoClip history? set history_size)")
+    return raw
+
+
+def write_atomically(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``.
+
+    The bytes go to a temporary file in the same directory, are flushed and fsynced, and the file
+    is renamed over ``path`` (``os.replace``, atomic on POSIX and Windows); the directory is fsynced
+    so the rename survives a power loss. A process killed at any point leaves the old file (and at
+    worst a stray ``.<name>.*.tmp``). ``mode``: the file's permissions (default: what ``open`` gives).
+    """
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, (0o666 & ~_UMASK) if mode is None else mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_json(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
-    """Write ``state`` (plain data) as JSON, atomically (a partial file never replaces a good one).
+    """Write ``state`` (plain data) as JSON with :func:`write_atomically`.
 
     Refuses (``ValueError``) a state that :func:`read_json` would refuse: too large or too deep.
     """
-    path = Path(path)
-    state = plain(state)
-    check_plain(state, "dropgrad_dist (saving)", "state")
-    text = json.dumps(state, indent=1, allow_nan=False)
-    if len(text.encode("utf-8")) > MAX_JSON_BYTES:
-        raise ValueError(f"the regularizer state is {len(text) >> 20} MiB as JSON, over the {MAX_JSON_BYTES >> 20} "
-                         "MiB a checkpoint may hold (an unbounded AutoClip history? set history_size)")
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    write_atomically(path, _json_bytes(state))
 
 
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
@@ -204,37 +257,78 @@ def read_json(path: str | os.PathLike, owner: str) -> dict[str, Any]:
             raw = file.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise FileNotFoundError(f"{owner}: no checkpoint file {str(path)!r}") from None
+    return _parse_json(raw, owner, repr(str(path)))
+
+
+def _parse_json(raw: bytes, owner: str, where: str) -> dict[str, Any]:
+    """The JSON object in ``raw`` (from ``where``: a file, a DCP entry), bounded and validated like a file."""
     if len(raw) > MAX_JSON_BYTES:
-        raise ValueError(f"{owner}: {str(path)!r} is larger than {MAX_JSON_BYTES >> 20} MiB; refusing to load it")
+        raise ValueError(f"{owner}: {where} is larger than {MAX_JSON_BYTES >> 20} MiB; refusing to load it")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{owner}: {str(path)!r} is not a JSON checkpoint ({err}); refusing to load it") from None
+        raise ValueError(f"{owner}: {where} is not a JSON checkpoint ({err}); refusing to load it") from None
     _check_nesting(text, owner)
     try:
         # Non-finite constants parse to floats, so that check_plain names the field that holds them.
         state = json.loads(text, parse_constant=float)
     except (json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{owner}: {str(path)!r} is not a JSON checkpoint ({type(err).__name__}: {err}); "
+        raise ValueError(f"{owner}: {where} is not a JSON checkpoint ({type(err).__name__}: {err}); "
                          "refusing to load it") from None
     except ValueError as err:  # an integer of more digits than Python converts
-        raise ValueError(f"{owner}: {str(path)!r} holds a number that cannot be a checkpoint field ({err}); "
+        raise ValueError(f"{owner}: {where} holds a number that cannot be a checkpoint field ({err}); "
                          "refusing to load it") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{owner}: {str(path)!r} holds a JSON {type(state).__name__}, expected an object")
+        raise ValueError(f"{owner}: {where} holds a JSON {type(state).__name__}, expected an object")
     for key, value in state.items():
         check_plain(value, owner, key)
     return state
 
 
-def write_tensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:
-    """Write named tensors as safetensors (a format that holds only data), atomically."""
-    from safetensors.torch import save_file
+def state_tensor(state: Mapping[str, Any], capacity: int) -> Any:
+    """``state`` (plain data) as JSON in a uint8 tensor of exactly ``capacity`` bytes, for DCP.
 
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, str(temporary))
-    os.replace(temporary, path)
+    Layout: the JSON's length (``STATE_TENSOR_HEADER`` bytes, little-endian), the UTF-8 JSON, zeros.
+    The size is fixed because DCP loads a tensor in place into one of the size it was saved with.
+    Refuses (``ValueError``) a state that does not fit or that :func:`read_state_tensor` would refuse.
+    """
+    import torch
+
+    raw = _json_bytes(state, min(MAX_JSON_BYTES, capacity - STATE_TENSOR_HEADER))
+    buffer = bytearray(capacity)
+    buffer[:STATE_TENSOR_HEADER] = len(raw).to_bytes(STATE_TENSOR_HEADER, "little")
+    buffer[STATE_TENSOR_HEADER:STATE_TENSOR_HEADER + len(raw)] = raw
+    return torch.frombuffer(buffer, dtype=torch.uint8)
+
+
+def read_state_tensor(tensor: Any, owner: str, where: str) -> dict[str, Any]:
+    """The state :func:`state_tensor` wrote into ``tensor`` (read back by DCP), validated like a JSON file.
+
+    A tensor of another dtype or shape, a length beyond the tensor, or bytes after the JSON raise
+    ``ValueError`` naming ``where``.
+    """
+    import torch
+
+    if not torch.is_tensor(tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        shown = f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)}" if torch.is_tensor(tensor) \
+            else f"a {type(tensor).__name__}"
+        raise ValueError(f"{owner}: {where} must be a 1-D uint8 tensor, got {shown}; refusing to load it")
+    raw = tensor.detach().cpu().contiguous().numpy().tobytes()
+    length = int.from_bytes(raw[:STATE_TENSOR_HEADER], "little")
+    end = STATE_TENSOR_HEADER + length
+    if len(raw) < STATE_TENSOR_HEADER or end > len(raw):
+        raise ValueError(f"{owner}: {where} declares {length} bytes of JSON in a {len(raw)}-byte tensor "
+                         "(truncated or not a regularizer state); refusing to load it")
+    if raw[end:].count(0) != len(raw) - end:
+        raise ValueError(f"{owner}: {where} holds bytes after its JSON (not a regularizer state); refusing to load it")
+    return _parse_json(raw[STATE_TENSOR_HEADER:end], owner, where)
+
+
+def write_tensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:
+    """Write named tensors as safetensors (a format that holds only data) with :func:`write_atomically`."""
+    from safetensors.torch import save
+
+    write_atomically(path, save({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}))
 
 
 def read_tensors(path: str | os.PathLike, owner: str) -> dict[str, Any]:

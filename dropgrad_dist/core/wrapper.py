@@ -6,6 +6,11 @@ schedulers, ``accelerator.prepare`` and torch's optimizer hooks work on it. Wrap
 each adds its own state to ``state_dict()`` under :attr:`OptimizerWrapper.state_key`, and
 ``load_state_dict`` validates its own part before the inner optimizer loads, then applies it,
 so an error anywhere leaves every wrapper unchanged.
+
+``torch.distributed.checkpoint.state_dict`` creates a fresh optimizer's state by calling
+``step()`` at learning rate 0 on zero gradients; :func:`state_init_step` recognizes that call so
+that wrappers step only the base optimizer then, and count nothing (a mask step, a clipping step,
+a restart snapshot taken there would shift every later mask).
 """
 
 from __future__ import annotations
@@ -16,9 +21,30 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..layout.shards import local_grads
 from .checks import ArgumentTypeError
 
-__all__ = ["OptimizerWrapper", "added_params"]
+__all__ = ["OptimizerWrapper", "added_params", "missing_state_hint", "state_init_step"]
+
+
+def state_init_step(param_groups: list[dict[str, Any]], closure: Callable[[], Any] | None) -> bool:
+    """True for torch's optimizer-state initialization: ``step()`` without closure, every learning
+    rate 0 and every gradient present and all zero (``torch.distributed.checkpoint.state_dict``).
+
+    The learning rates are read first: a training step at a nonzero rate costs no gradient pass.
+    """
+    if closure is not None or any(float(group.get("lr", 0.0)) != 0.0 for group in param_groups):
+        return False
+    grads = local_grads([p for group in param_groups for p in group["params"]])
+    return all(g is not None and not bool(g.any()) for g in grads)
+
+
+def missing_state_hint(key: str) -> str:
+    """What to do when a state dict lacks a wrapper's entry ``key`` (e.g. it came through DCP)."""
+    return (f"torch.distributed.checkpoint's get_state_dict/get_optimizer_state_dict keep only 'state' and "
+            f"'param_groups', so its optimizer state dicts never carry {key!r}: put "
+            "dropgrad_dist.integrations.dcp.RegularizerState(optimizer) into the DCP app_state (it carries the "
+            "regularizers' state and lets this optimizer load without the entry)")
 
 
 class OptimizerWrapper(torch.optim.Optimizer):

@@ -21,7 +21,7 @@ from ..core.agreement import AgreementCheck, PendingCheck
 from ..core.checks import ArgumentTypeError, check_rate, check_seed
 from ..core.forward_check import ForwardLaunchedCheck, wait
 from ..core.ownership import refuse_dropgrad_inside, refuse_hook_masked
-from ..core.wrapper import OptimizerWrapper, added_params
+from ..core.wrapper import OptimizerWrapper, added_params, missing_state_hint, state_init_step
 from ..layout.shards import flat_param_pieces
 from ..mask.grad_table import GradTable
 from .mask_once import MaskedThisStep
@@ -167,6 +167,8 @@ class DropGrad(PlannedRates, OptimizerWrapper):
         With a ``closure`` (required by e.g. LBFGS) the wrapped optimizer evaluates it and every
         evaluation's gradient gets this step's mask; a skipped step evaluates it once.
         """
+        if state_init_step(self.param_groups, closure):  # torch creating the optimizer state: not a step
+            return self.optimizer.step()
         # Both refusals come before this step's own collectives (a forward's check may be in flight:
         # every rank launched it, and the next forward waits for it).
         self._masked.refuse_leaked_accumulation()
@@ -233,7 +235,7 @@ class DropGrad(PlannedRates, OptimizerWrapper):
                 raise ValueError("DropGrad.load_state_dict: the state dict has no 'dropgrad' entry (it was saved "
                                  "from the bare optimizer, so the mask step count is unknown). Load it into "
                                  "dropgrad.optimizer and restore DropGrad with load_dropgrad_state_dict(), or pass "
-                                 "strict=False to restart the masks at step 0")
+                                 "strict=False to restart the masks at step 0. " + missing_state_hint("dropgrad"))
             warnings.warn("DropGrad.load_state_dict: no 'dropgrad' entry; masks restart at step 0 (strict=False)",
                           RuntimeWarning, stacklevel=3)
             return lambda: None

@@ -58,9 +58,9 @@ from ..core.checks import (
 )
 from ..core.ownership import hook_state_masking
 from ..core.steps import StepWatch
-from ..core.wrapper import OptimizerWrapper, added_params
+from ..core.wrapper import OptimizerWrapper, added_params, missing_state_hint, state_init_step
 from ..layout.norms import grad_norms, stage_group
-from ..layout.shards import _is_dtensor, flat_param_pieces, local_grads
+from ..layout.shards import _is_dtensor, flat_param_pieces
 from .perturbation import FirstPass, PassBuffers, average_first, mix_gradients_, perturb_, restore_
 from .schedule import WARMUPS, coefficients, periodic_step, radius_scale
 from .second_pass import BatchNormProbe, BatchNormSnapshot, RngState, replaying
@@ -443,7 +443,7 @@ def _read_state(state: Mapping[str, Any] | None, owner: str, config: dict[str, A
     """``(step_index, penalty_steps)`` of a saved GNP state, validated against ``config`` (nothing applied)."""
     if state is None:
         raise ValueError("GradientNormPenalty.load_state_dict: the state dict has no 'gnp' entry "
-                         "(saved from the bare optimizer?)")
+                         "(saved from the bare optimizer?). " + missing_state_hint("gnp"))
     step_index = _checkpoint.read_field(state, "step_index", check_count, owner)
     penalty_steps = (_checkpoint.read_field(state, "penalty_steps", check_count, owner)
                      if "penalty_steps" in state else 0)
@@ -467,7 +467,7 @@ def _checked_pieces(params: list[torch.Tensor], model: Any, perturbation: str) -
 
 def _step_without_closure(optimizer: torch.optim.Optimizer) -> Any:
     """``torch.distributed.checkpoint``'s state initialization (a step at lr 0 on zero gradients) passes; else raise."""
-    if not _state_init_probe(optimizer.param_groups):
+    if not state_init_step(optimizer.param_groups, None):
         raise ValueError("GradientNormPenalty.step needs a closure that computes the loss, calls backward() "
                          "and returns the loss: the gradient is evaluated at two points")
     return optimizer.step()
@@ -497,13 +497,6 @@ def _ddp(model: nn.Module | None) -> Any:
     from torch.nn.parallel import DistributedDataParallel
 
     return model if isinstance(model, DistributedDataParallel) else None
-
-
-def _state_init_probe(param_groups: list[dict[str, Any]]) -> bool:
-    """True for ``torch.distributed.checkpoint``'s state initialization: step() at lr 0 on zero gradients."""
-    lrs = [group.get("lr", 0.0) for group in param_groups]
-    grads = local_grads([p for group in param_groups for p in group["params"]])
-    return all(float(lr) == 0.0 for lr in lrs) and all(g is not None and not bool(g.any()) for g in grads)
 
 
 def _first_pass_context(perturbation: str, model: nn.Module | None, hook: Any) -> Any:

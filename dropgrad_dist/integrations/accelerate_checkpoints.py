@@ -16,15 +16,13 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..core import checkpoint as _checkpoint
-from ..core.agreement import collective_device
+from ..core.agreement import all_ranks_ok
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["all_ranks_ok", "attach_to_checkpoints", "make_load_state_all_or_nothing", "prepare_on_all_ranks",
+__all__ = ["attach_to_checkpoints", "make_load_state_all_or_nothing", "prepare_on_all_ranks",
            "state_stem", "write_handle_files"]
 
 
@@ -43,17 +41,6 @@ def _checkpoint_dir(accelerator: Accelerator, input_dir: str | None) -> str | No
     numbered = [(int(digits[0]), os.path.join(root, name)) for name in names
                 if (digits := re.findall(r"[0-9]+", name))]
     return max(numbered)[1] if numbered else None
-
-
-def all_ranks_ok(ok: bool) -> bool:
-    """Whether every rank of the world is ``ok`` (one MIN all-reduce; just ``ok`` in one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return ok
-    flag = torch.tensor([int(ok)], dtype=torch.int64, device=collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def state_stem(index: int) -> str:

@@ -26,6 +26,7 @@ PUBLIC = {
         "drop_tensors_", "keep_mask", "keep_probability", "keep_threshold", "key_hash", "mask_backend",
         "pack_segments", "set_mask_backend", "uniform_u32", "unpack_segments_",
     ],
+    "dropgrad_dist.integrations.dcp": ["DEFAULT_CAPACITY", "RegularizerState"],
     "dropgrad_dist.integrations.transformers": ["RegularizersCallback", "add_regularizers"],
     "dropgrad_dist.integrations.lightning": ["DropGradDDPStrategy", "DropGradFSDPStrategy"],
     "dropgrad_dist.compat.torch_clip": [

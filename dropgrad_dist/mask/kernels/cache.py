@@ -33,6 +33,8 @@ import threading
 import warnings
 from collections.abc import Callable
 
+from ...core.checkpoint import write_atomically
+
 __all__ = ["cache_root", "load_library"]
 
 _SIDECAR = ".sha256"
@@ -137,17 +139,6 @@ def _load_verified(path: str) -> ctypes.CDLL | None:
         os.close(fd)
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _build_and_load(directory: str, filename: str, build: Callable[[str], None], keep: bool) -> ctypes.CDLL:
     """Build into a private temporary directory under ``directory``, load it, and (``keep``) install it."""
     work = tempfile.mkdtemp(dir=directory, prefix=".build-")  # 0o700, a fresh unpredictable name
@@ -165,7 +156,7 @@ def _build_and_load(directory: str, filename: str, build: Callable[[str], None],
         if keep:
             target = os.path.join(directory, filename)
             os.replace(built, target)
-            _write_atomically(target + _SIDECAR, (hashlib.sha256(content).hexdigest() + "\n").encode())
+            write_atomically(target + _SIDECAR, (hashlib.sha256(content).hexdigest() + "\n").encode(), mode=0o600)
         return library
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -36,10 +36,10 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ..core.agreement import all_ranks_ok
 from ..core.checks import check_bool
 from ..gnp.penalty import GradientNormPenalty
 from .accelerate import Regularizers, prepare_regularizers
-from ..core.agreement import all_ranks_ok
 from .accelerate_checkpoints import prepare_on_all_ranks, state_stem, write_handle_files
 
 __all__ = ["RegularizersCallback", "add_regularizers"]

@@ -172,6 +172,23 @@ def test_plot_groups_seeds_into_bands_and_writes_every_file(tmp_path):
     assert {round(float(r["final_accuracy_vs_baseline"]), 3) for r in rows if r["scenario"] == "dropgrad"} == {0.1}
 
 
+def test_sweep_curves_show_a_run_with_one_evaluation(tmp_path):
+    """A short sweep evaluates once per run: each test-loss and accuracy curve is one point, drawn with a marker."""
+    for scenario in ("baseline", "dropgrad"):
+        records = [{"type": "train", "step": s, "loss": 2.0 / s} for s in range(1, 5)]
+        records += [{"type": "eval", "step": 4, "test_loss": 1.5, "test_accuracy": 0.3},
+                    {"type": "final", "wall_time": 3.0}]
+        folder = tmp_path / f"sgd-{scenario}-seed0"
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+    groups = plot.group_runs([plot.read_run(run) for run in plot.find_runs([str(tmp_path)])])
+    _, test_loss_ax, accuracy_ax = plot.curves_figure(groups).axes
+    for ax in (test_loss_ax, accuracy_ax):
+        lines = ax.get_lines()
+        assert len(lines) == 2 and all(len(line.get_xdata()) == 1 for line in lines)
+        assert all(line.get_marker() not in (None, "None", "", " ") for line in lines), ax.get_ylabel()
+
+
 def test_plot_of_one_run_shows_train_loss_per_step_labelled_axes_and_no_blank_columns(tmp_path):
     run = tmp_path / "demo"
     run.mkdir()

@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,27 @@ def test_bf16_on_cpu_trains(tmp_path):
     _run_train([*TINY, "--max_steps", "4", "--mixed_precision", "bf16", "--output_dir", str(out)])
     assert _records(out, "final")[0]["mixed_precision"] == "bf16"
     assert all(np.isfinite(r["loss"]) for r in _records(out, "train"))
+
+
+def test_bf16_autocast_on_a_cpu_without_bf16_instructions_warns_once(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "_WARNED_SLOW_BF16", False)
+    with pytest.warns(UserWarning, match="several times slower than fp32: drop --mixed_precision bf16"):
+        assert train.warn_if_slow_bf16("bf16", cpu, native=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not train.warn_if_slow_bf16("bf16", cpu, native=False)  # once per process
+        monkeypatch.setattr(train, "_WARNED_SLOW_BF16", False)
+        assert not train.warn_if_slow_bf16("bf16", cpu, native=True)
+        assert not train.warn_if_slow_bf16("no", cpu, native=False)
+        assert not train.warn_if_slow_bf16("bf16", torch.device("cuda"), native=False)
+    # What the run asks the CPU: x86 without AVX512-BF16 or AMX is not native.
+    monkeypatch.setattr(train.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not train.cpu_has_bf16_instructions()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert train.cpu_has_bf16_instructions()
 
 
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):

@@ -6,7 +6,7 @@
 # the test loss, train and test accuracy), grad_norms.png, summary.md and summary.csv.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/launch/setup_env.sh"
+bash "$root/launch/setup_env.sh" vit  # the ViT example's extras: no test tools, no other engines
 python="${DROPGRAD_VENV:-$root/.venv}/bin/python"
 out="${OUTPUT_DIR:-$root/outputs/demo}"
 gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")

@@ -34,7 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check = getattr(args.module, "check_arguments", None)  # what argparse cannot see: one flag against another
+    if check is not None:
+        try:
+            check(args)
+        except ValueError as err:
+            parser.error(f"bench {args.benchmark}: {err}")
     print_report(args.module.run(args), as_json=args.json)
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import warnings
 
 import torch
 from torch import nn
@@ -32,7 +33,11 @@ def train(checkpoint_dir: str, sam: float | None = None) -> list[float]:
     from dropgrad_dist import prepare_regularizers
 
     on_cpu = not torch.cuda.is_available()
+    # DeepSpeed's ZeRO gathers partitions with torch's deprecated all_gather_into_tensor: its warning, not ours.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     if on_cpu:
+        # Told the device, DeepSpeed does not warn on every rank that it found no GPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed.ops
 
         # DeepSpeed would compile a shared-memory collective (a C++ extension) at first use; gloo is enough.

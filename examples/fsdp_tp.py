@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dropgrad_dist import ClippedOptimizer, DropGrad, GradientClipper
 
@@ -48,8 +49,10 @@ def parallelize(model: TPNet, mesh, dp_dims: tuple[str, ...] = ("dp",)) -> TPNet
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel(),
-                                           "head": ColwiseParallel(output_layouts=Replicate())})
+    # The FSDP2-wrapped modules (``up`` and the root, whose output is ``head``'s) return DTensors:
+    # ``to_local()`` would hand FSDP2 a view, on which an in-place op would skip its backward hook.
+    parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(use_local_output=False), "down": RowwiseParallel(),
+                                           "head": ColwiseParallel(output_layouts=Replicate(), use_local_output=False)})
     dp_mesh = mesh[dp_dims]
     fully_shard(model.up, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh)
@@ -73,7 +76,10 @@ def loss_on(model: nn.Module, step: int, dp_rank: int = 0, dp_size: int = 1) -> 
     x, y = batch(step)
     per = GLOBAL_BATCH // dp_size
     rows = slice(dp_rank * per, (dp_rank + 1) * per)
-    return nn.functional.mse_loss(model(x[rows]), y[rows])
+    output = model(x[rows])
+    if isinstance(output, DTensor):  # the parallel model's output, replicated over "tp"
+        output = output.to_local()
+    return nn.functional.mse_loss(output, y[rows])
 
 
 def train(model: nn.Module, optimizer: DropGrad, steps: int, dp_rank: int = 0, dp_size: int = 1) -> list[float]:

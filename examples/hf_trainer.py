@@ -2,7 +2,7 @@
 
 One process, or two CPU processes (DDP, the DropGrad communication hook), or FSDP2:
 
-    python examples/hf_trainer.py --output_dir /tmp/hf_one
+    python examples/hf_trainer.py                                   # writes outputs/hf_trainer
     torchrun --nproc_per_node 2 examples/hf_trainer.py --output_dir /tmp/hf_ddp
     torchrun --nproc_per_node 2 examples/hf_trainer.py --output_dir /tmp/hf_fsdp2 --fsdp2
     python examples/hf_trainer.py --output_dir /tmp/hf_sam --sam 0.05 --gradient_accumulation_steps 2
@@ -64,7 +64,8 @@ def make_trainer(output_dir: str, *, steps: int = 4, batch_size: int = 8, fsdp2:
         # Trainer's token averaging would scale it by the number of processes.
         average_tokens_across_devices=False)
     if fsdp2:
-        options.update(fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]})
+        options.update(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True,
+                                               "transformer_layer_cls_to_wrap": ["BertLayer"]})
     args = TrainingArguments(**{**options, **training})
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=ToyClassification(8 * batch_size))
     # The loss is a per-batch mean: Trainer divides it by the micro-batches of a step (gradient accumulation).
@@ -96,9 +97,9 @@ def save_results(trainer: Trainer, callback: RegularizersCallback, output_dir: s
     return result
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", default="outputs/hf_trainer", help="results (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=8, help="global batch, split over the processes")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -109,7 +110,11 @@ def main() -> None:
     parser.add_argument("--sam", type=float, default=0.0, help="SAM with this rho (0: no SAM)")
     parser.add_argument("--save_steps", type=int, default=0, help="write checkpoint-N/ every this many steps")
     parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N/ folder to continue")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     trainer = make_trainer(args.output_dir, steps=args.steps, batch_size=args.batch_size, fsdp2=args.fsdp2,
                            gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -22,6 +22,7 @@ import argparse
 import glob
 import json
 import os
+import warnings
 
 import lightning.pytorch as pl
 import torch
@@ -32,6 +33,9 @@ from torch import nn
 
 from dropgrad_dist import SAM, ClippedOptimizer, GradientClipper, GradientNormPenalty
 from dropgrad_dist.integrations.lightning import DropGradDDPStrategy, DropGradFSDPStrategy
+
+# Lightning's own pytree helper builds torch's deprecated LeafSpec on every batch: its warning, not ours.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 class ToyRegression(pl.LightningModule):

@@ -2,11 +2,11 @@
 # The main job: set up .venv if needed, then train the ViT with DropGrad on the embedded synthetic
 # dataset (no download) and plot its curves. 2 CPU processes (gloo) where only a CPU is present;
 # all GPUs (DDP) when there are several, one GPU or MPS otherwise. Extra arguments go to train.py.
-# Writes $OUTPUT_DIR (default outputs/demo): metrics.jsonl, curves.png (train loss per step with
-# the test loss, train and test accuracy), grad_norms.png, summary.md and summary.csv.
+# Writes $OUTPUT_DIR (default outputs/demo): metrics.jsonl, model.pt, curves.png (train loss per
+# step with the test loss, train and test accuracy), grad_norms.png, summary.md and summary.csv.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/launch/setup_env.sh"
+bash "$root/launch/setup_env.sh" vit  # the ViT example's extras: no test tools, no other engines
 python="${DROPGRAD_VENV:-$root/.venv}/bin/python"
 out="${OUTPUT_DIR:-$root/outputs/demo}"
 gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")

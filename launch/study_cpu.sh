@@ -5,7 +5,7 @@
 # Extra arguments go to sweep.py; arguments after -- go to every train.py run.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/launch/setup_env.sh"
+bash "$root/launch/setup_env.sh" vit
 python="${DROPGRAD_VENV:-$root/.venv}/bin/python"
 cmd=("$python" "$root/examples/vit/sweep.py" --preset cpu --output_dir "${OUTPUT_DIR:-$root/outputs/study_cpu}" "$@")
 echo "[launch] ${cmd[*]}"

@@ -1,7 +1,9 @@
 """Benchmarks, run as ``python -m dropgrad_dist bench NAME [--json]``.
 
 Each benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> dict`` returning
-``{"name", "device", "rows": [{...}], "notes": [...]}``; :func:`print_report` renders it.
+``{"name", "device", "rows": [{...}], "notes": [...]}``; :func:`print_report` renders it. An optional
+``check_arguments(args)`` raises ``ValueError`` for flags that contradict each other (the command line
+reports it as a usage error before anything runs).
 """
 
 from __future__ import annotations

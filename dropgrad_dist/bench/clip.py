@@ -30,6 +30,7 @@ BASELINE = "clip_grad_norm_ (foreach)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden_dim", type=int, default=384, help="ViT width (384 with 6 blocks: ~10.7M parameters)")
     parser.add_argument("--num_layers", type=int, default=6, help="ViT blocks (6: 80 gradient tensors)")
+    parser.add_argument("--num_heads", type=int, default=6, help=NUM_HEADS_HELP)
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per candidate (median reported)")
     parser.add_argument("--history", type=int, default=100_000, help="AutoClip history length to time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (per rank)")
@@ -37,12 +38,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only the 1-process cases (ViT and 1000 tensors), no FSDP2 ranks or quantile")
 
 
-def _model(hidden_dim: int, num_layers: int) -> torch.nn.Module:
+NUM_HEADS_HELP = "attention heads per ViT block; must divide --hidden_dim"
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse a ViT width that its attention heads do not split evenly (torch would assert mid-run).
+
+    Raises:
+        ValueError: naming both flags and a head count that fits.
+    """
+    if args.hidden_dim <= 0 or args.num_heads <= 0:
+        raise ValueError(f"--hidden_dim and --num_heads must be positive, got {args.hidden_dim} and {args.num_heads}")
+    if args.hidden_dim % args.num_heads:
+        fits = max(h for h in range(1, args.num_heads + 1) if args.hidden_dim % h == 0)
+        raise ValueError(f"--hidden_dim {args.hidden_dim} must be a multiple of --num_heads {args.num_heads} "
+                         f"(e.g. --num_heads {fits})")
+
+
+def _model(hidden_dim: int, num_layers: int, num_heads: int = 6) -> torch.nn.Module:
     from torchvision.models import VisionTransformer
 
     torch.manual_seed(0)
-    return VisionTransformer(image_size=32, patch_size=4, num_layers=num_layers, num_heads=6, hidden_dim=hidden_dim,
-                             mlp_dim=4 * hidden_dim, num_classes=10)
+    return VisionTransformer(image_size=32, patch_size=4, num_layers=num_layers, num_heads=num_heads,
+                             hidden_dim=hidden_dim, mlp_dim=4 * hidden_dim, num_classes=10)
 
 
 def _small_model() -> torch.nn.Module:
@@ -102,10 +120,11 @@ def _time_quantile(length: int, rounds: int) -> list[float]:
     return times
 
 
-def _fsdp2_rank(rank: int, world_size: int, hidden_dim: int, num_layers: int, rounds: int) -> dict[str, Any]:
+def _fsdp2_rank(rank: int, world_size: int, hidden_dim: int, num_layers: int, num_heads: int,
+                rounds: int) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
-    model = _model(hidden_dim, num_layers)
+    model = _model(hidden_dim, num_layers, num_heads)
     for block in model.encoder.layers:
         fully_shard(block)
     fully_shard(model)
@@ -124,14 +143,14 @@ def _rows(times: dict[str, list[float]], layout: str) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    model = _model(args.hidden_dim, args.num_layers)
+    model = _model(args.hidden_dim, args.num_layers, args.num_heads)
     numel = sum(p.numel() for p in model.parameters())
     rows = _rows(_time_clips(model, args.rounds, sync=lambda: None), "1 process")
     rows += _rows(_time_clips(_small_model(), args.rounds, sync=lambda: None, methods=("norm", "layer_wise")),
                   "1 process, 500 x Linear(64,64) (1000 tensors)")
     if args.small_only:
         return {"name": "clip", "device": f"cpu ({args.threads} thread(s))", "rows": rows, "notes": []}
-    ranks = run_on_ranks(_fsdp2_rank, 2, args.hidden_dim, args.num_layers, args.rounds,
+    ranks = run_on_ranks(_fsdp2_rank, 2, args.hidden_dim, args.num_layers, args.num_heads, args.rounds,
                          threads_per_rank=args.threads, timeout=900)
     rows += _rows(ranks[0]["times"], "FSDP2, 2 ranks")
     quantile = _time_quantile(args.history, max(200, args.rounds))

@@ -21,7 +21,8 @@ from torch import nn
 from ..gnp.penalty import GradientNormPenalty
 from ..gnp.sam import SAM
 from . import _LiveBytes, interleaved_timings, median_ratio, peak_allocated_bytes
-from .clip import _model, _small_model
+from .clip import NUM_HEADS_HELP, _model, _small_model
+from .clip import check_arguments as check_arguments  # the ViT width must split over its heads
 
 MODELS = ("vit", "many", "assigned")
 
@@ -32,13 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "gradients assigned by the closure, no forward/backward (the regularizer's own work); all")
     parser.add_argument("--hidden_dim", type=int, default=384, help="ViT width (384: ~10.7M parameters)")
     parser.add_argument("--num_layers", type=int, default=6, help="ViT blocks")
+    parser.add_argument("--num_heads", type=int, default=6, help=NUM_HEADS_HELP)
     parser.add_argument("--batch", type=int, default=32, help="images (vit) or rows (many) per step")
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds per candidate (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
 
 
 def _vit_case(args: argparse.Namespace) -> tuple[str, nn.Module, Callable[[], torch.Tensor]]:
-    model = _model(args.hidden_dim, args.num_layers)
+    model = _model(args.hidden_dim, args.num_layers, args.num_heads)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, 32, 32, generator=gen)
     labels = torch.randint(0, 10, (args.batch,), generator=gen)

@@ -469,7 +469,9 @@ def _step_without_closure(optimizer: torch.optim.Optimizer) -> Any:
     """``torch.distributed.checkpoint``'s state initialization (a step at lr 0 on zero gradients) passes; else raise."""
     if not state_init_step(optimizer.param_groups, None):
         raise ValueError("GradientNormPenalty.step needs a closure that computes the loss, calls backward() "
-                         "and returns the loss: the gradient is evaluated at two points")
+                         "and returns the loss: the gradient is evaluated at two points. Call "
+                         "optimizer.step(closure), or regularizers.step(closure) where prepare_regularizers(..., "
+                         "gnp=...) set it up")
     return optimizer.step()
 
 

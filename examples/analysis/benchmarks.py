@@ -447,6 +447,17 @@ def prepare_output_dir(path: str) -> Path:
     return out
 
 
+def planned_specs(args: argparse.Namespace) -> tuple[list[Spec], list[Spec]]:
+    """The runs the command line asks for: the trajectory/convergence runs, then the sensitivity grid's."""
+    curve_specs = convergence_specs(args.functions, args.optimizers, args.regularizers, args.drop_rate, args.seeds,
+                                    args.steps)
+    grid_specs = []
+    if "dropgrad" in args.regularizers:
+        grid_specs = sensitivity_specs(args.sensitivity_function, args.optimizers, args.drop_rates, args.lr_factors,
+                                       args.sensitivity_seeds, args.steps)
+    return curve_specs, grid_specs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out = prepare_output_dir(args.output_dir)
@@ -455,12 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # eager path draws bitwise the same masks.
     set_mask_backend("eager")
 
-    curve_specs = convergence_specs(args.functions, args.optimizers, args.regularizers, args.drop_rate, args.seeds,
-                                    args.steps)
-    grid_specs = []
-    if "dropgrad" in args.regularizers:
-        grid_specs = sensitivity_specs(args.sensitivity_function, args.optimizers, args.drop_rates, args.lr_factors,
-                                       args.sensitivity_seeds, args.steps)
+    curve_specs, grid_specs = planned_specs(args)
     specs = curve_specs + grid_specs
     print(f"{len(specs)} runs, {sum(spec.steps for spec in specs)} optimizer steps, {args.workers} worker(s)",
           flush=True)

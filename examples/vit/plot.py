@@ -155,7 +155,9 @@ def _bands(ax, runs: list[dict], key: str, label: str, color) -> None:
     steps = sorted(series[0])
     columns = [[s[step] for s in series if step in s] for step in steps]
     means = [statistics.fmean(c) for c in columns]
-    ax.plot(steps, means, color=color, label=label, linewidth=1.4)
+    # Evaluations are few (one, for a short run): markers keep a single point visible.
+    marker = None if key == "train_loss" else "o"
+    ax.plot(steps, means, color=color, label=label, linewidth=1.4, marker=marker, markersize=3)
     if len(runs) > 1:
         stds = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]
         ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
@@ -166,7 +168,7 @@ CURVES = (("train_loss", "train loss (moving average)"), ("test_loss", "test los
           ("test_accuracy", "test accuracy"))
 
 
-def plot_curves(groups: dict[tuple[str, str], list[dict]], output: Path) -> None:
+def curves_figure(groups: dict[tuple[str, str], list[dict]]):
     """Several runs: one column per optimizer, one curve per scenario (the seed mean, ± std band).
 
     Rows: the train loss per step (moving average) where runs logged it, test loss, test accuracy.
@@ -200,6 +202,13 @@ def plot_curves(groups: dict[tuple[str, str], list[dict]], output: Path) -> None
         f"mean ± std over seeds ({'-'.join(map(str, sorted({seeds[0], seeds[-1]})))} per curve)"
     fig.suptitle(f"{len(groups)} configurations, {spread}", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(groups: dict[tuple[str, str], list[dict]], output: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(groups)
     fig.savefig(output, dpi=100)
     plt.close(fig)
 

@@ -1,10 +1,13 @@
 """The single-process examples run and show DropGrad training."""
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -51,3 +54,13 @@ def test_gnp_sam_example_runs_every_variant():
         "Adam", "Adam + GNP (alpha 0.8, r 0.05)", "Adam + GNP + zero-warmup (30)", "SGD + SAM (rho 0.05)",
         "SGD + ASAM (rho 0.5)", "SGD + SAM every 2nd step", "Adam + GNP + DropGrad (p 0.1)"]
     assert all(float(accuracy) > 0.4 for _, _, accuracy in rows)  # 5 classes: 0.2 is chance
+
+
+def test_hf_trainer_example_runs_without_flags_as_its_docs_show_it():
+    """``python examples/hf_trainer.py`` (docs/transformers.md): no required flag, results in outputs/hf_trainer."""
+    pytest.importorskip("transformers", reason="the transformers extra is not installed (pip install .[transformers])")
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", EXAMPLES / "hf_trainer.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = example.parse_args([])
+    assert args.output_dir == "outputs/hf_trainer" and not args.fsdp2

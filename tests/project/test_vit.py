@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,27 @@ def test_bf16_on_cpu_trains(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in _records(out, "train"))
 
 
+def test_bf16_autocast_on_a_cpu_without_bf16_instructions_warns_once(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "_WARNED_SLOW_BF16", False)
+    with pytest.warns(UserWarning, match="several times slower than fp32: drop --mixed_precision bf16"):
+        assert train.warn_if_slow_bf16("bf16", cpu, native=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not train.warn_if_slow_bf16("bf16", cpu, native=False)  # once per process
+        monkeypatch.setattr(train, "_WARNED_SLOW_BF16", False)
+        assert not train.warn_if_slow_bf16("bf16", cpu, native=True)
+        assert not train.warn_if_slow_bf16("no", cpu, native=False)
+        assert not train.warn_if_slow_bf16("bf16", torch.device("cuda"), native=False)
+    # What the run asks the CPU: x86 without AVX512-BF16 or AMX is not native.
+    monkeypatch.setattr(train.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not train.cpu_has_bf16_instructions()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert train.cpu_has_bf16_instructions()
+
+
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     common = [*TINY, "--max_steps", "12", "--drop_rate", "0.3", "--dropout", "0.1", "--epochs", "3",
               "--gradient_accumulation_steps", "2", "--checkpointing_steps", "5"]
@@ -170,6 +192,23 @@ def test_plot_groups_seeds_into_bands_and_writes_every_file(tmp_path):
     assert len(rows) == 6 and {r["seeds"] for r in rows} == {"3"}
     assert [r["final_accuracy_vs_baseline"] for r in rows if r["scenario"] == "baseline"] == ["", ""]
     assert {round(float(r["final_accuracy_vs_baseline"]), 3) for r in rows if r["scenario"] == "dropgrad"} == {0.1}
+
+
+def test_sweep_curves_show_a_run_with_one_evaluation(tmp_path):
+    """A short sweep evaluates once per run: each test-loss and accuracy curve is one point, drawn with a marker."""
+    for scenario in ("baseline", "dropgrad"):
+        records = [{"type": "train", "step": s, "loss": 2.0 / s} for s in range(1, 5)]
+        records += [{"type": "eval", "step": 4, "test_loss": 1.5, "test_accuracy": 0.3},
+                    {"type": "final", "wall_time": 3.0}]
+        folder = tmp_path / f"sgd-{scenario}-seed0"
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+    groups = plot.group_runs([plot.read_run(run) for run in plot.find_runs([str(tmp_path)])])
+    _, test_loss_ax, accuracy_ax = plot.curves_figure(groups).axes
+    for ax in (test_loss_ax, accuracy_ax):
+        lines = ax.get_lines()
+        assert len(lines) == 2 and all(len(line.get_xdata()) == 1 for line in lines)
+        assert all(line.get_marker() not in (None, "None", "", " ") for line in lines), ax.get_ylabel()
 
 
 def test_plot_of_one_run_shows_train_loss_per_step_labelled_axes_and_no_blank_columns(tmp_path):

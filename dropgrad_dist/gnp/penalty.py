@@ -63,7 +63,7 @@ from ..layout.norms import grad_norms, stage_group
 from ..layout.shards import _is_dtensor, flat_param_pieces
 from .perturbation import FirstPass, PassBuffers, average_first, mix_gradients_, perturb_, restore_
 from .schedule import WARMUPS, coefficients, periodic_step, radius_scale
-from .second_pass import BatchNormProbe, BatchNormSnapshot, RngState, replaying
+from .second_pass import BatchNormProbe, BatchNormSnapshot, MicroBatches, RngState, replaying
 
 __all__ = ["FIRST_PASSES", "MIXES", "PERTURBATIONS", "WARMUPS", "GradientNormPenalty"]
 
@@ -196,10 +196,15 @@ class GradientNormPenalty(OptimizerWrapper):
         Returns the first evaluation's loss (None with ``first_pass="given"``). With ``scaler`` the
         wrapped optimizer is stepped by ``scaler.step``: a non-finite first or second gradient skips
         the whole step (``theta`` restored, step count unchanged); call ``scaler.update()`` afterwards.
+        After :meth:`begin_passes`, ``closure`` (if any) runs once, ending with :meth:`finish_passes`
+        (an engine whose optimizer step calls its closure, as Lightning's does), then the step.
         """
+        if self._engine is not None:
+            with torch.enable_grad():
+                loss = closure() if closure is not None else None
+            self._engine_step()
+            return loss
         if closure is None:
-            if self._engine is not None:
-                return self._engine_step()
             return _step_without_closure(self.optimizer)
         params, penalized, pending, hook = self._begin()
         loss, before = None, None
@@ -209,15 +214,7 @@ class GradientNormPenalty(OptimizerWrapper):
         elif penalized:
             _refuse_given_under_hook(hook)
         _require_gradient(params, "the closure" if self.first_pass == "closure" else "step(closure)")
-        if pending is not None:
-            pending.wait()
-        self.last_second_pass = False
-        if penalized:
-            first_pass = self._perturb(hook)
-            if first_pass.finite:  # else leave the non-finite g1: a GradScaler skips the step, θ never moved
-                _second_evaluation(closure, self.optimizer, first_pass, before)
-                self._combine(first_pass, scaler)
-                self.last_second_pass = True
+        self._second_pass(penalized, pending, hook, lambda: _replayed(closure, before), scaler)
         self._step_inner(scaler)
         return loss
 
@@ -274,17 +271,33 @@ class GradientNormPenalty(OptimizerWrapper):
         if zero_grad:
             self.zero_grad()
 
-    # -- a step whose passes an engine runs (Hugging Face Trainer's training_step) ----------------------
+    # -- a step whose passes an engine runs (Trainer's training_step, Lightning's strategy) ------------
     def begin_passes(self) -> None:
         """Open a step whose forward/backward passes the caller runs, each backward of the first pass (every
         micro-batch) inside :meth:`first_pass_context`; then :meth:`finish_passes`, then ``step()``
-        without a closure (e.g. by Accelerate's ``AcceleratedOptimizer``, under its GradScaler).
+        (e.g. by Accelerate's ``AcceleratedOptimizer``, under its GradScaler).
 
-        The gradients must be cleared before the first pass; its random state is replayed in the second.
+        The gradients must be cleared before the first pass; its random state is replayed in the second
+        (each micro-batch's own with :meth:`record_micro_batch`). Refused with ``first_pass="given"``.
         """
+        self.check_engine_passes()
         _params, penalized, pending, hook = self._begin()
-        before = RngState() if penalized and self.replay_rng else None
-        self._engine = _EnginePasses(penalized, pending, hook, before)
+        replay = penalized and self.replay_rng
+        self._engine = _EnginePasses(penalized, pending, hook, RngState() if replay else None, MicroBatches(replay))
+
+    def check_engine_passes(self) -> None:
+        """Raise ``ValueError`` where an engine cannot run this wrapper's passes: with ``first_pass="given"``
+        the first pass is the gradient before ``step``, while the engine's backward is the first pass."""
+        if self.first_pass == "given":
+            raise ValueError(f"first_pass='given' does not fit an engine that runs both passes itself (Lightning's "
+                             f"strategies, Trainer, {type(self).__name__}.begin_passes): its backward is the first "
+                             "pass; use first_pass='closure' (the default of GradientNormPenalty and of "
+                             "SAM(optimizer, rho=...); SAM(params, base_optimizer, first_pass='closure'))")
+
+    def record_micro_batch(self, micro_batch: Any) -> None:
+        """As a micro-batch of the open step's first pass starts: keep ``micro_batch`` (what runs it again) and
+        the random state it starts from, for ``finish_passes(micro_batch=run)``."""
+        self._open_engine("record_micro_batch").micro_batches.record(micro_batch)
 
     def first_pass_context(self) -> contextlib.AbstractContextManager:
         """Where a backward of the open step's first pass runs: with the DDP hook suspended (global
@@ -294,26 +307,44 @@ class GradientNormPenalty(OptimizerWrapper):
             return contextlib.nullcontext()
         return _first_pass_context(self.perturbation, self.model, engine.hook)
 
-    def finish_passes(self, second_pass: Callable[[], Any], *,
+    def finish_passes(self, second_pass: Callable[[], Any] | None = None, *,
+                      micro_batch: Callable[[Any, bool], Any] | None = None,
                       scaler: torch.amp.GradScaler | None = None) -> None:
-        """With the first pass's (accumulated) gradient ``g1`` in ``.grad``: move to ``theta + e``, run
-        ``second_pass`` (forward and backward of every micro-batch, the first pass's random state replayed)
-        from cleared gradients, restore ``theta`` bitwise and leave ``g`` in ``.grad``. A plain step leaves ``g1``.
+        """With the first pass's (accumulated) gradient ``g1`` in ``.grad``: move to ``theta + e``, run the
+        second pass from cleared gradients, restore ``theta`` bitwise and leave ``g`` in ``.grad``. A plain
+        step leaves ``g1``.
 
-        ``scaler``: the GradScaler both passes' losses were scaled by (``mix="normalized"`` needs its scale).
+        The second pass is ``second_pass()`` (forward and backward of every micro-batch, from the random
+        state of :meth:`begin_passes`) or ``micro_batch(recorded, last)`` for each micro-batch that
+        :meth:`record_micro_batch` kept, each from its own random state. ``scaler``: the GradScaler both
+        passes' losses were scaled by (``mix="normalized"`` needs its scale).
         """
         engine = self._open_engine("finish_passes")
+        if (second_pass is None) == (micro_batch is None):
+            raise ValueError("finish_passes needs second_pass= (the whole second pass) or micro_batch= (one "
+                             "recorded micro-batch), exactly one of them")
         _require_gradient(self._params(), "the first pass")
-        if engine.pending is not None:
-            engine.pending.wait()
+        if micro_batch is not None:
+            self._second_pass(engine.penalized, engine.pending, engine.hook,
+                              lambda: engine.micro_batches.replay(micro_batch), scaler)
+        else:
+            self._second_pass(engine.penalized, engine.pending, engine.hook,
+                              lambda: _replayed(second_pass, engine.before), scaler)
+        engine.finished = True
+
+    def _second_pass(self, penalized: bool, pending: Any, hook: Any, run: Callable[[], Any],
+                     scaler: torch.amp.GradScaler | None) -> None:
+        """With ``g1`` in ``.grad``: wait for the agreement check; on a two-pass step move to ``theta + e``, ``run``
+        the second pass from cleared gradients, restore ``theta`` and combine."""
+        if pending is not None:
+            pending.wait()
         self.last_second_pass = False
-        if engine.penalized:
-            first_pass = self._perturb(engine.hook)
+        if penalized:
+            first_pass = self._perturb(hook)
             if first_pass.finite:  # else leave the non-finite g1: a GradScaler skips the step, theta never moved
-                _second_evaluation(second_pass, self.optimizer, first_pass, engine.before)
+                _second_evaluation(run, self.optimizer, first_pass)
                 self._combine(first_pass, scaler)
                 self.last_second_pass = True
-        engine.finished = True
 
     def _open_engine(self, where: str) -> _EnginePasses:
         if self._engine is None or self._engine.finished:
@@ -430,12 +461,13 @@ reused while the layout of the gradients is unchanged (:mod:`dropgrad_dist.gnp.p
 @dataclass
 class _EnginePasses:
     """An open step of :meth:`GradientNormPenalty.begin_passes`: whether it penalizes, the started agreement
-    check, the DDP hook state that masks, the random state the first pass started from."""
+    check, the DDP hook state that masks, the random state the first pass started from, its micro-batches."""
 
     penalized: bool
     pending: Any
     hook: Any
     before: RngState | None
+    micro_batches: MicroBatches
     finished: bool = False
 
 
@@ -484,15 +516,20 @@ def _first_evaluation(closure: Callable[[], Any], optimizer: torch.optim.Optimiz
         return closure(), before
 
 
-def _second_evaluation(closure: Callable[[], Any], optimizer: torch.optim.Optimizer, first_pass: FirstPass,
-                       before: RngState | None) -> None:
-    """The second pass at ``theta + e`` from cleared gradients, replaying ``before``; ``theta`` restored after."""
+def _second_evaluation(run: Callable[[], Any], optimizer: torch.optim.Optimizer, first_pass: FirstPass) -> None:
+    """The second pass at ``theta + e`` from cleared gradients; ``theta`` restored after."""
     optimizer.zero_grad(set_to_none=True)
     try:
-        with replaying(before), torch.enable_grad():
-            closure()
+        with torch.enable_grad():
+            run()
     finally:
         restore_(first_pass)
+
+
+def _replayed(closure: Callable[[], Any], before: RngState | None) -> Any:
+    """``closure()`` from the random state ``before`` (None: as it is)."""
+    with replaying(before):
+        return closure()
 
 
 def _ddp(model: nn.Module | None) -> Any:

@@ -4,7 +4,10 @@ GNP/SAM evaluates the same batch twice. The two evaluations must differ only in 
 
 - **random state**: the second pass replays the first pass's CPU and CUDA generator states, so
   dropout (and any other sampling) sees the same sub-network; afterwards the generators are where
-  the first pass left them, so the user's random stream continues as after one plain forward;
+  the first pass left them, so the user's random stream continues as after one plain forward. An
+  engine that runs a step's micro-batches itself records each with the state it started from
+  (:class:`MicroBatches`): the second pass replays each from its own state, whatever the engine
+  drew between them;
 - **BatchNorm running statistics** (``running_mean``, ``running_var``, ``num_batches_tracked`` of
   every ``_BatchNorm``, ``SyncBatchNorm`` included): restored after the second pass, so they are
   updated once per step, from the unperturbed parameters, as in a plain step. This needs the
@@ -17,14 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-__all__ = ["BatchNormProbe", "BatchNormSnapshot", "RngState", "replaying"]
+__all__ = ["BatchNormProbe", "BatchNormSnapshot", "MicroBatches", "RngState", "replaying"]
 
 
 class RngState:
@@ -53,6 +57,25 @@ def replaying(before: RngState | None) -> Iterator[None]:
         yield
     finally:
         after.restore()
+
+
+class MicroBatches:
+    """A step's micro-batches in the order the first pass ran them, each with the random state it started from."""
+
+    def __init__(self, replay_rng: bool) -> None:
+        self._replay_rng = replay_rng
+        self._items: list[tuple[Any, RngState | None]] = []
+
+    def record(self, micro_batch: Any) -> None:
+        """Keep ``micro_batch`` (what runs it again) and the random state now, as it starts."""
+        self._items.append((micro_batch, RngState() if self._replay_rng else None))
+
+    def replay(self, run: Callable[[Any, bool], Any]) -> None:
+        """``run(micro_batch, last)`` for each in order, each from its recorded random state; afterwards
+        the state is what it was on entry."""
+        for index, (micro_batch, before) in enumerate(self._items):
+            with replaying(before):
+                run(micro_batch, index == len(self._items) - 1)
 
 
 def _running_buffers(model: nn.Module | None) -> list[torch.Tensor]:

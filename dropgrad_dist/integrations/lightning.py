@@ -16,16 +16,18 @@ Clipping and the gradient norm penalty / SAM are optimizer wrappers returned by
 - save every regularizer's state (the hook state or the DropGrad wrapper, the clippers, GNP/SAM)
   as plain data under ``checkpoint["dropgrad_dist"]`` of every checkpoint Lightning writes
   (``ModelCheckpoint``, ``trainer.save_checkpoint``), and restore it on ``trainer.fit(ckpt_path=...)``;
-- run GNP/SAM on the accumulated gradient with ``accumulate_grad_batches = k > 1``: the first pass
-  is Lightning's accumulation (``g1 = sum_j grad L_j(theta) / k``), the second pass replays the
-  window's ``k`` micro-batches at ``theta + e``;
+- run GNP/SAM through its engine passes (:meth:`GradientNormPenalty.begin_passes`): the first pass
+  is Lightning's accumulation of ``accumulate_grad_batches = k`` micro-batches (``g1 = sum_j grad
+  L_j(theta) / k``), the second pass replays them at ``theta + e``, each from its random state;
+  Lightning's gradient clipping and ``on_before_optimizer_step`` then see the combined gradient;
 - refuse at setup what Lightning would silently defeat: a ``ClippedOptimizer`` with Lightning's
   ``gradient_clip_val`` (clipped twice), a ``DropGrad`` wrapper next to the strategy's own
-  (masked twice).
+  (masked twice), GNP/SAM with ``first_pass="given"`` (Lightning's backward is the first pass).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,7 +42,6 @@ from ..dropgrad.optimizer import DropGrad
 from ..dropgrad.plan import RateSpec
 from ..dropgrad.schedules import DropRateScheduler
 from ..gnp.penalty import GradientNormPenalty
-from ..gnp.second_pass import RngState
 from .accelerate import Mode, Regularizers
 
 __all__ = ["DropGradDDPStrategy", "DropGradFSDPStrategy"]
@@ -61,10 +62,8 @@ class _RegularizedStrategy:
 
     def _init_regularized(self) -> None:
         self.strict_load = True
-        # This accumulation window's earlier micro-batches: training_step's arguments and the random state
-        # each started from, replayed by the second pass of GNP/SAM.
-        self._micro_batches: list[tuple[tuple[Any, ...], dict[str, Any], RngState]] = []
-        self._replaying = False
+        self._passes_open = False  # GNP/SAM: from the first micro-batch of an optimizer step to its step
+        self._replaying = False  # in GNP/SAM's second pass: training_step records nothing
 
     def _dropgrad_target(self, index: int, chain: list[Any]) -> Any:
         raise NotImplementedError
@@ -82,9 +81,12 @@ class _RegularizedStrategy:
         return handles
 
     def _setup_regularized(self, trainer: pl.Trainer) -> None:
-        self._micro_batches = []
+        self._passes_open = False
         for optimizer in self.optimizers:
             refuse_unhonoured(optimizer, trainer)
+            penalty = _find(_chain(optimizer), GradientNormPenalty)
+            if penalty is not None and self.lightning_module.automatic_optimization:
+                penalty.check_engine_passes()
             for wrapper in _chain(optimizer)[:-1]:
                 if isinstance(wrapper, (DropGrad, ClippedOptimizer, GradientNormPenalty)):
                     wrapper.include_state_in_state_dict = False  # checkpoint["dropgrad_dist"] holds it
@@ -116,72 +118,64 @@ class _RegularizedStrategy:
 
         return apply
 
-    # -- GNP/SAM over accumulated micro-batches ------------------------------------------------------
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._replaying and self._accumulates_for_penalty():
-            self._micro_batches.append((args, kwargs, RngState()))
-        return super().training_step(*args, **kwargs)
+    # -- GNP/SAM: both passes over the optimizer step's micro-batches (GradientNormPenalty.begin_passes) --
+    def _penalty(self) -> GradientNormPenalty | None:
+        """The GNP/SAM wrapper whose passes this strategy runs (automatic optimization: one optimizer)."""
+        if self._replaying or not self.lightning_module.automatic_optimization or len(self.optimizers) != 1:
+            return None
+        return _find(_chain(self.optimizers[0]), GradientNormPenalty)
 
-    def _accumulates_for_penalty(self) -> bool:
-        trainer = self.lightning_module.trainer
-        return (trainer.accumulate_grad_batches > 1 and self.lightning_module.automatic_optimization
-                and any(_find(_chain(optimizer), GradientNormPenalty) is not None for optimizer in self.optimizers))
+    def _open_passes(self, penalty: GradientNormPenalty) -> None:
+        if not self._passes_open:
+            penalty.begin_passes()
+            self._passes_open = True
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        penalty = self._penalty()
+        if penalty is not None:  # a micro-batch of the first pass
+            self._open_passes(penalty)
+            penalty.record_micro_batch((args, kwargs))
+        return super().training_step(*args, **kwargs)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any],
                        model: Any = None, **kwargs: Any) -> Any:
-        earlier, self._micro_batches = self._micro_batches, []
-        penalty = _find(_chain(optimizer), GradientNormPenalty)
-        if penalty is not None and earlier:
-            closure = self._accumulated_closure(optimizer, closure, earlier, penalty.replay_rng)
-        try:
+        penalty = self._penalty()
+        if penalty is None or _find(_chain(optimizer), GradientNormPenalty) is not penalty:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._open_passes(penalty)  # one micro-batch per step: its training_step runs in the closure
+        try:
+            return super().optimizer_step(optimizer, self._both_passes(penalty, optimizer, closure), model, **kwargs)
         finally:
-            self._micro_batches = []  # the last micro-batch (and its replays) recorded while stepping
+            self._passes_open = False  # the next micro-batch opens the next step
 
-    def _accumulated_closure(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any],
-                             earlier: list[tuple[tuple[Any, ...], dict[str, Any], RngState]],
-                             replay_rng: bool) -> Callable[[], Any]:
-        """The closure GNP/SAM evaluates: the whole window's gradient at the current parameters.
+    def _both_passes(self, penalty: GradientNormPenalty, optimizer: torch.optim.Optimizer,
+                     closure: Callable[[], Any]) -> Callable[[], Any]:
+        """Lightning's closure (the step's last micro-batch) as the end of the first pass, then the second pass;
+        the optimizer's ``step`` (or ``scaler.step``) then steps on the combined gradient."""
+        def run() -> Any:
+            with penalty.first_pass_context():
+                loss = closure()
+            penalty.finish_passes(micro_batch=lambda recorded, last: self._run_again(optimizer, recorded, last),
+                                  scaler=getattr(self.precision_plugin, "scaler", None))
+            return loss
 
-        First pass: the earlier micro-batches' gradients, which GNP cleared before it, are put back and
-        the last micro-batch's backward adds to them (and synchronizes). Later passes: every earlier
-        micro-batch again (without synchronizing), each from its first random state, then the last.
-        """
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        accumulated = [p.grad for p in params]
-        passes = 0
+        return run
 
-        def window() -> Any:
-            nonlocal passes
-            passes += 1
-            if passes == 1:
-                for param, grad in zip(params, accumulated):
-                    param.grad = grad
-                return closure()
-            last = RngState() if replay_rng else None  # what GNP replays for the last micro-batch
-            self._replay(optimizer, earlier, replay_rng)
-            if last is not None:
-                last.restore()
-            return closure()
-
-        return window
-
-    def _replay(self, optimizer: torch.optim.Optimizer,
-                earlier: list[tuple[tuple[Any, ...], dict[str, Any], RngState]], replay_rng: bool) -> None:
+    def _run_again(self, optimizer: torch.optim.Optimizer, recorded: tuple[tuple[Any, ...], dict[str, Any]],
+                   last: bool) -> None:
+        """One micro-batch of the second pass as Lightning runs it: training_step, the loss divided by
+        ``accumulate_grad_batches``, backward, synchronized at the last micro-batch only."""
         from lightning.pytorch.loops.optimization.automatic import ClosureResult
 
+        args, kwargs = recorded
         accumulate = self.lightning_module.trainer.accumulate_grad_batches
         self._replaying = True
         try:
-            for args, kwargs, rng in earlier:
-                if replay_rng:
-                    rng.restore()
-                with self.block_backward_sync(), torch.enable_grad():
-                    output = self.training_step(*args, **kwargs)
-                    # Lightning's own normalization of the loss (divided by accumulate_grad_batches)
-                    loss = ClosureResult.from_training_step_output(output, accumulate).closure_loss
-                    if loss is not None:
-                        self.backward(loss, optimizer)
+            with contextlib.nullcontext() if last else self.block_backward_sync(), torch.enable_grad():
+                output = self.training_step(*args, **kwargs)
+                loss = ClosureResult.from_training_step_output(output, accumulate).closure_loss
+                if loss is not None:
+                    self.backward(loss, optimizer)
         finally:
             self._replaying = False
 

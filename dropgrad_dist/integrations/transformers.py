@@ -134,38 +134,41 @@ class _PenalizedTrainingStep:
         self.trainer = trainer
         self.penalty = penalty
         self.training_step = trainer.training_step  # bound: a subclass's override runs in both passes
-        self.micro_batches: list[tuple[Any, Any, Any]] = []
+        self.open = False  # from the first micro-batch of an optimizer step to its last
 
     def __call__(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         accelerator = self.trainer.accelerator
         try:
-            if not self.micro_batches:
+            if not self.open:
                 self.penalty.begin_passes()
-            self.micro_batches.append((model, inputs, num_items_in_batch))
+                self.open = True
+            self.penalty.record_micro_batch((model, inputs, num_items_in_batch))
             with self.penalty.first_pass_context():
                 # A copy: compute_loss may pop the labels from the dict it is given.
                 loss = self.training_step(model, copy.copy(inputs), num_items_in_batch)
             if accelerator.sync_gradients:  # the last micro-batch of this optimizer step
-                batches, self.micro_batches = self.micro_batches, []
-                self.penalty.finish_passes(lambda: self._second_pass(batches), scaler=accelerator.scaler)
+                self.open = False
+                self._second_pass()
         except BaseException:
-            self.micro_batches = []
+            self.open = False
             raise
         return loss
 
-    def _second_pass(self, batches: list[tuple[Any, Any, Any]]) -> None:
+    def _second_pass(self) -> None:
         """Every micro-batch again, synchronized as Trainer's loop synchronizes them (only the last, unless
         ``sync_each_batch``); the losses are the perturbed point's, not logged."""
         accelerator = self.trainer.accelerator
         sync_each = accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False)
+
+        def micro_batch(recorded: tuple[Any, Any, Any], last: bool) -> None:
+            model, inputs, num_items_in_batch = recorded
+            # Trainer sets sync_gradients itself per micro-batch (it prefetches them): mirror it.
+            accelerator.gradient_state._set_sync_gradients(last)
+            with contextlib.nullcontext() if last or sync_each else accelerator.no_sync(model):
+                self.training_step(model, copy.copy(inputs), num_items_in_batch)
+
         try:
-            for index, (model, inputs, num_items_in_batch) in enumerate(batches):
-                last = index == len(batches) - 1
-                # Trainer sets sync_gradients itself per micro-batch (it prefetches them): mirror it.
-                accelerator.gradient_state._set_sync_gradients(last)
-                context = contextlib.nullcontext() if last or sync_each else accelerator.no_sync(model)
-                with context:
-                    self.training_step(model, copy.copy(inputs), num_items_in_batch)
+            self.penalty.finish_passes(micro_batch=micro_batch, scaler=accelerator.scaler)
         finally:
             accelerator.gradient_state._set_sync_gradients(True)
 

@@ -234,6 +234,61 @@ def test_an_engine_step_out_of_order_is_refused():
     assert penalty.step_index == 0
 
 
+def test_an_engine_replays_each_recorded_micro_batch_from_its_own_random_state():
+    """record_micro_batch / finish_passes(micro_batch=) (Lightning's and Trainer's form): in the second pass
+    dropout draws each micro-batch's first-pass masks again, whatever the engine drew between micro-batches."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.5), nn.Linear(16, 3))
+
+    models = make(), make()
+    penalties = [GradientNormPenalty(torch.optim.SGD(m.parameters(), lr=0.1), alpha=0.5, r=0.1, model=m)
+                 for m in models]
+    x, y = _data(0)
+
+    def backward(model, part):
+        (nn.functional.mse_loss(model(x[8 * part:8 * part + 8]), y[8 * part:8 * part + 8]) / 2).backward()
+
+    def closure():  # the reference: the draw between the micro-batches runs again in its second pass
+        backward(models[0], 0)
+        torch.rand(3)
+        backward(models[0], 1)
+
+    torch.manual_seed(1)
+    penalties[0].step(closure)
+    after = [torch.rand(4)]
+    torch.manual_seed(1)
+    engine, lasts = penalties[1], []
+    engine.zero_grad(set_to_none=True)
+    engine.begin_passes()
+    for part in range(2):
+        if part:
+            torch.rand(3)  # what the engine draws between micro-batches (a sampler, a hook), not replayed
+        engine.record_micro_batch(part)
+        with engine.first_pass_context():
+            backward(models[1], part)
+    engine.finish_passes(micro_batch=lambda part, last: (lasts.append(last), backward(models[1], part)))
+    engine.step()
+    after.append(torch.rand(4))
+    assert lasts == [False, True] and engine.penalty_steps == 1
+    assert torch.equal(*after)  # the random stream continues as after the first pass
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
+
+
+def test_an_engine_refuses_the_first_pass_given():
+    model = seeded_net()
+    sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)  # davda54's form: first_pass="given"
+    with pytest.raises(ValueError, match=r"first_pass='given' does not fit .* use first_pass='closure'"):
+        sam.begin_passes()
+    assert sam.step_index == 0
+    penalty = GradientNormPenalty(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    penalty.begin_passes()
+    _loss(model).backward()
+    with pytest.raises(ValueError, match="second_pass= .* or micro_batch= .* exactly one"):
+        penalty.finish_passes()
+
+
 def test_resume_is_exact(tmp_path):
     def make():
         model = seeded_net()

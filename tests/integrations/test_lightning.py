@@ -108,3 +108,20 @@ def test_strategy_refuses_other_hooks_bad_communication_and_checkpoints_without_
     for strategy in (DropGradDDPStrategy(drop_rate=0.1), DropGradFSDPStrategy(drop_rate=0.1)):
         with pytest.raises(ValueError, match="has no 'dropgrad_dist' entry .* restart from step 0"):
             strategy._prepare_regularizer_state({"state_dict": {}, "optimizer_states": [{}]})
+
+
+def test_strategy_refuses_gnp_with_the_first_pass_given():
+    """Lightning's backward is GNP/SAM's first pass: davda54's SAM form (first_pass="given") is refused at setup."""
+    import lightning.pytorch as pl
+
+    from dropgrad_dist.integrations.lightning import DropGradFSDPStrategy
+
+    module, strategy = lightning_ddp.ToyRegression(), DropGradFSDPStrategy()
+    strategy.connect(module)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    strategy.optimizers = [SAM(module.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)]
+    with pytest.raises(ValueError, match=r"first_pass='given' does not fit .* use first_pass='closure'"):
+        strategy._setup_regularized(trainer)
+    strategy.optimizers = [SAM(module.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, first_pass="closure")]
+    strategy._setup_regularized(trainer)

@@ -115,14 +115,8 @@ class ZeroPenaltyPasses:
         if self._phase != _FIRST:
             raise RuntimeError(_ONE_BACKWARD)
         self._engine_stepped = True
-        zero_optimizer = self.engine.optimizer
-        # DeepSpeed links each fragment to the client's optimizer state after its first step; this step
-        # updates nothing, so that state is still empty: let the first real update link it.
-        linked = getattr(zero_optimizer, "_hp_optimizer_states_linked", None)
         self._zero_step()
-        zero_optimizer.zero_grad()
-        if linked is False:
-            zero_optimizer._hp_optimizer_states_linked = False
+        self.engine.optimizer.zero_grad()
 
     def guard(self, zero_step: Callable[..., Any]) -> Callable[..., Any]:
         """``zero_step`` (what ``engine.step()`` calls), refused outside ``regularizers.step(closure)``."""

@@ -30,14 +30,18 @@ SEED = 7
 RATES = dict(drop_rate=0.5, params={"0.weight": 0.3})
 ZERO, BF16, ZERO3 = "DeepSpeedZeroOptimizer", "BF16_Optimizer", "DeepSpeedZeroOptimizer_Stage3"
 # (name, ZeRO stage, bf16 (True: bf16 gradients, "fp32": fp32 gradient accumulation), optimizer, clipping
-# level or None, the DeepSpeed optimizer it gives, micro-batches per step)
+# level or None, the DeepSpeed optimizer it gives, micro-batches per step, more options: "dropgrad" (more DropGrad
+# options), "clipping" (instead of norm clipping at the level))
 CONFIGS = [
-    ("zero2_fp32_adamw", 2, False, "adamw", None, ZERO, 1),
-    ("zero2_fp32_adamw_accumulate", 2, False, "adamw", None, ZERO, 2),
-    ("zero1_bf16_adamw", 1, True, "adamw", None, ZERO, 1),
-    ("zero2_bf16_sgd", 2, True, "sgd", None, ZERO, 1),
-    ("zero1_bf16_fp32acc_sgd_clip", 1, "fp32", "sgd", 0.05, BF16, 1),
-    ("zero3_bf16_sgd_clip", 3, True, "sgd", 0.05, ZERO3, 1),
+    ("zero2_fp32_adamw", 2, False, "adamw", None, ZERO, 1, {}),
+    ("zero2_fp32_adamw_accumulate", 2, False, "adamw", None, ZERO, 2, {}),
+    ("zero1_bf16_adamw", 1, True, "adamw", None, ZERO, 1, {}),
+    ("zero2_bf16_sgd", 2, True, "sgd", None, ZERO, 1, {}),
+    ("zero1_bf16_fp32acc_sgd_clip", 1, "fp32", "sgd", 0.05, BF16, 1, {}),
+    ("zero3_bf16_sgd_clip", 3, True, "sgd", 0.05, ZERO3, 1, {}),
+    # Steps 0 and 2 skipped (seed 7): DeepSpeed still steps, the client updates nothing; the update is masked.
+    ("zero3_fp32_adamw_full_update_skip", 3, False, "adamw", 0.05, ZERO3, 1,
+     {"dropgrad": dict(full_update_drop=True, step_skip_rate=0.5)}),
 ]
 # GNP/SAM around DropGrad (and clipping): (name, stage, bf16, optimizer, clipping level, DeepSpeed optimizer, gnp=).
 # They also cover DropGrad with ZeRO-1 fp32, ZeRO-2 fp32 clipping and ZeRO-3 fp32 (the same partition step).
@@ -71,9 +75,10 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(8, 5, generator=generator), torch.randn(8, 3, generator=generator)) for _ in range(STEPS)]
 
 
-def reference(optimizer_name: str, clip: float | None,
-              gnp: dict | None = None) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+def reference(optimizer_name: str, clip: float | None, gnp: dict | None = None,
+              options: dict | None = None) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """One process, the whole batch: the masked (and clipped) gradients per step, and the final parameters."""
+    options = options or {}
     model = make_model()
     inner = make_optimizer(optimizer_name, model.parameters())
     seen: list[dict[str, torch.Tensor]] = []
@@ -84,8 +89,9 @@ def reference(optimizer_name: str, clip: float | None,
         return record(*args, **kwargs)
 
     inner.step = step
-    chain = ClippedOptimizer(inner, GradientClipper("norm", clip, model=model)) if clip is not None else inner
-    dropgrad = DropGrad(chain, **RATES, seed=SEED, model=model)
+    clipping = _clipping(clip, options)
+    chain = ClippedOptimizer(inner, GradientClipper(**clipping, model=model)) if clipping is not None else inner
+    dropgrad = DropGrad(chain, **RATES, **options.get("dropgrad", {}), seed=SEED, model=model)
     penalty = GradientNormPenalty(dropgrad, **gnp, model=model) if gnp is not None else None
     for x, y in batches():
         dropgrad.zero_grad()
@@ -95,6 +101,13 @@ def reference(optimizer_name: str, clip: float | None,
         nn.functional.mse_loss(model(x), y).backward()
         dropgrad.step()
     return seen, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _clipping(clip: float | None, options: dict) -> dict | None:
+    """The clipping options of a configuration."""
+    if "clipping" in options:
+        return options["clipping"]
+    return dict(method="norm", clipping_level=clip) if clip is not None else None
 
 
 def _new_accelerator(stage: int, bf16: bool | str, clipping: float = 0.0, micro: int = 1):
@@ -279,13 +292,13 @@ def _ranks_main(rank: int, world_size: int, checkpoint_dir: str) -> dict:
     from dropgrad_dist import prepare_regularizers
 
     out: dict = {}
-    for name, stage, bf16, optimizer_name, clip, _, micro in CONFIGS:
+    for name, stage, bf16, optimizer_name, clip, _, micro, options in CONFIGS:
         accelerator = _new_accelerator(stage, bf16, micro=micro)
         model = make_model()
         engine, optimizer = accelerator.prepare(model, make_optimizer(optimizer_name, model.parameters()))
-        clipping = dict(method="norm", clipping_level=clip) if clip is not None else None
-        regularizers = prepare_regularizers(accelerator, engine, optimizer, dropgrad=dict(RATES, seed=SEED),
-                                            clipping=clipping)
+        regularizers = prepare_regularizers(accelerator, engine, optimizer,
+                                            dropgrad=dict(RATES, **options.get("dropgrad", {}), seed=SEED),
+                                            clipping=_clipping(clip, options))
         seen = _train(accelerator, engine, list(range(STEPS)), micro)
         out[name] = {"grads": [_plain(grads) for grads in seen],
                      "params": _final_params(engine),
@@ -370,17 +383,26 @@ def _plain(tensors: dict[str, torch.Tensor]) -> dict:
     return {name: tensor.detach().float().numpy().copy() for name, tensor in tensors.items()}
 
 
-def _compare(results: list[dict], name: str, expected: tuple, bf16: bool | str, zero_class: str) -> None:
-    """Every rank's masked gradients per step and final parameters against the one-process run."""
+def _compare(results: list[dict], name: str, expected: tuple, bf16: bool | str, zero_class: str,
+             options: dict | None = None) -> None:
+    """Every rank's masked gradients per update and final parameters against the one-process run."""
     expected_grads, expected_params = expected
+    dropgrad = (options or {}).get("dropgrad", {})
     tolerance = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-6)
+    # The steps the client optimizer updates on (DropGrad's skipped steps update nothing).
+    skips = DropGrad(torch.optim.SGD([torch.zeros(1)], lr=0.1), 0.5, seed=SEED, **dropgrad)
+    updated = [t for t in range(STEPS) if not skips.should_skip_step(t)]
+    assert len(expected_grads) == len(updated), name
     for rank_result in results:
         got = rank_result[name]
         assert got["step_index"] == STEPS, name
         assert got["optimizer"] == zero_class, name
-        assert len(got["grads"]) == STEPS, (name, got["optimizer"])  # one update per step (one group)
-        for t, (grads, want) in enumerate(zip(got["grads"], expected_grads)):
+        assert len(got["grads"]) == len(updated), (name, got["optimizer"])  # one update per step (one group)
+        for t, grads, want in zip(updated, got["grads"], expected_grads):
             for key, grad in grads.items():
+                if dropgrad.get("full_update_drop"):  # the gradient is whole; the update is masked
+                    torch.testing.assert_close(torch.from_numpy(grad), want[key], **tolerance, msg=f"{name} {t}")
+                    continue
                 grad = torch.from_numpy(grad)
                 rate = 0.3 if key == "0.weight" else 0.5
                 kept = keep_mask(grad.numel(), seed=SEED, step=t, key=key, rate=rate)
@@ -396,8 +418,8 @@ def _compare(results: list[dict], name: str, expected: tuple, bf16: bool | str, 
 
 def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
     results = run_on_ranks(_ranks_main, 2, str(tmp_path), timeout=400, pg_timeout=120)
-    for name, _, bf16, optimizer_name, clip, zero_class, _ in CONFIGS:
-        _compare(results, name, reference(optimizer_name, clip), bf16, zero_class)
+    for name, _, bf16, optimizer_name, clip, zero_class, _, options in CONFIGS:
+        _compare(results, name, reference(optimizer_name, clip, options=options), bf16, zero_class, options)
     for name, _, bf16, optimizer_name, clip, zero_class, gnp in GNP_CONFIGS:
         _compare(results, name, reference(optimizer_name, clip, gnp), bf16, zero_class)
         penalized = GradientNormPenalty(torch.optim.SGD(make_model().parameters(), lr=0.1), **gnp)

@@ -288,9 +288,6 @@ def _check_engine(engine: Any, zero_optimizer: Any, dropgrad: Mapping[str, Any],
     if restarts is not None:
         raise _refuse("restarts", "the iterate averages would live in DeepSpeed's fp32 partitions")
     if clipping is not None:
-        if clipping.get("method") == "layer_wise":
-            raise _refuse("clipping method 'layer_wise'", "a ZeRO partition holds fragments of several parameters; "
-                          "the global methods ('norm', 'auto_clip', 'coordinate_wise', the random ones) work")
         if _stepped_apart(zero_optimizer):
             raise _refuse("clipping with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer",
                           "DeepSpeed updates one group after another, so no global norm exists before the first "

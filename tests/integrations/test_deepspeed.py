@@ -39,6 +39,9 @@ CONFIGS = [
     ("zero2_bf16_sgd", 2, True, "sgd", None, ZERO, 1, {}),
     ("zero1_bf16_fp32acc_sgd_clip", 1, "fp32", "sgd", 0.05, BF16, 1, {}),
     ("zero3_bf16_sgd_clip", 3, True, "sgd", 0.05, ZERO3, 1, {}),
+    # Per-parameter norms of parameters split over the ranks' partitions; steps 0 and 2 skipped (seed 7).
+    ("zero2_fp32_adamw_layer_wise_skip", 2, False, "adamw", None, ZERO, 1,
+     {"clipping": dict(method="layer_wise", clipping_level=0.05), "dropgrad": dict(step_skip_rate=0.5)}),
     # Steps 0 and 2 skipped (seed 7): DeepSpeed still steps, the client updates nothing; the update is masked.
     ("zero3_fp32_adamw_full_update_skip", 3, False, "adamw", 0.05, ZERO3, 1,
      {"dropgrad": dict(full_update_drop=True, step_skip_rate=0.5)}),
@@ -367,10 +370,13 @@ def _refusals() -> dict[str, str]:
             ("deepspeed_clipping", 2, 1.0, 1, {}),
             ("gnp_accumulate", 2, 0.0, 2, {"gnp": gnp}),
             ("gnp_local", 2, 0.0, 1, {"gnp": dict(gnp, perturbation="local")}),
-            ("layer_wise", 2, 0.0, 1, {"clipping": dict(method="layer_wise")})):
+            ("clip_groups", 2, 0.0, 1, {"clipping": dict(method="layer_wise", clipping_level=1.0)})):
         accelerator = _new_accelerator(stage, False, clipping, micro)
         model = make_model()
-        engine, optimizer = accelerator.prepare(model, make_optimizer("sgd", model.parameters()))
+        # two parameter groups, which DeepSpeed's ZeRO optimizer updates one by one
+        groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+        engine, optimizer = accelerator.prepare(model, make_optimizer("sgd", groups if "groups" in name else
+                                                                      model.parameters()))
         with pytest.raises(ValueError) as refused:
             prepare_regularizers(accelerator, engine, optimizer, dropgrad=dict(RATES, seed=SEED), **options)
         assert "step" not in vars(engine.optimizer) and "step" not in vars(engine.optimizer.optimizer), name
@@ -443,6 +449,7 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
             refusals["deepspeed_clipping"]
         assert "with gradient_accumulation_steps=2 is not supported" in refusals["gnp_accumulate"]
         assert "perturbation='local' is not supported" in refusals["gnp_local"]
-        assert "'layer_wise'" in refusals["layer_wise"]
+        assert "clipping with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer is not " \
+            "supported: DeepSpeed updates one group after another" in refusals["clip_groups"]
         for losses in (rank_result["example"], rank_result["example_sam"]):
             assert len(losses) == 4 and losses[-1] < 0.3 * losses[0]  # the example learns (with --sam too)

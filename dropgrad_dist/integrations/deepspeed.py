@@ -276,9 +276,6 @@ def _stepped_apart(zero_optimizer: Any) -> bool:
 def _check_engine(engine: Any, zero_optimizer: Any, dropgrad: Mapping[str, Any], clipping: Mapping[str, Any] | None,
                   restarts: Any) -> None:
     """Refuse, before anything changes, every combination this integration would get wrong."""
-    if engine.fp16_enabled():
-        raise _refuse("fp16", "DeepSpeed's loss scaler skips overflowing steps inside its optimizer, after DropGrad "
-                      "would have counted them; use bf16 or fp32")
     if engine.gradient_clipping() > 0.0:
         raise _refuse(f"DeepSpeed's gradient_clipping={engine.gradient_clipping()}",
                       "DeepSpeed clips before DropGrad masks; set gradient_clipping to 0 in the DeepSpeed config and "

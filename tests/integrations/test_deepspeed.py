@@ -29,9 +29,10 @@ STEPS = 3
 SEED = 7
 RATES = dict(drop_rate=0.5, params={"0.weight": 0.3})
 ZERO, BF16, ZERO3 = "DeepSpeedZeroOptimizer", "BF16_Optimizer", "DeepSpeedZeroOptimizer_Stage3"
-# (name, ZeRO stage, bf16 (True: bf16 gradients, "fp32": fp32 gradient accumulation), optimizer, clipping
-# level or None, the DeepSpeed optimizer it gives, micro-batches per step, more options: "dropgrad" (more DropGrad
-# options), "clipping" (instead of norm clipping at the level))
+# (name, ZeRO stage, half precision (True: bf16 gradients, "fp32": bf16 with fp32 gradient accumulation, "fp16":
+# fp16 with DeepSpeed's loss scaler), optimizer, clipping level or None, the DeepSpeed optimizer it gives,
+# micro-batches per step, more options: "dropgrad" (more DropGrad options), "clipping" (instead of norm clipping
+# at the level), "overflow_at" (the step whose loss is infinite on rank 0: DeepSpeed skips it))
 CONFIGS = [
     ("zero2_fp32_adamw", 2, False, "adamw", None, ZERO, 1, {}),
     ("zero2_fp32_adamw_accumulate", 2, False, "adamw", None, ZERO, 2, {}),
@@ -45,6 +46,9 @@ CONFIGS = [
     # Steps 0 and 2 skipped (seed 7): DeepSpeed still steps, the client updates nothing; the update is masked.
     ("zero3_fp32_adamw_full_update_skip", 3, False, "adamw", 0.05, ZERO3, 1,
      {"dropgrad": dict(full_update_drop=True, step_skip_rate=0.5)}),
+    # The overflowing step is skipped whole, as GradScaler skips it: no mask step, no AutoClip norm.
+    ("zero3_fp16_adamw_autoclip_overflow", 3, "fp16", "adamw", None, ZERO3, 1,
+     {"clipping": dict(method="auto_clip", p_autoclip=0.5), "overflow_at": 1}),
 ]
 # GNP/SAM around DropGrad (and clipping): (name, stage, bf16, optimizer, clipping level, DeepSpeed optimizer, gnp=).
 # They also cover DropGrad with ZeRO-1 fp32, ZeRO-2 fp32 clipping and ZeRO-3 fp32 (the same partition step).
@@ -96,7 +100,9 @@ def reference(optimizer_name: str, clip: float | None, gnp: dict | None = None,
     chain = ClippedOptimizer(inner, GradientClipper(**clipping, model=model)) if clipping is not None else inner
     dropgrad = DropGrad(chain, **RATES, **options.get("dropgrad", {}), seed=SEED, model=model)
     penalty = GradientNormPenalty(dropgrad, **gnp, model=model) if gnp is not None else None
-    for x, y in batches():
+    for t, (x, y) in enumerate(batches()):
+        if t == options.get("overflow_at"):  # GradScaler would skip this step: nothing counts it
+            continue
         dropgrad.zero_grad()
         if penalty is not None:
             penalty.step(lambda x=x, y=y: nn.functional.mse_loss(model(x), y).backward())
@@ -119,14 +125,20 @@ def _new_accelerator(stage: int, bf16: bool | str, clipping: float = 0.0, micro:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.accelerator import get_accelerator
 
     # The shared-memory collective is a C++ extension DeepSpeed would compile at first use; gloo suffices.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     AcceleratorState._reset_state()  # one DeepSpeed config per Accelerator; the process group stays
     config = {"train_micro_batch_size_per_gpu": 4 // micro, "gradient_accumulation_steps": micro,
               "gradient_clipping": clipping,
-              "zero_optimization": {"stage": stage}, "bf16": {"enabled": bool(bf16)},
+              "zero_optimization": {"stage": stage}, "bf16": {"enabled": bool(bf16) and bf16 != "fp16"},
               "zero_allow_untested_optimizer": True}
+    if bf16 == "fp16":  # a scale (2**8) that no finite gradient here overflows
+        config["fp16"] = {"enabled": True, "initial_scale_power": 8}
+        # DeepSpeed's CPU accelerator admits fp16 only where oneDNN has fast fp16 kernels; torch computes fp16
+        # on any CPU, and the loss scaler under test is device independent.
+        get_accelerator().is_fp16_supported = lambda: True
     if bf16 == "fp32":  # ZeRO-1 with bf16 parameters and fp32 gradients: DeepSpeed's BF16_Optimizer
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
@@ -168,8 +180,11 @@ def _final_params(engine) -> dict:
     return _plain(dict(engine.module.named_parameters()))
 
 
-def _train(accelerator, engine, steps: list[int], micro: int = 1, regularizers=None) -> list[dict[str, torch.Tensor]]:
-    """Train on this rank's rows of each step's batch; with ``regularizers`` through ``regularizers.step(closure)``."""
+def _train(accelerator, engine, steps: list[int], micro: int = 1, regularizers=None,
+           overflow_at: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Train on this rank's rows of each step's batch; with ``regularizers`` through ``regularizers.step(closure)``.
+
+    ``overflow_at``: the step whose loss is infinite on rank 0 (DeepSpeed finds the overflow on every rank)."""
     client = engine.optimizer.optimizer
     seen: list[dict[str, torch.Tensor]] = []
     # A step pre-hook of the client optimizer runs after the library masked and clipped, right before the update.
@@ -184,9 +199,9 @@ def _train(accelerator, engine, steps: list[int], micro: int = 1, regularizers=N
             for m in range(micro):
                 rows = slice(rank * 4 + m * size, rank * 4 + (m + 1) * size)
 
-                def closure(rows=rows, x=x, y=y):
+                def closure(rows=rows, x=x, y=y, scale=float("inf") if t == overflow_at and rank == 0 else 1.0):
                     loss = nn.functional.mse_loss(engine(x[rows].to(dtype)).float(), y[rows])
-                    accelerator.backward(loss)
+                    accelerator.backward(loss * scale)
                     return loss
 
                 if regularizers is not None:
@@ -242,7 +257,7 @@ def _penalized_runs() -> dict:
         accelerator.backward(nn.functional.mse_loss(engine(x[:4].to(dtype)).float(), y[:4]))
     out["outside"] = all((before[key] == value).all() for key, value in _final_params(engine).items())
     out["skipped"] = {name: _skipped_steps(stage, bf16) for name, stage, bf16 in (
-        ("bf16_optimizer", 1, "fp32"), ("zero3_bf16", 3, True))}
+        ("bf16_optimizer", 1, "fp32"), ("zero3_bf16", 3, True), ("zero2_fp16", 2, "fp16"))}
     return out
 
 
@@ -257,7 +272,8 @@ def _optimizer_state_linked(engine, optimizer_name: str) -> bool:
 
 def _skipped_steps(stage: int, bf16: bool | str) -> dict:
     """A non-finite loss in either pass: DeepSpeed skips its step, the parameters stay where they were (bitwise,
-    the perturbation undone) and GNP counts nothing; the next finite step is the one a fresh engine takes."""
+    the perturbation undone) and nothing counts it (GNP, DropGrad, AutoClip's history), as under GradScaler; the
+    next finite step is the one a fresh engine takes."""
     from dropgrad_dist import prepare_regularizers
 
     x, y = batches()[0]
@@ -267,7 +283,9 @@ def _skipped_steps(stage: int, bf16: bool | str) -> dict:
         accelerator = _new_accelerator(stage, bf16)
         model = make_model()
         engine, optimizer = accelerator.prepare(model, make_optimizer("adamw", model.parameters()))
-        regularizers = prepare_regularizers(accelerator, engine, optimizer, gnp=dict(alpha=0.5, r=0.5))
+        regularizers = prepare_regularizers(accelerator, engine, optimizer, dropgrad=dict(RATES, seed=SEED),
+                                            clipping=dict(method="auto_clip", p_autoclip=0.5),
+                                            gnp=dict(alpha=0.5, r=0.5))
         dtype = next(engine.module.parameters()).dtype
         passes: list[int] = []
 
@@ -283,7 +301,8 @@ def _skipped_steps(stage: int, bf16: bool | str) -> dict:
             regularizers.step(lambda poisoned_pass=poisoned_pass: closure(poisoned_pass))
             out["unchanged"].append(all((before[key] == value).all() for key, value in _final_params(engine).items()))
             out["unchanged"].append(len(passes) == poisoned_pass)  # a skipped first pass has no second
-            out["counts"] = [regularizers.gnp.step_index, regularizers.gnp.penalty_steps]
+            out["counts"] = [regularizers.gnp.step_index, regularizers.gnp.penalty_steps, regularizers.step_index,
+                             len(regularizers.clipper.history)]
         regularizers.step(lambda: closure(0))
         out["after skips" if poisoned else "fresh"] = _final_params(engine)
     out["same"] = all((out["fresh"][key] == value).all() for key, value in out.pop("after skips").items())
@@ -302,7 +321,7 @@ def _ranks_main(rank: int, world_size: int, checkpoint_dir: str) -> dict:
         regularizers = prepare_regularizers(accelerator, engine, optimizer,
                                             dropgrad=dict(RATES, **options.get("dropgrad", {}), seed=SEED),
                                             clipping=_clipping(clip, options))
-        seen = _train(accelerator, engine, list(range(STEPS)), micro)
+        seen = _train(accelerator, engine, list(range(STEPS)), micro, overflow_at=options.get("overflow_at"))
         out[name] = {"grads": [_plain(grads) for grads in seen],
                      "params": _final_params(engine),
                      "step_index": regularizers.step_index, "optimizer": type(engine.optimizer).__name__}
@@ -395,13 +414,15 @@ def _compare(results: list[dict], name: str, expected: tuple, bf16: bool | str, 
     expected_grads, expected_params = expected
     dropgrad = (options or {}).get("dropgrad", {})
     tolerance = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-6)
-    # The steps the client optimizer updates on (DropGrad's skipped steps update nothing).
+    # DropGrad's steps (not the one DeepSpeed skips on overflow), and those the client optimizer updates on (not
+    # DropGrad's skipped steps).
+    counted = STEPS - ("overflow_at" in (options or {}))
     skips = DropGrad(torch.optim.SGD([torch.zeros(1)], lr=0.1), 0.5, seed=SEED, **dropgrad)
-    updated = [t for t in range(STEPS) if not skips.should_skip_step(t)]
+    updated = [t for t in range(counted) if not skips.should_skip_step(t)]
     assert len(expected_grads) == len(updated), name
     for rank_result in results:
         got = rank_result[name]
-        assert got["step_index"] == STEPS, name
+        assert got["step_index"] == counted, name
         assert got["optimizer"] == zero_class, name
         assert len(got["grads"]) == len(updated), (name, got["optimizer"])  # one update per step (one group)
         for t, grads, want in zip(updated, got["grads"], expected_grads):
@@ -437,7 +458,7 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
             assert rank_result[name]["state_linked"], name
             assert rank_result["outside"] and rank_result["replayed"]
             for skipped in rank_result["skipped"].values():
-                assert skipped == {"unchanged": [True] * 4, "counts": [0, 0], "same": True}
+                assert skipped == {"unchanged": [True] * 4, "counts": [0, 0, 0, 0], "same": True}
 
     for rank_result in results:
         for stage, resumed in rank_result["checkpoint"].items():

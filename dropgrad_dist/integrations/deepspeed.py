@@ -291,12 +291,9 @@ def _check_engine(engine: Any, zero_optimizer: Any, dropgrad: Mapping[str, Any],
                           "group's update; use one parameter group (or bf16 with DeepSpeed's BF16_Optimizer)")
 
 
-def _check_penalty(engine: Any, zero_optimizer: Any, gnp: Mapping[str, Any]) -> None:
+def _check_penalty(zero_optimizer: Any, gnp: Mapping[str, Any]) -> None:
     """Refuse the GNP/SAM combinations the two ZeRO passes (:mod:`.deepspeed_gnp`) would get wrong."""
     what = "gnp (gradient norm penalty / SAM)"
-    if engine.gradient_accumulation_steps() != 1:
-        raise _refuse(f"{what} with gradient_accumulation_steps={engine.gradient_accumulation_steps()}",
-                      "each pass is one DeepSpeed backward and step; set gradient_accumulation_steps to 1")
     if gnp.get("perturbation") == "local":
         raise _refuse("gnp perturbation='local'", "DeepSpeed reduces the gradient inside backward, so no rank holds "
                       "its own unreduced gradient; use perturbation='global'")
@@ -336,7 +333,7 @@ def prepare_deepspeed(accelerator: Any, engine: nn.Module, optimizer: Any, *, dr
     client = getattr(zero_optimizer, "optimizer", None)
     _check_engine(engine, zero_optimizer, dict(dropgrad or {}), clipping, restarts)
     if gnp is not None:
-        _check_penalty(engine, zero_optimizer, gnp)
+        _check_penalty(zero_optimizer, gnp)
     if not isinstance(client, torch.optim.Optimizer):
         raise _refuse(f"the engine optimizer {type(zero_optimizer).__name__}",
                       "DropGrad needs DeepSpeed's ZeRO optimizer around a torch.optim client optimizer")

@@ -164,8 +164,9 @@ def _refresh_model_parameters(zero_optimizer: Any) -> None:
     zero_optimizer._post_step(set())
 
 
-_ONE_BACKWARD = ("GNP/SAM under DeepSpeed: the closure must call accelerator.backward(loss) once per pass (DeepSpeed "
-                 "steps at every backward, so micro-batches cannot accumulate inside the closure)")
+_ONE_BACKWARD = ("GNP/SAM under DeepSpeed: each pass of the closure must reach DeepSpeed's step once: one "
+                 "accelerator.backward(loss), or with gradient_accumulation_steps > 1 one per micro-batch, each inside "
+                 "accelerator.accumulate(model) (the last one steps)")
 _NO_BACKWARD = "GNP/SAM under DeepSpeed: the closure must call accelerator.backward(loss)"
 _OUTSIDE = ("GNP/SAM under DeepSpeed: step with regularizers.step(closure); accelerator.backward outside it would "
             "update without the penalty")

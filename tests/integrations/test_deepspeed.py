@@ -50,19 +50,21 @@ CONFIGS = [
     ("zero3_fp16_adamw_autoclip_overflow", 3, "fp16", "adamw", None, ZERO3, 1,
      {"clipping": dict(method="auto_clip", p_autoclip=0.5), "overflow_at": 1}),
 ]
-# GNP/SAM around DropGrad (and clipping): (name, stage, bf16, optimizer, clipping level, DeepSpeed optimizer, gnp=).
+# GNP/SAM around DropGrad (and clipping): (name, stage, bf16, optimizer, clipping level, DeepSpeed optimizer, gnp=,
+# micro-batches per step).
 # They also cover DropGrad with ZeRO-1 fp32, ZeRO-2 fp32 clipping and ZeRO-3 fp32 (the same partition step).
 GNP_CONFIGS = [
-    ("zero1_fp32_sgd_sam", 1, False, "sgd", None, ZERO, dict(alpha=1.0, r=0.05)),
+    ("zero1_fp32_sgd_sam", 1, False, "sgd", None, ZERO, dict(alpha=1.0, r=0.05), 1),
     ("zero2_fp32_adamw_gnp_asam_every2", 2, False, "adamw", None, ZERO,
-     dict(alpha=0.6, r=0.1, adaptive=True, every=2)),
-    ("zero2_fp32_sgd_gnp_normalized_clip", 2, False, "sgd", 0.05, ZERO,
-     dict(alpha=0.5, r=0.05, mix="normalized", warmup="lambda", warmup_steps=2)),
+     dict(alpha=0.6, r=0.1, adaptive=True, every=2), 1),
+    # Two micro-batches per pass: the penalty on the accumulated gradient.
+    ("zero2_fp32_sgd_gnp_normalized_clip_accumulate", 2, False, "sgd", 0.05, ZERO,
+     dict(alpha=0.5, r=0.05, mix="normalized", warmup="lambda", warmup_steps=2), 2),
     # bf16: a radius whose effect on the gradients is well above the bf16 tolerance
-    ("zero2_bf16_adamw_sam", 2, True, "adamw", None, ZERO, dict(alpha=1.0, r=0.5)),
-    ("zero1_bf16_fp32acc_sgd_gnp", 1, "fp32", "sgd", None, BF16, dict(alpha=0.5, r=0.5)),
-    ("zero3_fp32_adamw_gnp", 3, False, "adamw", None, ZERO3, dict(alpha=0.5, r=0.1)),
-    ("zero3_bf16_sgd_sam_clip", 3, True, "sgd", 0.05, ZERO3, dict(alpha=1.0, r=0.5)),
+    ("zero2_bf16_adamw_sam", 2, True, "adamw", None, ZERO, dict(alpha=1.0, r=0.5), 1),
+    ("zero1_bf16_fp32acc_sgd_gnp", 1, "fp32", "sgd", None, BF16, dict(alpha=0.5, r=0.5), 1),
+    ("zero3_fp32_adamw_gnp", 3, False, "adamw", None, ZERO3, dict(alpha=0.5, r=0.1), 1),
+    ("zero3_bf16_sgd_sam_clip_accumulate", 3, True, "sgd", 0.05, ZERO3, dict(alpha=1.0, r=0.5), 2),
 ]
 
 
@@ -196,19 +198,20 @@ def _train(accelerator, engine, steps: list[int], micro: int = 1, regularizers=N
         for t in steps:
             x, y = data[t]
             size = 4 // micro  # DeepSpeed averages the micro-batches' gradients, then the ranks'
-            for m in range(micro):
-                rows = slice(rank * 4 + m * size, rank * 4 + (m + 1) * size)
+            scale = float("inf") if t == overflow_at and rank == 0 else 1.0
 
-                def closure(rows=rows, x=x, y=y, scale=float("inf") if t == overflow_at and rank == 0 else 1.0):
-                    loss = nn.functional.mse_loss(engine(x[rows].to(dtype)).float(), y[rows])
-                    accelerator.backward(loss * scale)
-                    return loss
+            def closure(x=x, y=y, scale=scale):  # every micro-batch of the step (GNP: of one pass)
+                for m in range(micro):
+                    rows = slice(rank * 4 + m * size, rank * 4 + (m + 1) * size)
+                    with accelerator.accumulate(engine):
+                        loss = nn.functional.mse_loss(engine(x[rows].to(dtype)).float(), y[rows])
+                        accelerator.backward(loss * scale)
+                return loss
 
-                if regularizers is not None:
-                    regularizers.step(closure)
-                    continue
-                with accelerator.accumulate(engine):
-                    closure()
+            if regularizers is not None:
+                regularizers.step(closure)
+            else:
+                closure()
     finally:
         handle.remove()
     return seen
@@ -221,8 +224,8 @@ def _penalized_runs() -> dict:
     from dropgrad_dist import prepare_regularizers
 
     out = {}
-    for name, stage, bf16, optimizer_name, clip, _, gnp in GNP_CONFIGS:
-        accelerator = _new_accelerator(stage, bf16)
+    for name, stage, bf16, optimizer_name, clip, _, gnp, micro in GNP_CONFIGS:
+        accelerator = _new_accelerator(stage, bf16, micro=micro)
         model = make_model()
         client = make_optimizer(optimizer_name, model.parameters())
         # A DeepSpeed LR schedule, which the engine steps: constant here, so only its step count tells.
@@ -232,7 +235,7 @@ def _penalized_runs() -> dict:
         clipping = dict(method="norm", clipping_level=clip) if clip is not None else None
         regularizers = prepare_regularizers(accelerator, engine, optimizer, dropgrad=dict(RATES, seed=SEED),
                                             clipping=clipping, gnp=gnp)
-        seen = _train(accelerator, engine, list(range(STEPS)), regularizers=regularizers)
+        seen = _train(accelerator, engine, list(range(STEPS)), micro, regularizers=regularizers)
         out[name] = {"grads": [_plain(grads) for grads in seen], "params": _final_params(engine),
                      "step_index": regularizers.step_index, "optimizer": type(engine.optimizer).__name__,
                      "gnp_steps": (regularizers.gnp.step_index, regularizers.gnp.penalty_steps),
@@ -385,21 +388,24 @@ def _refusals() -> dict[str, str]:
 
     messages = {}
     gnp = dict(alpha=0.5, r=0.05)
-    for name, stage, clipping, micro, options in (
-            ("deepspeed_clipping", 2, 1.0, 1, {}),
-            ("gnp_accumulate", 2, 0.0, 2, {"gnp": gnp}),
-            ("gnp_local", 2, 0.0, 1, {"gnp": dict(gnp, perturbation="local")}),
-            ("clip_groups", 2, 0.0, 1, {"clipping": dict(method="layer_wise", clipping_level=1.0)})):
-        accelerator = _new_accelerator(stage, False, clipping, micro)
+    # Refusals of the options need no engine of their own: the two-group engine serves them all.
+    for engine_name, clipping, refused_options in (
+            ("deepspeed_clipping", 1.0, {"deepspeed_clipping": {}}),
+            ("groups", 0.0, {"clip_groups": {"clipping": dict(method="layer_wise", clipping_level=1.0)},
+                             "gnp_groups": {"gnp": gnp},
+                             "gnp_local": {"gnp": dict(gnp, perturbation="local")},
+                             "restarts": {"restarts": dict(first_restart_steps=2)}})):
+        accelerator = _new_accelerator(2, False, clipping)
         model = make_model()
         # two parameter groups, which DeepSpeed's ZeRO optimizer updates one by one
         groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
-        engine, optimizer = accelerator.prepare(model, make_optimizer("sgd", groups if "groups" in name else
+        engine, optimizer = accelerator.prepare(model, make_optimizer("sgd", groups if engine_name == "groups" else
                                                                       model.parameters()))
-        with pytest.raises(ValueError) as refused:
-            prepare_regularizers(accelerator, engine, optimizer, dropgrad=dict(RATES, seed=SEED), **options)
-        assert "step" not in vars(engine.optimizer) and "step" not in vars(engine.optimizer.optimizer), name
-        messages[name] = str(refused.value)
+        for name, options in refused_options.items():
+            with pytest.raises(ValueError) as refused:
+                prepare_regularizers(accelerator, engine, optimizer, dropgrad=dict(RATES, seed=SEED), **options)
+            assert "step" not in vars(engine.optimizer) and "step" not in vars(engine.optimizer.optimizer), name
+            messages[name] = str(refused.value)
     return messages
 
 
@@ -447,7 +453,7 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
     results = run_on_ranks(_ranks_main, 2, str(tmp_path), timeout=400, pg_timeout=120)
     for name, _, bf16, optimizer_name, clip, zero_class, _, options in CONFIGS:
         _compare(results, name, reference(optimizer_name, clip, options=options), bf16, zero_class, options)
-    for name, _, bf16, optimizer_name, clip, zero_class, gnp in GNP_CONFIGS:
+    for name, _, bf16, optimizer_name, clip, zero_class, gnp, _ in GNP_CONFIGS:
         _compare(results, name, reference(optimizer_name, clip, gnp), bf16, zero_class)
         penalized = GradientNormPenalty(torch.optim.SGD(make_model().parameters(), lr=0.1), **gnp)
         expected_penalty_steps = sum(penalized.penalizes(t) for t in range(STEPS))
@@ -468,7 +474,9 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
         refusals = rank_result["refusals"]
         assert "gradient_clipping=1.0" in refusals["deepspeed_clipping"] and "set gradient_clipping to 0" in \
             refusals["deepspeed_clipping"]
-        assert "with gradient_accumulation_steps=2 is not supported" in refusals["gnp_accumulate"]
+        assert "gnp (gradient norm penalty / SAM) with several parameter groups (or ZeRO-3 sub-groups) under the " \
+            "ZeRO optimizer is not supported" in refusals["gnp_groups"]
+        assert "restarts is not supported: " in refusals["restarts"]
         assert "perturbation='local' is not supported" in refusals["gnp_local"]
         assert "clipping with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer is not " \
             "supported: DeepSpeed updates one group after another" in refusals["clip_groups"]

@@ -5,11 +5,12 @@ this rank's flat fp32 partition, formed inside the ZeRO optimizer's ``step()`` a
 client optimizer (the user's ``torch.optim`` optimizer) right before the update. Accelerate calls
 ``engine.step()`` inside ``accelerator.backward``, so the regularizers act there:
 
-- the ZeRO optimizer's ``step`` becomes ``DropGrad.step`` (step count, schedule, cross-rank
-  agreement, checkpoint state: the ordinary wrapper) over the model's parameters, whose inner
-  step is DeepSpeed's own;
-- the client optimizer's ``step`` first masks the fp32 partition fragment by fragment, then clips,
-  then updates. Parameter ``p``'s fragment ``p._hp_mapping`` lies at
+- the client optimizer's ``step``, which DeepSpeed calls only for a step it applies (not after a
+  loss-scale overflow or a non-finite gradient), runs ``DropGrad.step`` (step count, schedule,
+  cross-rank agreement, ``step_skip_rate``, checkpoint state: the ordinary wrapper over the model's
+  parameters), whose inner step masks the fp32 partition fragment by fragment (or, with
+  ``full_update_drop``, drops coordinates of its update), clips, then updates. So a step DeepSpeed
+  skips counts nowhere, as under ``GradScaler``. Parameter ``p``'s fragment ``p._hp_mapping`` lies at
   ``hp_fragment_address.start`` of the partition and covers the flat coordinates
   ``[lp_fragment_address.start, + numel)`` of ``p``: its mask is ``(seed, t, key(p), i, rate)`` on
   those global coordinates, exactly the one-process mask (one engine call for all fragments). Under
@@ -18,12 +19,13 @@ client optimizer (the user's ``torch.optim`` optimizer) right before the update.
   (perturb in the first pass; combine, then mask, clip, update in the second).
 
 Math: ``g_frag <- m_t(key, i) * g_frag / (1 - p)`` on each fragment, then ``clip``, then the update.
-Supported: ZeRO stage 1, 2 and 3, fp32 and bf16 (DeepSpeed's ``BF16_Optimizer`` or the ZeRO
-optimizer with bf16), any client ``torch.optim`` optimizer, GNP/SAM, ``save_state``/``load_state``.
-Refused, each with its reason: fp16 loss scaling, DeepSpeed's own ``gradient_clipping``, optimizer
-offload, ``full_update_drop``/``step_skip_rate``, restarts, layer-wise clipping, clipping or GNP/SAM
-when the ZeRO optimizer steps several parameter groups (or ZeRO-3 sub-groups) apart, and GNP/SAM
-with gradient accumulation, ``perturbation="local"``, ``first_pass="given"`` or ``pp_mesh``.
+Supported: ZeRO stage 1, 2 and 3, fp32, bf16 (DeepSpeed's ``BF16_Optimizer`` or the ZeRO
+optimizer with bf16) and fp16 (DeepSpeed's loss scaler), optimizer offload to the CPU, any client
+``torch.optim`` optimizer, every DropGrad option, every clipping method, GNP/SAM (with gradient
+accumulation), ``save_state``/``load_state``. Refused, each with its reason: DeepSpeed's own
+``gradient_clipping``, NVMe or partial optimizer offload, restarts, clipping or GNP/SAM when the
+ZeRO optimizer steps several parameter groups (or ZeRO-3 sub-groups) apart, and GNP/SAM with
+``perturbation="local"``, ``first_pass="given"`` or ``pp_mesh``.
 """
 
 from __future__ import annotations
@@ -280,15 +282,29 @@ def _check_engine(engine: Any, zero_optimizer: Any, dropgrad: Mapping[str, Any],
         raise _refuse(f"DeepSpeed's gradient_clipping={engine.gradient_clipping()}",
                       "DeepSpeed clips before DropGrad masks; set gradient_clipping to 0 in the DeepSpeed config and "
                       "pass clipping=dict(method='norm', clipping_level=...) to prepare_regularizers instead")
-    if getattr(zero_optimizer, "cpu_offload", False) or getattr(zero_optimizer, "offload_optimizer", False):
-        raise _refuse("offload_optimizer", "the offloaded partitions are stepped by DeepSpeed's CPU path")
+    _check_offload(zero_optimizer)
     if restarts is not None:
-        raise _refuse("restarts", "the iterate averages would live in DeepSpeed's fp32 partitions")
+        raise _refuse("restarts", "a restart would have to average and reset DeepSpeed's fp32 master partitions and "
+                      "the optimizer state DeepSpeed links to them, which this integration does not do")
     if clipping is not None:
         if _stepped_apart(zero_optimizer):
             raise _refuse("clipping with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer",
                           "DeepSpeed updates one group after another, so no global norm exists before the first "
                           "group's update; use one parameter group (or bf16 with DeepSpeed's BF16_Optimizer)")
+
+
+def _check_offload(zero_optimizer: Any) -> None:
+    """Optimizer offload to CPU keeps the fp32 partitions on the CPU and steps them with the client optimizer: the
+    same partitions, masked the same way. Refused: the layouts where something else steps them."""
+    if not getattr(zero_optimizer, "offload_optimizer", False):  # ZeRO-3's flag (ZeRO-1/2: cpu_offload, supported)
+        return
+    if getattr(zero_optimizer, "swap_optimizer", False):
+        raise _refuse("offload_optimizer to nvme", "the partitions are swapped to NVMe around each sub-group's "
+                      "update by DeepSpeed's async I/O path, which is not covered; offload to 'cpu'")
+    ratio = getattr(zero_optimizer, "partial_offload", 1.0)
+    if ratio != 1.0:
+        raise _refuse(f"offload_optimizer with ratio={ratio}", "DeepSpeed steps the sub-groups kept on the GPU with a "
+                      "backup optimizer of its own, not the client optimizer that masks; use ratio 1")
 
 
 def _check_penalty(zero_optimizer: Any, gnp: Mapping[str, Any]) -> None:

@@ -16,8 +16,9 @@ at the end of that step. So one ``regularizers.step(closure)`` is:
    and the client update; DeepSpeed copies the updated master into the model.
 
 DeepSpeed's step counters and LR scheduler advance once per step. A step DeepSpeed skips (a
-non-finite gradient) is skipped whole: after the first pass nothing moved; after the second the
-master is restored and copied back, and no count advances.
+non-finite gradient, an fp16 overflow) is skipped whole: after the first pass nothing moved; after
+the second the master is restored and copied back, and no count of ours advances. With
+``gradient_accumulation_steps`` > 1 each pass is that many micro-batches, the last one stepping.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ZeroPenaltyPasses:
     """``g = (1 - alpha) g1 + alpha grad L(theta + e)`` on this rank's ZeRO partitions, then mask, clip, update.
 
     ``penalty``: the :class:`GradientNormPenalty` over the partitions (its inner step masks, clips
-    and updates); ``zero_step``: DeepSpeed's own optimizer step (unwrapped). :meth:`client_step`
+    and updates); ``zero_step``: DeepSpeed's optimizer step (not guarded). :meth:`client_step`
     replaces the client optimizer's ``step``; :meth:`guard` wraps what ``engine.step()`` calls.
     """
 

@@ -32,9 +32,10 @@ ZERO, BF16, ZERO3 = "DeepSpeedZeroOptimizer", "BF16_Optimizer", "DeepSpeedZeroOp
 # (name, ZeRO stage, half precision (True: bf16 gradients, "fp32": bf16 with fp32 gradient accumulation, "fp16":
 # fp16 with DeepSpeed's loss scaler), optimizer, clipping level or None, the DeepSpeed optimizer it gives,
 # micro-batches per step, more options: "dropgrad" (more DropGrad options), "clipping" (instead of norm clipping
-# at the level), "overflow_at" (the step whose loss is infinite on rank 0: DeepSpeed skips it))
+# at the level), "overflow_at" (the step whose loss is infinite on rank 0: DeepSpeed skips it), "offload" (the
+# optimizer offloaded to the CPU))
 CONFIGS = [
-    ("zero2_fp32_adamw", 2, False, "adamw", None, ZERO, 1, {}),
+    ("zero2_fp32_adamw_offload", 2, False, "adamw", None, ZERO, 1, {"offload": True}),
     ("zero2_fp32_adamw_accumulate", 2, False, "adamw", None, ZERO, 2, {}),
     ("zero1_bf16_adamw", 1, True, "adamw", None, ZERO, 1, {}),
     ("zero2_bf16_sgd", 2, True, "sgd", None, ZERO, 1, {}),
@@ -45,7 +46,7 @@ CONFIGS = [
      {"clipping": dict(method="layer_wise", clipping_level=0.05), "dropgrad": dict(step_skip_rate=0.5)}),
     # Steps 0 and 2 skipped (seed 7): DeepSpeed still steps, the client updates nothing; the update is masked.
     ("zero3_fp32_adamw_full_update_skip", 3, False, "adamw", 0.05, ZERO3, 1,
-     {"dropgrad": dict(full_update_drop=True, step_skip_rate=0.5)}),
+     {"dropgrad": dict(full_update_drop=True, step_skip_rate=0.5), "offload": True}),
     # The overflowing step is skipped whole, as GradScaler skips it: no mask step, no AutoClip norm.
     ("zero3_fp16_adamw_autoclip_overflow", 3, "fp16", "adamw", None, ZERO3, 1,
      {"clipping": dict(method="auto_clip", p_autoclip=0.5), "overflow_at": 1}),
@@ -63,7 +64,7 @@ GNP_CONFIGS = [
     # bf16: a radius whose effect on the gradients is well above the bf16 tolerance
     ("zero2_bf16_adamw_sam", 2, True, "adamw", None, ZERO, dict(alpha=1.0, r=0.5), 1),
     ("zero1_bf16_fp32acc_sgd_gnp", 1, "fp32", "sgd", None, BF16, dict(alpha=0.5, r=0.5), 1),
-    ("zero3_fp32_adamw_gnp", 3, False, "adamw", None, ZERO3, dict(alpha=0.5, r=0.1), 1),
+    ("zero3_fp32_adamw_gnp_offload", 3, False, "adamw", None, ZERO3, dict(alpha=0.5, r=0.1), 1),
     ("zero3_bf16_sgd_sam_clip_accumulate", 3, True, "sgd", 0.05, ZERO3, dict(alpha=1.0, r=0.5), 2),
 ]
 
@@ -121,7 +122,7 @@ def _clipping(clip: float | None, options: dict) -> dict | None:
     return dict(method="norm", clipping_level=clip) if clip is not None else None
 
 
-def _new_accelerator(stage: int, bf16: bool | str, clipping: float = 0.0, micro: int = 1):
+def _new_accelerator(stage: int, bf16: bool | str, clipping: float = 0.0, micro: int = 1, offload: bool = False):
     import deepspeed.ops
     import torch.distributed as dist
     from accelerate import Accelerator
@@ -136,6 +137,9 @@ def _new_accelerator(stage: int, bf16: bool | str, clipping: float = 0.0, micro:
               "gradient_clipping": clipping,
               "zero_optimization": {"stage": stage}, "bf16": {"enabled": bool(bf16) and bf16 != "fp16"},
               "zero_allow_untested_optimizer": True}
+    if offload:  # DeepSpeed's CPU path steps the partitions with the client optimizer (no DeepSpeedCPUAdam here)
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = False
     if bf16 == "fp16":  # a scale (2**8) that no finite gradient here overflows
         config["fp16"] = {"enabled": True, "initial_scale_power": 8}
         # DeepSpeed's CPU accelerator admits fp16 only where oneDNN has fast fp16 kernels; torch computes fp16
@@ -225,7 +229,7 @@ def _penalized_runs() -> dict:
 
     out = {}
     for name, stage, bf16, optimizer_name, clip, _, gnp, micro in GNP_CONFIGS:
-        accelerator = _new_accelerator(stage, bf16, micro=micro)
+        accelerator = _new_accelerator(stage, bf16, micro=micro, offload=name.endswith("_offload"))
         model = make_model()
         client = make_optimizer(optimizer_name, model.parameters())
         # A DeepSpeed LR schedule, which the engine steps: constant here, so only its step count tells.
@@ -318,7 +322,7 @@ def _ranks_main(rank: int, world_size: int, checkpoint_dir: str) -> dict:
 
     out: dict = {}
     for name, stage, bf16, optimizer_name, clip, _, micro, options in CONFIGS:
-        accelerator = _new_accelerator(stage, bf16, micro=micro)
+        accelerator = _new_accelerator(stage, bf16, micro=micro, offload=options.get("offload", False))
         model = make_model()
         engine, optimizer = accelerator.prepare(model, make_optimizer(optimizer_name, model.parameters()))
         regularizers = prepare_regularizers(accelerator, engine, optimizer,
@@ -482,3 +486,16 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
             "supported: DeepSpeed updates one group after another" in refusals["clip_groups"]
         for losses in (rank_result["example"], rank_result["example_sam"]):
             assert len(losses) == 4 and losses[-1] < 0.3 * losses[0]  # the example learns (with --sam too)
+
+
+def test_offload_layouts_stepped_outside_the_client_optimizer_are_refused():
+    """NVMe offload and partial offload (ratio < 1) need ops not built on CPU: their refusal, on ZeRO-3's flags."""
+    from types import SimpleNamespace
+
+    from dropgrad_dist.integrations.deepspeed import _check_offload
+
+    _check_offload(SimpleNamespace(offload_optimizer=True, swap_optimizer=False, partial_offload=1.0))  # supported
+    with pytest.raises(ValueError, match="offload_optimizer to nvme is not supported: the partitions are swapped"):
+        _check_offload(SimpleNamespace(offload_optimizer=True, swap_optimizer=True, partial_offload=1.0))
+    with pytest.raises(ValueError, match="ratio=0.5 is not supported: DeepSpeed steps the sub-groups kept on the GPU"):
+        _check_offload(SimpleNamespace(offload_optimizer=True, swap_optimizer=False, partial_offload=0.5))

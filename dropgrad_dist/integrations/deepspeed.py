@@ -21,11 +21,11 @@ client optimizer (the user's ``torch.optim`` optimizer) right before the update.
 Math: ``g_frag <- m_t(key, i) * g_frag / (1 - p)`` on each fragment, then ``clip``, then the update.
 Supported: ZeRO stage 1, 2 and 3, fp32, bf16 (DeepSpeed's ``BF16_Optimizer`` or the ZeRO
 optimizer with bf16) and fp16 (DeepSpeed's loss scaler), optimizer offload to the CPU, any client
-``torch.optim`` optimizer, every DropGrad option, every clipping method, GNP/SAM (with gradient
-accumulation), ``save_state``/``load_state``. Refused, each with its reason: DeepSpeed's own
-``gradient_clipping``, NVMe or partial optimizer offload, restarts, clipping or GNP/SAM when the
-ZeRO optimizer steps several parameter groups (or ZeRO-3 sub-groups) apart, and GNP/SAM with
-``perturbation="local"``, ``first_pass="given"`` or ``pp_mesh``.
+``torch.optim`` optimizer, every DropGrad option, every clipping method, restarts (on the fp32
+master fragments), GNP/SAM (with gradient accumulation), ``save_state``/``load_state``. Refused,
+each with its reason: DeepSpeed's own ``gradient_clipping``, NVMe or partial optimizer offload,
+clipping or GNP/SAM when the ZeRO optimizer steps several parameter groups (or ZeRO-3 sub-groups)
+apart, and GNP/SAM with ``perturbation="local"``, ``first_pass="given"`` or ``pp_mesh``.
 """
 
 from __future__ import annotations
@@ -37,14 +37,16 @@ import torch
 from torch import nn
 
 from ..clipping.clipper import GradientClipper
+from ..clipping.restarts import Restarter
 from ..dropgrad.optimizer import DropGrad
 from ..dropgrad.step import drop_update_around
 from ..gnp.penalty import GradientNormPenalty
+from ..layout.names import named_parameters
 from ..layout.shards import FlatPiece
 from ..mask.local import drop_locals_
-from .deepspeed_gnp import ZeroPenaltyPasses
+from .deepspeed_gnp import ZeroPenaltyPasses, refresh_model_parameters
 
-__all__ = ["ZeroPartitions", "ZeroRegularizers", "prepare_deepspeed"]
+__all__ = ["FragmentGrads", "MasterFragments", "ZeroPartitions", "ZeroRegularizers", "prepare_deepspeed"]
 
 
 def _refuse(what: str, why: str) -> ValueError:
@@ -134,6 +136,30 @@ class FragmentGrads:
         return self.params
 
 
+class MasterFragments(nn.Module):
+    """This rank's fp32 master fragment of each model parameter as a parameter of its own: what ``Restarter`` sums,
+    averages and saves (per rank, as it does FSDP shards).
+
+    Each parameter sits under the model parameter's canonical name and shares the partition's
+    storage (an empty one where this rank holds none), so setting it sets the master weights.
+    """
+
+    def __init__(self, partitions: ZeroPartitions, model: nn.Module) -> None:
+        super().__init__()
+        held = {lp: (flat, at, numel) for flat, fragments in partitions.fragments.items()
+                for lp, at, numel, _ in fragments}
+        for item in named_parameters(model):
+            flat, at, numel = held.get(item.param, (None, 0, 0))
+            data = flat.detach().view(-1).narrow(0, at, numel) if flat is not None else torch.empty(0)
+            *path, name = item.key.split(".")
+            owner: nn.Module = self
+            for part in path:
+                if part not in owner._modules:
+                    owner.add_module(part, nn.Module())
+                owner = owner._modules[part]
+            owner.register_parameter(name, nn.Parameter(data, requires_grad=False))
+
+
 class _ZeroStep(torch.optim.Optimizer):
     """The model's parameters, grouped as DeepSpeed groups them: what ``DropGrad`` wraps.
 
@@ -165,12 +191,13 @@ class _ZeroUpdate:
     """
 
     def __init__(self, client: torch.optim.Optimizer, zero_optimizer: Any, partitions: ZeroPartitions,
-                 clipper: GradientClipper | None) -> None:
+                 clipper: GradientClipper | None, restarter: Restarter | None, masters: MasterFragments | None) -> None:
         self._inner = client.step  # bound, with torch's step hooks
         self._client = client
         self._zero_optimizer = zero_optimizer
         self._partitions = partitions
         self.clipper = clipper
+        self._restarter, self._masters = restarter, masters
         self.dropgrad: DropGrad | None = None
         self._fragments = FragmentGrads(partitions) if clipper is not None else None
         if clipper is not None:  # the stand-ins are pieces of whole gradients, summed over the DP group
@@ -189,12 +216,23 @@ class _ZeroUpdate:
             # that updated nothing (skipped, or GNP's perturbing pass) left that state empty: link it later.
             linked = getattr(self._zero_optimizer, "_hp_optimizer_states_linked", None)
             try:
-                return zero_step(*args, **kwargs)
+                result = zero_step(*args, **kwargs)
             finally:
                 if linked is False and not self._updated:
                     self._zero_optimizer._hp_optimizer_states_linked = False
+            if self._updated and self._restarter is not None:
+                self._restart_if_due()
+            return result
 
         return step
+
+    def _restart_if_due(self) -> None:
+        """After an update: add the master fragments to the restart sums; on a restart (masters set to the mean,
+        the client's state cleared) relink DeepSpeed's fragments to that state and copy the masters into the model."""
+        if self._restarter.step(self._masters, self._client):
+            if hasattr(self._zero_optimizer, "_hp_optimizer_states_linked"):
+                self._zero_optimizer._hp_optimizer_states_linked = False  # relinked after the next update
+            refresh_model_parameters(self._zero_optimizer)
 
     @torch.no_grad()
     def step(self, *args: Any, **kwargs: Any) -> Any:
@@ -275,17 +313,13 @@ def _stepped_apart(zero_optimizer: Any) -> bool:
     return len(groups) > 1
 
 
-def _check_engine(engine: Any, zero_optimizer: Any, dropgrad: Mapping[str, Any], clipping: Mapping[str, Any] | None,
-                  restarts: Any) -> None:
+def _check_engine(engine: Any, zero_optimizer: Any, clipping: Mapping[str, Any] | None) -> None:
     """Refuse, before anything changes, every combination this integration would get wrong."""
     if engine.gradient_clipping() > 0.0:
         raise _refuse(f"DeepSpeed's gradient_clipping={engine.gradient_clipping()}",
                       "DeepSpeed clips before DropGrad masks; set gradient_clipping to 0 in the DeepSpeed config and "
                       "pass clipping=dict(method='norm', clipping_level=...) to prepare_regularizers instead")
     _check_offload(zero_optimizer)
-    if restarts is not None:
-        raise _refuse("restarts", "a restart would have to average and reset DeepSpeed's fp32 master partitions and "
-                      "the optimizer state DeepSpeed links to them, which this integration does not do")
     if clipping is not None:
         if _stepped_apart(zero_optimizer):
             raise _refuse("clipping with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer",
@@ -330,14 +364,16 @@ class ZeroRegularizers(NamedTuple):
 
     dropgrad: DropGrad | None
     clipper: GradientClipper | None
+    restarter: Restarter | None
+    masters: MasterFragments | None  # what the restarter averages and saves
     penalty: GradientNormPenalty | None
     penalty_step: Callable[..., Any] | None  # regularizers.step(closure) with GNP/SAM
 
 
 def prepare_deepspeed(accelerator: Any, engine: nn.Module, optimizer: Any, *, dropgrad: Mapping[str, Any] | None,
-                      clipping: Mapping[str, Any] | None, restarts: Any,
+                      clipping: Mapping[str, Any] | None, restarts: Mapping[str, Any] | None,
                       gnp: Mapping[str, Any] | None) -> ZeroRegularizers:
-    """Hook DropGrad, clipping and GNP/SAM into a prepared DeepSpeed engine.
+    """Hook DropGrad, clipping, restarts and GNP/SAM into a prepared DeepSpeed engine.
 
     ``engine``/``optimizer``: what ``accelerator.prepare`` returned (the ``DeepSpeedEngine`` and
     Accelerate's ``DeepSpeedOptimizerWrapper``). Validates everything before changing anything.
@@ -347,7 +383,7 @@ def prepare_deepspeed(accelerator: Any, engine: nn.Module, optimizer: Any, *, dr
                          f"accelerator.prepare, got {type(engine).__name__}")
     zero_optimizer = engine.optimizer
     client = getattr(zero_optimizer, "optimizer", None)
-    _check_engine(engine, zero_optimizer, dict(dropgrad or {}), clipping, restarts)
+    _check_engine(engine, zero_optimizer, clipping)
     if gnp is not None:
         _check_penalty(zero_optimizer, gnp)
     if not isinstance(client, torch.optim.Optimizer):
@@ -356,7 +392,9 @@ def prepare_deepspeed(accelerator: Any, engine: nn.Module, optimizer: Any, *, dr
     partitions = ZeroPartitions(zero_optimizer)
     model = engine.module  # canonical names: the one-process model's (the engine adds "module.")
     clipper = GradientClipper(**clipping, model=model) if clipping is not None else None
-    update = _ZeroUpdate(client, zero_optimizer, partitions, clipper)
+    restarter = Restarter(**restarts) if restarts is not None else None
+    masters = MasterFragments(partitions, model) if restarter is not None else None
+    update = _ZeroUpdate(client, zero_optimizer, partitions, clipper, restarter, masters)
     zero_step = update.around(zero_optimizer.step)
     drop = None
     if dropgrad is not None:
@@ -377,4 +415,4 @@ def prepare_deepspeed(accelerator: Any, engine: nn.Module, optimizer: Any, *, dr
         client.step = passes.client_step  # perturb, or combine and then mask, clip, update
     elif drop is not None or clipper is not None:
         client.step = update.step
-    return ZeroRegularizers(drop, clipper, penalty, passes.step if passes is not None else None)
+    return ZeroRegularizers(drop, clipper, restarter, masters, penalty, passes.step if passes is not None else None)

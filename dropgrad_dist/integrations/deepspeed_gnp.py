@@ -31,7 +31,7 @@ import torch
 from ..gnp.penalty import GradientNormPenalty
 from ..gnp.second_pass import RngState, replaying
 
-__all__ = ["ZeroPenaltyPasses"]
+__all__ = ["ZeroPenaltyPasses", "refresh_model_parameters"]
 
 _FIRST, _SECOND, _PLAIN, _PERTURBED, _DONE = "first", "second", "plain", "perturbed", "done"
 
@@ -150,10 +150,10 @@ class ZeroPenaltyPasses:
             self.penalty.optimizer.zero_grad()
             self.penalty.second_step(scaler=_SkippedStep())
             self.penalty.optimizer.zero_grad()
-            _refresh_model_parameters(self.engine.optimizer)
+            refresh_model_parameters(self.engine.optimizer)
 
 
-def _refresh_model_parameters(zero_optimizer: Any) -> None:
+def refresh_model_parameters(zero_optimizer: Any) -> None:
     """Copy the fp32 master partitions into the model's parameters, as the end of DeepSpeed's step does."""
     if hasattr(zero_optimizer, "update_lp_params"):  # ZeRO-1/2, BF16_Optimizer: copy, all-gather
         zero_optimizer.update_lp_params()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from dropgrad_dist import DropGrad, GradientNormPenalty
+from dropgrad_dist import DropGrad, GradientNormPenalty, Restarter, RestartingOptimizer
 from dropgrad_dist.clipping.clipper import ClippedOptimizer, GradientClipper
 from dropgrad_dist.mask import keep_mask
 from dropgrad_dist.testing import run_on_ranks
@@ -33,9 +33,11 @@ ZERO, BF16, ZERO3 = "DeepSpeedZeroOptimizer", "BF16_Optimizer", "DeepSpeedZeroOp
 # fp16 with DeepSpeed's loss scaler), optimizer, clipping level or None, the DeepSpeed optimizer it gives,
 # micro-batches per step, more options: "dropgrad" (more DropGrad options), "clipping" (instead of norm clipping
 # at the level), "overflow_at" (the step whose loss is infinite on rank 0: DeepSpeed skips it), "offload" (the
-# optimizer offloaded to the CPU))
+# optimizer offloaded to the CPU), "restarts" (Restarter options))
 CONFIGS = [
-    ("zero2_fp32_adamw_offload", 2, False, "adamw", None, ZERO, 1, {"offload": True}),
+    # A restart after the second update: the masters become the mean of two iterates, AdamW's state restarts.
+    ("zero2_fp32_adamw_offload_restarts", 2, False, "adamw", None, ZERO, 1,
+     {"offload": True, "restarts": dict(first_restart_steps=2)}),
     ("zero2_fp32_adamw_accumulate", 2, False, "adamw", None, ZERO, 2, {}),
     ("zero1_bf16_adamw", 1, True, "adamw", None, ZERO, 1, {}),
     ("zero2_bf16_sgd", 2, True, "sgd", None, ZERO, 1, {}),
@@ -47,9 +49,11 @@ CONFIGS = [
     # Steps 0 and 2 skipped (seed 7): DeepSpeed still steps, the client updates nothing; the update is masked.
     ("zero3_fp32_adamw_full_update_skip", 3, False, "adamw", 0.05, ZERO3, 1,
      {"dropgrad": dict(full_update_drop=True, step_skip_rate=0.5), "offload": True}),
-    # The overflowing step is skipped whole, as GradScaler skips it: no mask step, no AutoClip norm.
-    ("zero3_fp16_adamw_autoclip_overflow", 3, "fp16", "adamw", None, ZERO3, 1,
-     {"clipping": dict(method="auto_clip", p_autoclip=0.5), "overflow_at": 1}),
+    # The overflowing step is skipped whole, as GradScaler skips it: no mask step, no AutoClip norm, no iterate
+    # for the restart (after the second update).
+    ("zero3_fp16_adamw_autoclip_overflow_restarts", 3, "fp16", "adamw", None, ZERO3, 1,
+     {"clipping": dict(method="auto_clip", p_autoclip=0.5), "overflow_at": 1,
+      "restarts": dict(first_restart_steps=2)}),
 ]
 # GNP/SAM around DropGrad (and clipping): (name, stage, bf16, optimizer, clipping level, DeepSpeed optimizer, gnp=,
 # micro-batches per step).
@@ -100,7 +104,9 @@ def reference(optimizer_name: str, clip: float | None, gnp: dict | None = None,
 
     inner.step = step
     clipping = _clipping(clip, options)
-    chain = ClippedOptimizer(inner, GradientClipper(**clipping, model=model)) if clipping is not None else inner
+    # prepare_regularizers' order: restarts innermost (after the update), then clipping, then DropGrad
+    chain = RestartingOptimizer(inner, Restarter(**options["restarts"]), model) if "restarts" in options else inner
+    chain = ClippedOptimizer(chain, GradientClipper(**clipping, model=model)) if clipping is not None else chain
     dropgrad = DropGrad(chain, **RATES, **options.get("dropgrad", {}), seed=SEED, model=model)
     penalty = GradientNormPenalty(dropgrad, **gnp, model=model) if gnp is not None else None
     for t, (x, y) in enumerate(batches()):
@@ -327,7 +333,7 @@ def _ranks_main(rank: int, world_size: int, checkpoint_dir: str) -> dict:
         engine, optimizer = accelerator.prepare(model, make_optimizer(optimizer_name, model.parameters()))
         regularizers = prepare_regularizers(accelerator, engine, optimizer,
                                             dropgrad=dict(RATES, **options.get("dropgrad", {}), seed=SEED),
-                                            clipping=_clipping(clip, options))
+                                            clipping=_clipping(clip, options), restarts=options.get("restarts"))
         seen = _train(accelerator, engine, list(range(STEPS)), micro, overflow_at=options.get("overflow_at"))
         out[name] = {"grads": [_plain(grads) for grads in seen],
                      "params": _final_params(engine),
@@ -365,6 +371,7 @@ def _resumes_exactly(stage: int, checkpoint_dir: str) -> dict:
     from dropgrad_dist import prepare_regularizers
 
     options = dict(dropgrad=dict(RATES, seed=SEED), clipping=dict(method="auto_clip", p_autoclip=0.5),
+                   restarts=dict(first_restart_steps=3),  # its sums are saved after step 2 and restart at step 3
                    gnp=dict(alpha=0.5, r=0.05, warmup="lambda", warmup_steps=4))
     runs = []
     for resume in (False, True):
@@ -374,14 +381,14 @@ def _resumes_exactly(stage: int, checkpoint_dir: str) -> dict:
         regularizers = prepare_regularizers(accelerator, engine, optimizer, **options)
         if resume:
             accelerator.load_state(checkpoint_dir)
-            assert (regularizers.step_index, len(regularizers.clipper.history), regularizers.gnp.step_index) == \
-                (2, 2, 2)
+            assert (regularizers.step_index, len(regularizers.clipper.history), regularizers.gnp.step_index,
+                    regularizers.restarter.count) == (2, 2, 2, 2)
         else:
             _train(accelerator, engine, [0, 1], regularizers=regularizers)
             accelerator.save_state(checkpoint_dir)
         _train(accelerator, engine, [2], regularizers=regularizers)
         runs.append(_final_params(engine))
-        assert regularizers.step_index == 3
+        assert regularizers.step_index == 3 and regularizers.restarter.restarts == 1
     return {"uninterrupted": runs[0], "resumed": runs[1],
             "files": sorted(name for name in os.listdir(checkpoint_dir) if name.startswith("dropgrad_dist"))}
 
@@ -397,8 +404,7 @@ def _refusals() -> dict[str, str]:
             ("deepspeed_clipping", 1.0, {"deepspeed_clipping": {}}),
             ("groups", 0.0, {"clip_groups": {"clipping": dict(method="layer_wise", clipping_level=1.0)},
                              "gnp_groups": {"gnp": gnp},
-                             "gnp_local": {"gnp": dict(gnp, perturbation="local")},
-                             "restarts": {"restarts": dict(first_restart_steps=2)}})):
+                             "gnp_local": {"gnp": dict(gnp, perturbation="local")}})):
         accelerator = _new_accelerator(2, False, clipping)
         model = make_model()
         # two parameter groups, which DeepSpeed's ZeRO optimizer updates one by one
@@ -474,13 +480,13 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
         for stage, resumed in rank_result["checkpoint"].items():
             for key, param in resumed["uninterrupted"].items():
                 assert (param == resumed["resumed"][key]).all(), (stage, key)  # exact resume
-            assert resumed["files"] == ["dropgrad_dist_state_0.json"], stage
+            assert resumed["files"] == ["dropgrad_dist_state_0.json", "dropgrad_dist_state_0_rank0.safetensors",
+                                        "dropgrad_dist_state_0_rank1.safetensors"], stage
         refusals = rank_result["refusals"]
         assert "gradient_clipping=1.0" in refusals["deepspeed_clipping"] and "set gradient_clipping to 0" in \
             refusals["deepspeed_clipping"]
         assert "gnp (gradient norm penalty / SAM) with several parameter groups (or ZeRO-3 sub-groups) under the " \
             "ZeRO optimizer is not supported" in refusals["gnp_groups"]
-        assert "restarts is not supported: " in refusals["restarts"]
         assert "perturbation='local' is not supported" in refusals["gnp_local"]
         assert "clipping with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer is not " \
             "supported: DeepSpeed updates one group after another" in refusals["clip_groups"]

@@ -193,14 +193,14 @@ def _final_params(engine) -> dict:
 
 
 def _train(accelerator, engine, steps: list[int], micro: int = 1, regularizers=None,
-           overflow_at: int | None = None) -> list[dict[str, torch.Tensor]]:
+           overflow_at: int | None = None, record: bool = True) -> list[dict[str, torch.Tensor]]:
     """Train on this rank's rows of each step's batch; with ``regularizers`` through ``regularizers.step(closure)``.
 
     ``overflow_at``: the step whose loss is infinite on rank 0 (DeepSpeed finds the overflow on every rank)."""
     client = engine.optimizer.optimizer
     seen: list[dict[str, torch.Tensor]] = []
     # A step pre-hook of the client optimizer runs after the library masked and clipped, right before the update.
-    handle = client.register_step_pre_hook(lambda *_: seen.append(_whole_gradients(engine, client)))
+    handle = client.register_step_pre_hook(lambda *_: seen.append(_whole_gradients(engine, client)) if record else None)
     try:
         dtype = next(engine.module.parameters()).dtype
         data = batches()
@@ -393,8 +393,9 @@ def _resumes_exactly(stage: int, checkpoint_dir: str) -> dict:
             "files": sorted(name for name in os.listdir(checkpoint_dir) if name.startswith("dropgrad_dist"))}
 
 
-def _refusals() -> dict[str, str]:
-    """What prepare_regularizers refuses under DeepSpeed, each message, and that nothing was hooked."""
+def _refusals() -> dict:
+    """What prepare_regularizers refuses under DeepSpeed, each message, and that nothing was hooked; then DropGrad
+    alone on the two-group engine (DeepSpeed calls the client step once per group: one DropGrad step)."""
     from dropgrad_dist import prepare_regularizers
 
     messages = {}
@@ -416,6 +417,10 @@ def _refusals() -> dict[str, str]:
                 prepare_regularizers(accelerator, engine, optimizer, dropgrad=dict(RATES, seed=SEED), **options)
             assert "step" not in vars(engine.optimizer) and "step" not in vars(engine.optimizer.optimizer), name
             messages[name] = str(refused.value)
+    # the loop's last engine: two groups
+    regularizers = prepare_regularizers(accelerator, engine, optimizer, dropgrad=dict(RATES, seed=SEED))
+    _train(accelerator, engine, list(range(STEPS)), record=False)
+    messages["two_groups"] = {"step_index": regularizers.step_index, "params": _final_params(engine)}
     return messages
 
 
@@ -483,6 +488,10 @@ def test_zero_partitions_are_masked_as_one_process_masks(tmp_path):
             assert resumed["files"] == ["dropgrad_dist_state_0.json", "dropgrad_dist_state_0_rank0.safetensors",
                                         "dropgrad_dist_state_0_rank1.safetensors"], stage
         refusals = rank_result["refusals"]
+        assert refusals["two_groups"]["step_index"] == STEPS
+        expected = reference("sgd", None)[1]
+        for key, param in refusals["two_groups"]["params"].items():
+            torch.testing.assert_close(torch.from_numpy(param), expected[key], rtol=1e-5, atol=1e-6, msg=key)
         assert "gradient_clipping=1.0" in refusals["deepspeed_clipping"] and "set gradient_clipping to 0" in \
             refusals["deepspeed_clipping"]
         assert "gnp (gradient norm penalty / SAM) with several parameter groups (or ZeRO-3 sub-groups) under the " \

@@ -5,13 +5,14 @@ piece table cached per layout (:class:`~dropgrad_dist.mask.grad_table.GradTable`
 was masked yet in this step, else (or where the table does not apply) tensor by tensor, skipping
 the gradients already masked. :func:`step_and_drop_update` steps on the full gradient and drops
 coordinates of the update, ``w <- w_old + m_t * (w_new - w_old) / (1 - p)``, with the independent
-update mask stream. :class:`DropGrad` keeps the state; these functions hold the math.
+update mask stream (:func:`drop_update_around` for any in-place update of any local pieces, e.g.
+DeepSpeed's partitions). :class:`DropGrad` keeps the state; these functions hold the math.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -25,7 +26,8 @@ from ..mask.local import drop_locals_
 from .mask_once import MaskedThisStep
 from .plan import DropPlan, ParamEntry
 
-__all__ = ["MaskColumns", "mask_columns", "mask_grads_", "masked_entries", "step_and_drop_update", "step_skipped"]
+__all__ = ["MaskColumns", "drop_update_around", "mask_columns", "mask_grads_", "masked_entries", "step_and_drop_update",
+           "step_skipped"]
 
 _GRAD = operator.attrgetter("grad")
 
@@ -110,14 +112,27 @@ def step_and_drop_update(optimizer: torch.optim.Optimizer, closure: Callable[[],
     The update mask is drawn from :attr:`~dropgrad_dist.mask.MaskStream.UPDATE`, independent of
     the gradient masks. Returns what the optimizer's step returns.
     """
-    before = [(entry, rate, entry.param.detach().clone()) for entry, rate in masked_entries(plan)]
-    loss = optimizer.step(closure) if closure is not None else optimizer.step()
+    items = [(entry.param, entry.key, rate, starts.get(entry.param, 0)) for entry, rate in masked_entries(plan)]
+    return drop_update_around(lambda: optimizer.step(closure) if closure is not None else optimizer.step(), items,
+                              seed=seed, step=step)
+
+
+def drop_update_around(update: Callable[[], Any], items: Sequence[tuple[torch.Tensor, str, float, int]], *,
+                       seed: int, step: int) -> Any:
+    """Run ``update`` (which changes the tensors of ``items`` in place), then drop coordinates of its change.
+
+    ``w <- w_old + m_t * (w_new - w_old) / (1 - p)`` for each ``(w, key, rate, start)`` of ``items``
+    (``start``: the global flat index of ``w``'s first element, as :func:`~dropgrad_dist.mask.local.drop_locals_`
+    takes it), with the update mask stream. Returns what ``update`` returns.
+    """
+    olds = [w.detach().clone() for w, _, _, _ in items]
+    result = update()
+    if not items:
+        return result
     with torch.no_grad():
-        updates = [entry.param.detach() for entry, _, _ in before]
-        olds = [old for _, _, old in before]
+        updates = [w.detach() for w, _, _, _ in items]
         torch._foreach_sub_(updates, olds)
-        drop_locals_([(update, entry.key, rate, starts.get(entry.param, 0))
-                      for update, (entry, rate, _) in zip(updates, before)],
+        drop_locals_([(change, key, rate, start) for change, (_, key, rate, start) in zip(updates, items)],
                      seed=seed, step=step, stream=_mask.MaskStream.UPDATE)
         torch._foreach_add_(updates, olds)
-    return loss
+    return result

@@ -64,9 +64,11 @@ class Regularizers:
     def __init__(self, mode: Mode, model: nn.Module, dropgrad: Any = None, clipper: GradientClipper | None = None,
                  restarter: Restarter | None = None, gnp: GradientNormPenalty | None = None,
                  accelerator: Accelerator | None = None, optimizer: Any = None, *,
-                 penalty_step: Callable[..., Any] | None = None) -> None:
+                 penalty_step: Callable[..., Any] | None = None, restart_model: nn.Module | None = None) -> None:
         self.mode = mode
         self.model = model
+        # The module whose parameters the restarter averages and saves (DeepSpeed: the fp32 master fragments).
+        self._restart_model = restart_model if restart_model is not None else model
         self.dropgrad = dropgrad
         self.clipper = clipper
         self.restarter = restarter
@@ -199,7 +201,7 @@ class Regularizers:
 
     def restart_sums(self) -> dict[str, torch.Tensor]:
         """This rank's restart sums (local shards), by canonical parameter name."""
-        return self.restarter.state_dict(self.model)["sums"] if self.restarter is not None else {}
+        return self.restarter.state_dict(self._restart_model)["sums"] if self.restarter is not None else {}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool | None = None,
                         restart_sums: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -230,7 +232,7 @@ class Regularizers:
             applies.append(self.clipper.prepare_state(sections["clipping"], strict))
         if self.restarter is not None:
             full = {**sections["restarts"], "sums": dict(restart_sums or {})}
-            applies.append(self.restarter.prepare_state(full, self.model, strict))
+            applies.append(self.restarter.prepare_state(full, self._restart_model, strict))
         if self.gnp is not None:
             applies.append(self.gnp.prepare_own_state(sections["gnp"], strict))
 
@@ -440,7 +442,8 @@ def prepare_regularizers(
             raise ValueError("dropgrad compress= composes with DDP's communication hook; DeepSpeed reduces "
                              "gradients itself (use its own communication_data_type instead)")
         return _prepare_deepspeed(accelerator, model, optimizer, drop_options if dropgrad is not None else None,
-                                  clip_options if clipping is not None else None, restarts,
+                                  clip_options if clipping is not None else None,
+                                  restart_options if restarts is not None else None,
                                   gnp_options if gnp is not None else None)
     else:
         raise _unsupported(kind)
@@ -495,8 +498,8 @@ def _prepare_deepspeed(accelerator: Accelerator, model: nn.Module, optimizer: An
                                restarts=restarts, gnp=gnp_options)
     if hooked.dropgrad is not None:
         _forward_drop_rate(optimizer, hooked.dropgrad)
-    handle = Regularizers("deepspeed_zero", model, hooked.dropgrad, hooked.clipper, None, hooked.penalty, accelerator,
-                          optimizer, penalty_step=hooked.penalty_step)
+    handle = Regularizers("deepspeed_zero", model, hooked.dropgrad, hooked.clipper, hooked.restarter, hooked.penalty,
+                          accelerator, optimizer, penalty_step=hooked.penalty_step, restart_model=hooked.masters)
     attach_to_checkpoints(accelerator, handle)
     return handle
 

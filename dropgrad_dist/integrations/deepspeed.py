@@ -5,11 +5,12 @@ this rank's flat fp32 partition, formed inside the ZeRO optimizer's ``step()`` a
 client optimizer (the user's ``torch.optim`` optimizer) right before the update. Accelerate calls
 ``engine.step()`` inside ``accelerator.backward``, so the regularizers act there:
 
-- the ZeRO optimizer's ``step`` becomes ``DropGrad.step`` (step count, schedule, cross-rank
-  agreement, checkpoint state: the ordinary wrapper) over the model's parameters, whose inner
-  step is DeepSpeed's own;
-- the client optimizer's ``step`` first masks the fp32 partition fragment by fragment, then clips,
-  then updates. Parameter ``p``'s fragment ``p._hp_mapping`` lies at
+- the client optimizer's ``step``, which DeepSpeed calls only for a step it applies (not after a
+  loss-scale overflow or a non-finite gradient), runs ``DropGrad.step`` (step count, schedule,
+  cross-rank agreement, ``step_skip_rate``, checkpoint state: the ordinary wrapper over the model's
+  parameters), whose inner step masks the fp32 partition fragment by fragment (or, with
+  ``full_update_drop``, drops coordinates of its update), clips, then updates. So a step DeepSpeed
+  skips counts nowhere, as under ``GradScaler``. Parameter ``p``'s fragment ``p._hp_mapping`` lies at
   ``hp_fragment_address.start`` of the partition and covers the flat coordinates
   ``[lp_fragment_address.start, + numel)`` of ``p``: its mask is ``(seed, t, key(p), i, rate)`` on
   those global coordinates, exactly the one-process mask (one engine call for all fragments). Under
@@ -18,12 +19,13 @@ client optimizer (the user's ``torch.optim`` optimizer) right before the update.
   (perturb in the first pass; combine, then mask, clip, update in the second).
 
 Math: ``g_frag <- m_t(key, i) * g_frag / (1 - p)`` on each fragment, then ``clip``, then the update.
-Supported: ZeRO stage 1, 2 and 3, fp32 and bf16 (DeepSpeed's ``BF16_Optimizer`` or the ZeRO
-optimizer with bf16), any client ``torch.optim`` optimizer, GNP/SAM, ``save_state``/``load_state``.
-Refused, each with its reason: fp16 loss scaling, DeepSpeed's own ``gradient_clipping``, optimizer
-offload, ``full_update_drop``/``step_skip_rate``, restarts, layer-wise clipping, clipping or GNP/SAM
-when the ZeRO optimizer steps several parameter groups (or ZeRO-3 sub-groups) apart, and GNP/SAM
-with gradient accumulation, ``perturbation="local"``, ``first_pass="given"`` or ``pp_mesh``.
+Supported: ZeRO stage 1, 2 and 3, fp32, bf16 (DeepSpeed's ``BF16_Optimizer`` or the ZeRO
+optimizer with bf16) and fp16 (DeepSpeed's loss scaler), optimizer offload to the CPU, any client
+``torch.optim`` optimizer, every DropGrad option, every clipping method, restarts (on the fp32
+master fragments), GNP/SAM (with gradient accumulation), ``save_state``/``load_state``. Refused,
+each with its reason: DeepSpeed's own ``gradient_clipping``, NVMe or partial optimizer offload,
+clipping or GNP/SAM when the ZeRO optimizer steps several parameter groups (or ZeRO-3 sub-groups)
+apart, and GNP/SAM with ``perturbation="local"``, ``first_pass="given"`` or ``pp_mesh``.
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ import torch
 from torch import nn
 
 from ..clipping.clipper import GradientClipper
+from ..clipping.restarts import Restarter
 from ..dropgrad.optimizer import DropGrad
+from ..dropgrad.step import drop_update_around
 from ..gnp.penalty import GradientNormPenalty
+from ..layout.names import named_parameters
 from ..layout.shards import FlatPiece
 from ..mask.local import drop_locals_
-from .deepspeed_gnp import ZeroPenaltyPasses
+from .deepspeed_gnp import ZeroPenaltyPasses, refresh_model_parameters
 
-__all__ = ["ZeroPartitions", "ZeroRegularizers", "prepare_deepspeed"]
+__all__ = ["FragmentGrads", "MasterFragments", "ZeroPartitions", "ZeroRegularizers", "prepare_deepspeed"]
 
 
 def _refuse(what: str, why: str) -> ValueError:
@@ -97,62 +102,194 @@ class ZeroPartitions:
                 at += size
             self.fragments[flat] = fragments
 
-    def pieces(self) -> dict[torch.Tensor, FlatPiece]:
-        """Each flat partition as a piece summed over its data-parallel group (for global norms)."""
-        return {flat: FlatPiece(0, group) for flat, group in zip(self.flats, self.shard_groups)}
+
+class FragmentGrads:
+    """Each model parameter's gradient fragment in this rank's partitions, as a tensor of its own (for clipping).
+
+    ``params[k]`` stands for the ``k``-th model parameter in DeepSpeed's group order (the same on
+    every rank): its ``.grad`` is a view of this rank's fragment of that parameter's gradient (None
+    where the rank holds none), and ``pieces`` sums its squares over the data-parallel group, as for
+    FSDP1's flat pieces. So ``||g_l||^2 = sum over ranks of ||fragment of g_l||^2``: per-parameter and
+    global norms of whole gradients in one all-reduce, and scaling a stand-in's gradient scales the
+    partition in place.
+    """
+
+    def __init__(self, partitions: ZeroPartitions) -> None:
+        held = {lp: (at, numel) for fragments in partitions.fragments.values() for lp, at, numel, _ in fragments}
+        self.params: list[torch.Tensor] = []
+        self.pieces: dict[torch.Tensor, FlatPiece] = {}
+        self._views: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []  # (stand-in, flat, at, numel)
+        for flat, group, lps in zip(partitions.flats, partitions.shard_groups, partitions.groups):
+            for lp in lps:
+                at, numel = held.get(lp, (0, 0))
+                # No storage of its own: only its .grad (a view of the partition's gradient) is ever read.
+                stand_in = torch.empty((), dtype=flat.dtype, device=flat.device).expand(numel)
+                self.params.append(stand_in)
+                self.pieces[stand_in] = FlatPiece(0, group)
+                if numel:
+                    self._views.append((stand_in, flat, at, numel))
+
+    def current(self) -> list[torch.Tensor]:
+        """The stand-ins, each ``.grad`` pointed at this step's fragment of the partitions' gradients."""
+        for stand_in, flat, at, numel in self._views:
+            stand_in.grad = None if flat.grad is None else flat.grad.view(-1).narrow(0, at, numel)
+        return self.params
+
+
+class MasterFragments(nn.Module):
+    """This rank's fp32 master fragment of each model parameter as a parameter of its own: what ``Restarter`` sums,
+    averages and saves (per rank, as it does FSDP shards).
+
+    Each parameter sits under the model parameter's canonical name and shares the partition's
+    storage (an empty one where this rank holds none), so setting it sets the master weights.
+    """
+
+    def __init__(self, partitions: ZeroPartitions, model: nn.Module) -> None:
+        super().__init__()
+        held = {lp: (flat, at, numel) for flat, fragments in partitions.fragments.items()
+                for lp, at, numel, _ in fragments}
+        for item in named_parameters(model):
+            flat, at, numel = held.get(item.param, (None, 0, 0))
+            data = flat.detach().view(-1).narrow(0, at, numel) if flat is not None else torch.empty(0)
+            *path, name = item.key.split(".")
+            owner: nn.Module = self
+            for part in path:
+                if part not in owner._modules:
+                    owner.add_module(part, nn.Module())
+                owner = owner._modules[part]
+            owner.register_parameter(name, nn.Parameter(data, requires_grad=False))
 
 
 class _ZeroStep(torch.optim.Optimizer):
-    """The model's parameters, grouped as DeepSpeed groups them, stepped by DeepSpeed's ZeRO ``step``.
+    """The model's parameters, grouped as DeepSpeed groups them: what ``DropGrad`` wraps.
 
-    What ``DropGrad`` wraps: it names and rates these parameters and counts the steps; their
-    gradients stay ``None`` (DeepSpeed keeps them in its partitions), so it masks nothing itself.
+    ``DropGrad`` names and rates these parameters and counts the steps; their gradients stay
+    ``None`` (DeepSpeed keeps them in its partitions), so it masks nothing itself. Its inner step
+    is the partitions' update (:meth:`_ZeroUpdate.update`), run from inside DeepSpeed's step.
     """
 
-    def __init__(self, groups: list[list[torch.Tensor]], zero_step: Callable[[], Any]) -> None:
+    def __init__(self, groups: list[list[torch.Tensor]], update: Callable[[], Any]) -> None:
         super().__init__([{"params": group} for group in groups if group], {})
-        self._zero_step = zero_step
+        self._update = update
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         if closure is not None:
             raise ValueError("the DeepSpeed ZeRO step takes no closure")
-        return self._zero_step()
+        return self._update()
 
 
-def _masking_client_step(client: torch.optim.Optimizer, partitions: ZeroPartitions, dropgrad: DropGrad | None,
-                         clipper: GradientClipper | None) -> Callable[..., Any]:
-    """The client optimizer's step: mask the fragments of the partitions it is about to update, clip, update."""
-    inner_step = client.step  # bound, with torch's step hooks (the clipper's step count listens to them)
-    pieces = partitions.pieces()
+class _ZeroUpdate:
+    """The client optimizer's step as DeepSpeed calls it: DropGrad's step, then clipping, then the update.
+
+    DeepSpeed calls the client step only for a step it applies (never after a loss-scale overflow
+    or a non-finite gradient) and once per parameter group it updates. The first call of a
+    DeepSpeed step runs ``DropGrad.step`` (step count, schedule, agreement, ``step_skip_rate``), whose
+    inner step masks the partitions' fragments with ``m_t`` (or, with ``full_update_drop``, drops
+    coordinates of their update), clips and updates; the later groups of that step take the same
+    ``t`` and the same decision. So a step DeepSpeed skips advances no count, as under ``GradScaler``.
+    """
+
+    def __init__(self, client: torch.optim.Optimizer, zero_optimizer: Any, partitions: ZeroPartitions,
+                 clipper: GradientClipper | None, restarter: Restarter | None, masters: MasterFragments | None) -> None:
+        self._inner = client.step  # bound, with torch's step hooks
+        self._client = client
+        self._zero_optimizer = zero_optimizer
+        self._partitions = partitions
+        self.clipper = clipper
+        self._restarter, self._masters = restarter, masters
+        self.dropgrad: DropGrad | None = None
+        self._fragments = FragmentGrads(partitions) if clipper is not None else None
+        if clipper is not None:  # the stand-ins are pieces of whole gradients, summed over the DP group
+            clipper._pieces = dict(self._fragments.pieces)
+        self._masks: dict[torch.Tensor, list[tuple[int, int, str, float, int]]] | None = None  # this step's
+        self._t = 0
+        self._flats: list[torch.Tensor] = []
+        self._updated = False  # whether the client updated in this DeepSpeed step
+
+    def around(self, zero_step: Callable[..., Any]) -> Callable[..., Any]:
+        """DeepSpeed's optimizer step, with this step's bookkeeping around it."""
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            self._masks, self._updated = None, False
+            # DeepSpeed links each fragment to the client's optimizer state after its first step; a step
+            # that updated nothing (skipped, or GNP's perturbing pass) left that state empty: link it later.
+            linked = getattr(self._zero_optimizer, "_hp_optimizer_states_linked", None)
+            try:
+                result = zero_step(*args, **kwargs)
+            finally:
+                if linked is False and not self._updated:
+                    self._zero_optimizer._hp_optimizer_states_linked = False
+            if self._updated and self._restarter is not None:
+                self._restart_if_due()
+            return result
+
+        return step
+
+    def _restart_if_due(self) -> None:
+        """After an update: add the master fragments to the restart sums; on a restart (masters set to the mean,
+        the client's state cleared) relink DeepSpeed's fragments to that state and copy the masters into the model."""
+        if self._restarter.step(self._masters, self._client):
+            if hasattr(self._zero_optimizer, "_hp_optimizer_states_linked"):
+                self._zero_optimizer._hp_optimizer_states_linked = False  # relinked after the next update
+            refresh_model_parameters(self._zero_optimizer)
 
     @torch.no_grad()
-    def step(*args: Any, **kwargs: Any) -> Any:
-        flats = [p for group in client.param_groups for p in group["params"] if p in partitions.fragments]
-        if dropgrad is not None:
-            todo = []
-            for flat in flats:
-                if flat.grad is None:
-                    continue
-                grad = flat.grad.view(-1)
-                for lp, at, numel, start in partitions.fragments[flat]:
-                    entry = dropgrad.plan.entry(lp)
-                    rate = dropgrad.plan.rate_of(entry) if entry is not None else 0.0
-                    if rate > 0.0:
-                        todo.append((grad.narrow(0, at, numel), entry.key, rate, start))
-            drop_locals_(todo, seed=dropgrad.seed, step=dropgrad.step_index)
-        if clipper is not None:
-            if clipper._pieces is None:  # the partitions are pieces of whole gradients, summed over the DP group
-                clipper._pieces = pieces
-                clipper._watch.watch(flats)
-            clipper.clip_(flats)
-        return inner_step(*args, **kwargs)
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        """What replaces the client optimizer's ``step`` (or runs inside GNP's second pass)."""
+        self._flats = [p for group in self._client.param_groups for p in group["params"]
+                       if p in self._partitions.fragments]
+        drop = self.dropgrad
+        if drop is None:
+            return self.update()
+        if self._masks is None:  # the first group DeepSpeed updates in this step
+            self._t = drop.step_index
+            self._masks = self._mask_plan(drop)
+            return drop.step()  # -> self.update(), unless DropGrad skips this step
+        if drop.last_step_skipped:
+            return None
+        return self.update()
 
-    return step
+    def _mask_plan(self, drop: DropGrad) -> dict[torch.Tensor, list[tuple[int, int, str, float, int]]]:
+        """Per partition, ``(at, numel, key, rate, start)`` of each fragment masked at this step (rate > 0).
+
+        For every partition at once: a later group's gradient is formed after the schedule advanced."""
+        plan: dict[torch.Tensor, list[tuple[int, int, str, float, int]]] = {}
+        for flat, fragments in self._partitions.fragments.items():
+            plan[flat] = []
+            for lp, at, numel, start in fragments:
+                entry = drop.plan.entry(lp)
+                rate = drop.plan.rate_of(entry) if entry is not None else 0.0
+                if rate > 0.0:
+                    plan[flat].append((at, numel, entry.key, rate, start))
+        return plan
+
+    def update(self) -> Any:
+        """Mask (or drop the update), clip, and update the partitions of this call's groups."""
+        drop = self.dropgrad
+        items = []
+        if drop is not None:
+            for flat in self._flats:
+                tensor = flat.grad if not drop.full_update_drop else flat.detach()
+                if flat.grad is not None:
+                    items += [(tensor.view(-1).narrow(0, at, numel), key, rate, start)
+                              for at, numel, key, rate, start in self._masks[flat]]
+            if not drop.full_update_drop:
+                drop_locals_(items, seed=drop.seed, step=self._t)
+        if self.clipper is not None:
+            self.clipper.clip_(self._fragments.current())
+        if drop is not None and drop.full_update_drop:
+            result = drop_update_around(self._inner, items, seed=drop.seed, step=self._t)
+        else:
+            result = self._inner()
+        self._updated = True
+        if self.clipper is not None:
+            self.clipper.step()  # the clipped stand-ins are no optimizer's parameters: count the step here
+        return result
 
 
 class _PartitionStep(torch.optim.Optimizer):
-    """This rank's fp32 partitions (one group each), stepped by the masking client step: what GNP/SAM wraps.
+    """This rank's fp32 partitions (one group each), stepped by :meth:`_ZeroUpdate.step`: what GNP/SAM wraps.
 
     Its parameter list stays fixed (ZeRO-3 empties the client's groups outside its step), so the
     penalty's step count sees every update of the partitions.
@@ -176,43 +313,37 @@ def _stepped_apart(zero_optimizer: Any) -> bool:
     return len(groups) > 1
 
 
-def _check_engine(engine: Any, zero_optimizer: Any, dropgrad: Mapping[str, Any], clipping: Mapping[str, Any] | None,
-                  restarts: Any) -> None:
+def _check_engine(engine: Any, zero_optimizer: Any, clipping: Mapping[str, Any] | None) -> None:
     """Refuse, before anything changes, every combination this integration would get wrong."""
-    if engine.fp16_enabled():
-        raise _refuse("fp16", "DeepSpeed's loss scaler skips overflowing steps inside its optimizer, after DropGrad "
-                      "would have counted them; use bf16 or fp32")
     if engine.gradient_clipping() > 0.0:
         raise _refuse(f"DeepSpeed's gradient_clipping={engine.gradient_clipping()}",
                       "DeepSpeed clips before DropGrad masks; set gradient_clipping to 0 in the DeepSpeed config and "
                       "pass clipping=dict(method='norm', clipping_level=...) to prepare_regularizers instead")
-    if getattr(zero_optimizer, "cpu_offload", False) or getattr(zero_optimizer, "offload_optimizer", False):
-        raise _refuse("offload_optimizer", "the offloaded partitions are stepped by DeepSpeed's CPU path")
-    if dropgrad.get("full_update_drop") or dropgrad.get("step_skip_rate"):
-        raise _refuse("full_update_drop/step_skip_rate", "DeepSpeed updates its fp32 partitions itself; only "
-                      "gradient masking runs inside its step")
-    if restarts is not None:
-        raise _refuse("restarts", "the iterate averages would live in DeepSpeed's fp32 partitions")
+    _check_offload(zero_optimizer)
     if clipping is not None:
-        if clipping.get("method") == "layer_wise":
-            raise _refuse("clipping method 'layer_wise'", "a ZeRO partition holds fragments of several parameters; "
-                          "the global methods ('norm', 'auto_clip', 'coordinate_wise', the random ones) work")
         if _stepped_apart(zero_optimizer):
             raise _refuse("clipping with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer",
                           "DeepSpeed updates one group after another, so no global norm exists before the first "
                           "group's update; use one parameter group (or bf16 with DeepSpeed's BF16_Optimizer)")
 
 
-def _check_penalty(engine: Any, zero_optimizer: Any, gnp: Mapping[str, Any]) -> None:
+def _check_offload(zero_optimizer: Any) -> None:
+    """Optimizer offload to CPU keeps the fp32 partitions on the CPU and steps them with the client optimizer: the
+    same partitions, masked the same way. Refused: the layouts where something else steps them."""
+    if not getattr(zero_optimizer, "offload_optimizer", False):  # ZeRO-3's flag (ZeRO-1/2: cpu_offload, supported)
+        return
+    if getattr(zero_optimizer, "swap_optimizer", False):
+        raise _refuse("offload_optimizer to nvme", "the partitions are swapped to NVMe around each sub-group's "
+                      "update by DeepSpeed's async I/O path, which is not covered; offload to 'cpu'")
+    ratio = getattr(zero_optimizer, "partial_offload", 1.0)
+    if ratio != 1.0:
+        raise _refuse(f"offload_optimizer with ratio={ratio}", "DeepSpeed steps the sub-groups kept on the GPU with a "
+                      "backup optimizer of its own, not the client optimizer that masks; use ratio 1")
+
+
+def _check_penalty(zero_optimizer: Any, gnp: Mapping[str, Any]) -> None:
     """Refuse the GNP/SAM combinations the two ZeRO passes (:mod:`.deepspeed_gnp`) would get wrong."""
     what = "gnp (gradient norm penalty / SAM)"
-    if engine.gradient_accumulation_steps() != 1:
-        raise _refuse(f"{what} with gradient_accumulation_steps={engine.gradient_accumulation_steps()}",
-                      "each pass is one DeepSpeed backward and step; set gradient_accumulation_steps to 1")
-    if _stepped_apart(zero_optimizer):
-        raise _refuse(f"{what} with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer",
-                      "DeepSpeed updates one group after another, so no global norm exists before the first group "
-                      "moves; use one parameter group (or bf16 with DeepSpeed's BF16_Optimizer)")
     if gnp.get("perturbation") == "local":
         raise _refuse("gnp perturbation='local'", "DeepSpeed reduces the gradient inside backward, so no rank holds "
                       "its own unreduced gradient; use perturbation='global'")
@@ -222,6 +353,10 @@ def _check_penalty(engine: Any, zero_optimizer: Any, gnp: Mapping[str, Any]) -> 
     if "pp_mesh" in gnp:
         raise _refuse("gnp pp_mesh=", "the norm is summed over the data-parallel partitions; DeepSpeed's pipeline "
                       "engine is not integrated")
+    if _stepped_apart(zero_optimizer):
+        raise _refuse(f"{what} with several parameter groups (or ZeRO-3 sub-groups) under the ZeRO optimizer",
+                      "DeepSpeed updates one group after another, so no global norm exists before the first group "
+                      "moves; use one parameter group (or bf16 with DeepSpeed's BF16_Optimizer)")
 
 
 class ZeroRegularizers(NamedTuple):
@@ -229,14 +364,16 @@ class ZeroRegularizers(NamedTuple):
 
     dropgrad: DropGrad | None
     clipper: GradientClipper | None
+    restarter: Restarter | None
+    masters: MasterFragments | None  # what the restarter averages and saves
     penalty: GradientNormPenalty | None
     penalty_step: Callable[..., Any] | None  # regularizers.step(closure) with GNP/SAM
 
 
 def prepare_deepspeed(accelerator: Any, engine: nn.Module, optimizer: Any, *, dropgrad: Mapping[str, Any] | None,
-                      clipping: Mapping[str, Any] | None, restarts: Any,
+                      clipping: Mapping[str, Any] | None, restarts: Mapping[str, Any] | None,
                       gnp: Mapping[str, Any] | None) -> ZeroRegularizers:
-    """Hook DropGrad, clipping and GNP/SAM into a prepared DeepSpeed engine.
+    """Hook DropGrad, clipping, restarts and GNP/SAM into a prepared DeepSpeed engine.
 
     ``engine``/``optimizer``: what ``accelerator.prepare`` returned (the ``DeepSpeedEngine`` and
     Accelerate's ``DeepSpeedOptimizerWrapper``). Validates everything before changing anything.
@@ -246,33 +383,36 @@ def prepare_deepspeed(accelerator: Any, engine: nn.Module, optimizer: Any, *, dr
                          f"accelerator.prepare, got {type(engine).__name__}")
     zero_optimizer = engine.optimizer
     client = getattr(zero_optimizer, "optimizer", None)
-    _check_engine(engine, zero_optimizer, dict(dropgrad or {}), clipping, restarts)
+    _check_engine(engine, zero_optimizer, clipping)
     if gnp is not None:
-        _check_penalty(engine, zero_optimizer, gnp)
+        _check_penalty(zero_optimizer, gnp)
     if not isinstance(client, torch.optim.Optimizer):
         raise _refuse(f"the engine optimizer {type(zero_optimizer).__name__}",
                       "DropGrad needs DeepSpeed's ZeRO optimizer around a torch.optim client optimizer")
     partitions = ZeroPartitions(zero_optimizer)
     model = engine.module  # canonical names: the one-process model's (the engine adds "module.")
-    zero_step = zero_optimizer.step
+    clipper = GradientClipper(**clipping, model=model) if clipping is not None else None
+    restarter = Restarter(**restarts) if restarts is not None else None
+    masters = MasterFragments(partitions, model) if restarter is not None else None
+    update = _ZeroUpdate(client, zero_optimizer, partitions, clipper, restarter, masters)
+    zero_step = update.around(zero_optimizer.step)
     drop = None
     if dropgrad is not None:
-        drop = DropGrad(_ZeroStep(partitions.groups, zero_step), **dropgrad, model=model)
+        drop = DropGrad(_ZeroStep(partitions.groups, update.update), **dropgrad, model=model)
         drop.include_state_in_state_dict = False  # the integration's JSON file holds it
-    clipper = GradientClipper(**clipping, model=model) if clipping is not None else None
+        update.dropgrad = drop
     penalty = passes = None
     if gnp is not None:
         # Each rank's partition is a disjoint part of every parameter: ||g|| sums the ranks' squares over the
         # data-parallel group, what GradientNormPenalty does over pipeline stages (pp_mesh).
-        update = _PartitionStep(partitions, _masking_client_step(client, partitions, drop, clipper))
-        penalty = GradientNormPenalty(update, **gnp, model=model, pp_mesh=partitions.shard_groups[0])
+        penalty = GradientNormPenalty(_PartitionStep(partitions, update.step), **gnp, model=model,
+                                      pp_mesh=partitions.shard_groups[0])
         penalty.include_state_in_state_dict = False
         passes = ZeroPenaltyPasses(engine, zero_step, penalty)
-    if drop is not None:
-        zero_optimizer.step = drop.step  # engine.step() -> DropGrad.step -> DeepSpeed's ZeRO step
+    zero_optimizer.step = zero_step  # engine.step() -> DeepSpeed's step -> the client step below
     if passes is not None:
-        zero_optimizer.step = passes.guard(zero_optimizer.step)
+        zero_optimizer.step = passes.guard(zero_step)
         client.step = passes.client_step  # perturb, or combine and then mask, clip, update
     elif drop is not None or clipper is not None:
-        client.step = _masking_client_step(client, partitions, drop, clipper)
-    return ZeroRegularizers(drop, clipper, penalty, passes.step if passes is not None else None)
+        client.step = update.step
+    return ZeroRegularizers(drop, clipper, restarter, masters, penalty, passes.step if passes is not None else None)

@@ -16,8 +16,9 @@ at the end of that step. So one ``regularizers.step(closure)`` is:
    and the client update; DeepSpeed copies the updated master into the model.
 
 DeepSpeed's step counters and LR scheduler advance once per step. A step DeepSpeed skips (a
-non-finite gradient) is skipped whole: after the first pass nothing moved; after the second the
-master is restored and copied back, and no count advances.
+non-finite gradient, an fp16 overflow) is skipped whole: after the first pass nothing moved; after
+the second the master is restored and copied back, and no count of ours advances. With
+``gradient_accumulation_steps`` > 1 each pass is that many micro-batches, the last one stepping.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from ..gnp.penalty import GradientNormPenalty
 from ..gnp.second_pass import RngState, replaying
 
-__all__ = ["ZeroPenaltyPasses"]
+__all__ = ["ZeroPenaltyPasses", "refresh_model_parameters"]
 
 _FIRST, _SECOND, _PLAIN, _PERTURBED, _DONE = "first", "second", "plain", "perturbed", "done"
 
@@ -52,7 +53,7 @@ class ZeroPenaltyPasses:
     """``g = (1 - alpha) g1 + alpha grad L(theta + e)`` on this rank's ZeRO partitions, then mask, clip, update.
 
     ``penalty``: the :class:`GradientNormPenalty` over the partitions (its inner step masks, clips
-    and updates); ``zero_step``: DeepSpeed's own optimizer step (unwrapped). :meth:`client_step`
+    and updates); ``zero_step``: DeepSpeed's optimizer step (not guarded). :meth:`client_step`
     replaces the client optimizer's ``step``; :meth:`guard` wraps what ``engine.step()`` calls.
     """
 
@@ -115,14 +116,8 @@ class ZeroPenaltyPasses:
         if self._phase != _FIRST:
             raise RuntimeError(_ONE_BACKWARD)
         self._engine_stepped = True
-        zero_optimizer = self.engine.optimizer
-        # DeepSpeed links each fragment to the client's optimizer state after its first step; this step
-        # updates nothing, so that state is still empty: let the first real update link it.
-        linked = getattr(zero_optimizer, "_hp_optimizer_states_linked", None)
         self._zero_step()
-        zero_optimizer.zero_grad()
-        if linked is False:
-            zero_optimizer._hp_optimizer_states_linked = False
+        self.engine.optimizer.zero_grad()
 
     def guard(self, zero_step: Callable[..., Any]) -> Callable[..., Any]:
         """``zero_step`` (what ``engine.step()`` calls), refused outside ``regularizers.step(closure)``."""
@@ -155,10 +150,10 @@ class ZeroPenaltyPasses:
             self.penalty.optimizer.zero_grad()
             self.penalty.second_step(scaler=_SkippedStep())
             self.penalty.optimizer.zero_grad()
-            _refresh_model_parameters(self.engine.optimizer)
+            refresh_model_parameters(self.engine.optimizer)
 
 
-def _refresh_model_parameters(zero_optimizer: Any) -> None:
+def refresh_model_parameters(zero_optimizer: Any) -> None:
     """Copy the fp32 master partitions into the model's parameters, as the end of DeepSpeed's step does."""
     if hasattr(zero_optimizer, "update_lp_params"):  # ZeRO-1/2, BF16_Optimizer: copy, all-gather
         zero_optimizer.update_lp_params()
@@ -170,8 +165,9 @@ def _refresh_model_parameters(zero_optimizer: Any) -> None:
     zero_optimizer._post_step(set())
 
 
-_ONE_BACKWARD = ("GNP/SAM under DeepSpeed: the closure must call accelerator.backward(loss) once per pass (DeepSpeed "
-                 "steps at every backward, so micro-batches cannot accumulate inside the closure)")
+_ONE_BACKWARD = ("GNP/SAM under DeepSpeed: each pass of the closure must reach DeepSpeed's step once: one "
+                 "accelerator.backward(loss), or with gradient_accumulation_steps > 1 one per micro-batch, each inside "
+                 "accelerator.accumulate(model) (the last one steps)")
 _NO_BACKWARD = "GNP/SAM under DeepSpeed: the closure must call accelerator.backward(loss)"
 _OUTSIDE = ("GNP/SAM under DeepSpeed: step with regularizers.step(closure); accelerator.backward outside it would "
             "update without the penalty")

@@ -85,7 +85,7 @@ SUPPORT: dict[str, dict[str, tuple[str, dict[str, list[str]]]]] = {
         "Trainer": ("?/a", {"?": [], "a": [ACCELERATE_WRAPPER_ONLY]}),  # Trainer runs prepare_regularizers
         "Lightning DDP": ("a", {"a": NO_LIGHTNING_DDP_OPTION}),
         "Lightning FSDP2": ("?", {"?": []}),
-        "DeepSpeed": ("b", {"b": [DEEPSPEED]}),
+        "DeepSpeed": ("Y", {"Y": [DEEPSPEED]}),
     },
     "norm clipping": {
         "one process": ("Y", {"Y": [CLIP + "test_each_method_matches_its_formula_over_steps"]}),
@@ -111,7 +111,7 @@ SUPPORT: dict[str, dict[str, tuple[str, dict[str, list[str]]]]] = {
         "Trainer": ("?", {"?": []}),
         "Lightning DDP": ("?", {"?": []}),
         "Lightning FSDP2": ("?", {"?": []}),
-        "DeepSpeed": ("c", {"c": [DEEPSPEED]}),
+        "DeepSpeed": ("Y", {"Y": [DEEPSPEED]}),
     },
     "AutoClip": {
         "one process": ("Y", {"Y": [CLIP + "test_autoclip_quantile_is_exactly_torch_quantile_over_the_window"]}),
@@ -124,7 +124,7 @@ SUPPORT: dict[str, dict[str, tuple[str, dict[str, list[str]]]]] = {
         "Trainer": ("Y", {"Y": [TRAINER]}),  # the resume case: 6 steps == 3 + resume + 3, clip levels equal
         "Lightning DDP": ("Y", {"Y": [LIGHTNING]}),  # the resume case
         "Lightning FSDP2": ("Y", {"Y": [LIGHTNING]}),
-        "DeepSpeed": ("Y", {"Y": [DEEPSPEED]}),  # the resume case (ZeRO-2, ZeRO-3): bitwise
+        "DeepSpeed": ("Y", {"Y": [DEEPSPEED]}),
     },
     "restarts": {
         "one process": ("Y", {"Y": [RESTARTER]}),
@@ -137,7 +137,7 @@ SUPPORT: dict[str, dict[str, tuple[str, dict[str, list[str]]]]] = {
         "Trainer": ("Y", {"Y": [TRAINER]}),
         "Lightning DDP": ("?", {"?": []}),
         "Lightning FSDP2": ("?", {"?": []}),
-        "DeepSpeed": ("d", {"d": [DEEPSPEED]}),
+        "DeepSpeed": ("Y", {"Y": [DEEPSPEED]}),
     },
     "GNP/SAM/ASAM": {
         "one process": ("Y", {"Y": [GNP + "test_combined_gradient_is_the_formula_and_theta_is_restored_bitwise",
@@ -164,7 +164,7 @@ SUPPORT: dict[str, dict[str, tuple[str, dict[str, list[str]]]]] = {
         "Trainer": ("Y", {"Y": [TRAINER]}),
         "Lightning DDP": ("Y", {"Y": [LIGHTNING]}),
         "Lightning FSDP2": ("Y", {"Y": [LIGHTNING]}),
-        "DeepSpeed": ("e", {"e": [DEEPSPEED]}),
+        "DeepSpeed": ("Y", {"Y": [DEEPSPEED]}),
     },
     "exact resume": {
         "one process": ("Y", {"Y": [OPTIM + "test_resume_from_checkpoint_gives_bitwise_identical_training",
@@ -276,15 +276,15 @@ def test_readme_table_matches_the_mapping_and_every_cell_has_its_test():
 def test_the_check_fails_on_a_flipped_cell_a_deleted_test_and_a_missing_refusal_test(tmp_path):
     table, notes = readme_table((ROOT / "README.md").read_text())
     flipped = {row: dict(cells) for row, cells in table.items()}
-    flipped["restarts"]["DeepSpeed"] = "Y"
-    assert check(flipped, notes) == ["restarts | DeepSpeed: README says 'Y', the mapping 'd'"]
+    flipped["restarts"]["Lightning DDP"] = "Y"
+    assert check(flipped, notes) == ["restarts | Lightning DDP: README says 'Y', the mapping '?'"]
 
     support = {row: dict(cells) for row, cells in SUPPORT.items()}
     support["AutoClip"]["FSDP1"] = ("Y", {"Y": ["tests/clipping/test_clip_dist.py::test_gone"]})
-    support["restarts"]["DeepSpeed"] = ("d", {"d": []})
+    support["`full_update_drop`, `step_skip_rate`"]["Lightning DDP"] = ("a", {"a": []})
     assert check(table, notes, support) == [
-        "AutoClip | FSDP1: tests/clipping/test_clip_dist.py defines no function test_gone",
-        "restarts | DeepSpeed: 'd' without a refusal test"]
+        "`full_update_drop`, `step_skip_rate` | Lightning DDP: 'a' without a refusal test",
+        "AutoClip | FSDP1: tests/clipping/test_clip_dist.py defines no function test_gone"]
     support = {row: dict(cells) for row, cells in SUPPORT.items()}
     support["`full_update_drop`, `step_skip_rate`"]["DDP hook"] = (
         "a", {"a": ["absent:dropgrad_dist/ddp/hook.py:DropGradHookState:communication"]})

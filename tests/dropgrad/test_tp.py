@@ -22,7 +22,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dropgrad_dist import SAM, ClippedOptimizer, DropGrad, GradientClipper, GradientNormPenalty, set_mask_backend
+from dropgrad_dist import (
+    SAM,
+    ClippedOptimizer,
+    DropGrad,
+    GradientClipper,
+    GradientNormPenalty,
+    Restarter,
+    RestartingOptimizer,
+    set_mask_backend,
+)
 from dropgrad_dist.layout.names import canonical_name
 from dropgrad_dist.layout.norms import stage_group
 from dropgrad_dist.layout.shards import check_strided_layout, held_runs, local_segments, placement_kind, segment_layout
@@ -274,6 +283,46 @@ def _check_trainings(mesh, dp_dims: tuple[str, ...], methods=tuple(CLIPPERS), pe
     return done
 
 
+def _whole_chain(model: nn.Module) -> GradientNormPenalty:
+    """GNP around DropGrad (full update drop, step skipping) around AutoClip around restarts around Adam."""
+    restarting = RestartingOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), Restarter(2, 1.5, 100), model)
+    clipped = ClippedOptimizer(restarting, GradientClipper("auto_clip", p_autoclip=0.5, model=model))
+    dropgrad = DropGrad(clipped, drop_rate=0.3, full_update_drop=True, step_skip_rate=0.3, seed=7, model=model)
+    return GradientNormPenalty(dropgrad, alpha=0.5, r=0.05, model=model)
+
+
+def _check_whole_chain(mesh, dp_dims: tuple[str, ...]) -> list[str]:
+    """The whole chain with GNP over 2 accumulated micro-batches per rank reaches the 1-process parameters
+    (one batch per step), with the same AutoClip levels and restarts."""
+    example, runs = _example(), []
+    dp_rank, dp_size = _dp_coordinate(mesh, dp_dims)
+    for parallel in (False, True):
+        model = example.make_model()
+        if parallel:
+            model = example.parallelize(model, mesh, dp_dims)
+        rank, size, micro = (dp_rank, dp_size, 2) if parallel else (0, 1, 1)
+        chain = _whole_chain(model)
+        levels = []
+        for step in range(5):
+            def closure(step: int = step) -> torch.Tensor:
+                losses = []
+                for k in range(micro):  # this rank's rows, split in `micro` halves
+                    losses.append(example.loss_on(model, step, rank * micro + k, size * micro) / micro)
+                    losses[-1].backward()
+                return sum(losses)
+
+            chain.step(closure)
+            levels.append(chain.optimizer.optimizer.clipper.last_stats["level"])
+        restarter = chain.optimizer.optimizer.optimizer.restarter
+        runs.append((model, levels, restarter.restarts))
+    (reference, want_levels, want_restarts), (model, levels, restarts) = runs
+    assert want_restarts == restarts >= 1 and levels == pytest.approx(want_levels, rel=1e-5)
+    expected = {canonical_name(n): p.detach() for n, p in reference.named_parameters()}
+    for param, value in _full(model).items():
+        torch.testing.assert_close(value, expected[param], **TOL, msg=param)
+    return ["GNP(DropGrad full update drop, step skipping; AutoClip; restarts) accumulated == 1-process"]
+
+
 PLACEMENTS_2D = {"emb": "(Shard(dim=0),)",
                  "up.weight": "(_StridedShard(dim=0, sf=2), Shard(dim=0))",
                  "up.bias": "(_StridedShard(dim=0, sf=2), Shard(dim=0))",
@@ -289,7 +338,7 @@ def _tp_2d(rank: int, world_size: int) -> list[str]:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     return (_check_offsets(rank, mesh) + _check_partial_masking(rank, mesh)
             + _check_masks(mesh, ("dp",), PLACEMENTS_2D) + _check_torch_clip_raises(mesh, ("dp",))
-            + _check_trainings(mesh, ("dp",)))
+            + _check_trainings(mesh, ("dp",)) + _check_whole_chain(mesh, ("dp",)))
 
 
 @pytest.mark.distributed
@@ -299,7 +348,9 @@ def test_fsdp2_tp_2x2_mesh_offsets_masks_norms_and_trainings_match_one_process()
     assert results[0][1:] == ["Partial: masking each partial sum == masking their sum", "masks == 1-process masks",
                               "torch clip_grad_norm_ raises; GradientClipper norm == 1-process",
                               "norm == 1-process", "layer_wise == 1-process", "gnp == 1-process",
-                              "sam == 1-process"], results[0]
+                              "sam == 1-process",
+                              "GNP(DropGrad full update drop, step skipping; AutoClip; restarts) accumulated "
+                              "== 1-process"], results[0]
 
 
 # -- pipeline parallel: two stages, each holding half the layers --------------------------------------------

@@ -129,7 +129,7 @@ def _scaler_overflow_on_one_rank(rank: int) -> dict:
             "momentum": bool(base.state), "scale": scaler.get_scale()}
 
 
-LAYOUTS = {"global": ("ddp", "fsdp2", "fsdp1"), "local": ("ddp",), "accumulate": ("ddp",),
+LAYOUTS = {"global": ("ddp", "fsdp2", "fsdp1"), "local": ("ddp",), "accumulate": ("ddp", "fsdp2", "fsdp1"),
            "dropgrad": ("ddp", "ddp-compact", "fsdp2"), "regroup": ("ddp", "fsdp2"), "local-regroup": ("ddp",)}
 
 

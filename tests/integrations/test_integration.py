@@ -158,3 +158,38 @@ def test_gnp_through_the_entry_point_accumulates_inside_its_closure(tmp_path):
     handle.gnp.step_index = 0
     accelerator.load_state(str(tmp_path / "ckpt"))
     assert handle.gnp.step_index == 4
+
+
+def test_full_update_drop_and_layer_wise_clipping_through_the_entry_point_or_refused_under_ddp(monkeypatch):
+    """One process: the wrapper's full update drop and step skipping with layer-wise clipping equal the
+    hand-built chain bitwise. Under DDP the hook masks inside the all-reduce, so both are refused."""
+    from dropgrad_dist import ClippedOptimizer, GradientClipper, prepare_regularizers
+
+    options = dict(drop_rate=0.3, full_update_drop=True, step_skip_rate=0.3, seed=4)
+    accelerator, model, optimizer = _prepared()
+    prepare_regularizers(accelerator, model, optimizer, dropgrad=options,
+                         clipping=dict(method="layer_wise", clipping_level=0.05))
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    chain = DropGrad(ClippedOptimizer(torch.optim.AdamW(reference.parameters(), lr=1e-2),
+                                      GradientClipper("layer_wise", 0.05)), **options, model=reference)
+    plain = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    plain.load_state_dict(reference.state_dict())
+    plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    for step in range(6):
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(step))
+        accelerator.backward(model(x).square().mean())
+        optimizer.step()
+        optimizer.zero_grad()
+        for net, stepper in ((reference, chain), (plain, plain_optimizer)):
+            net(x).square().mean().backward()
+            stepper.step()
+            stepper.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+
+    accelerator, model, optimizer = _prepared()
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.MULTI_CPU))
+    for option in (dict(full_update_drop=True), dict(step_skip_rate=0.2)):
+        with pytest.raises(ValueError, match="full_update_drop and step_skip_rate need the step wrapper; under DDP"):
+            prepare_regularizers(accelerator, model, optimizer, dropgrad=dict(drop_rate=0.1, **option))

@@ -36,6 +36,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from ..clipping.clipper import ClippedOptimizer
+from ..clipping.restarts import RestartingOptimizer
 from ..core.wrapper import OptimizerWrapper
 from ..ddp.hook import DropGradHookState
 from ..dropgrad.optimizer import DropGrad
@@ -346,6 +347,12 @@ def refuse_unhonoured(optimizer: Any, trainer: pl.Trainer) -> None:
     if trainer.gradient_clip_val and any(isinstance(o, ClippedOptimizer) for o in chain):
         raise ValueError(f"gradient_clip_val={trainer.gradient_clip_val} with a ClippedOptimizer would clip twice; "
                          "remove one of them")
+    if any(isinstance(o, RestartingOptimizer) for o in chain):
+        # The restart sums are per-rank tensors that Lightning's checkpoint entry does not carry: a resume
+        # would silently restart the averages from zero.
+        raise ValueError("RestartingOptimizer under the Lightning strategies: its restart sums would not be in "
+                         "Lightning's checkpoints (a resume would silently lose them); use restarts through "
+                         "Accelerate's prepare_regularizers or Trainer's add_regularizers")
     if isinstance(trainer.strategy, DDPStrategy) and any(isinstance(o, DropGrad) for o in chain):
         raise ValueError("the optimizer is wrapped in DropGrad and DropGradDDPStrategy's hook masks too: gradients "
                          "would be masked twice; remove the DropGrad wrapper")

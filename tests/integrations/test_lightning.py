@@ -125,3 +125,21 @@ def test_strategy_refuses_gnp_with_the_first_pass_given():
         strategy._setup_regularized(trainer)
     strategy.optimizers = [SAM(module.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, first_pass="closure")]
     strategy._setup_regularized(trainer)
+
+
+def test_strategies_refuse_restarts_their_checkpoints_cannot_carry():
+    """Restart sums are per-rank tensors outside Lightning's checkpoint entry: refused, not silently lost."""
+    import lightning.pytorch as pl
+
+    from dropgrad_dist import Restarter, RestartingOptimizer
+    from dropgrad_dist.integrations.lightning import DropGradDDPStrategy, DropGradFSDPStrategy
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    for strategy in (DropGradDDPStrategy(drop_rate=0.1), DropGradFSDPStrategy(drop_rate=0.1)):
+        module = lightning_ddp.ToyRegression()
+        strategy.connect(module)
+        strategy.optimizers = [RestartingOptimizer(torch.optim.SGD(module.parameters(), lr=0.1), Restarter(2),
+                                                   module)]
+        with pytest.raises(ValueError, match="RestartingOptimizer under the Lightning strategies"):
+            strategy._setup_regularized(trainer)

@@ -49,6 +49,8 @@ LAUNCH_RESUME = LAUNCH + "test_ddp_hook_mode_resumes_exactly_from_accelerate_che
 TRAINER = "tests/integrations/test_hf_trainer.py::test_trainer_in_one_process_ddp_and_fsdp2"
 LIGHTNING = ("tests/integrations/test_lightning.py::"
              "test_strategies_match_one_process_accumulate_sam_and_resume_from_model_checkpoint")
+LIGHTNING_NO_RESTARTS = ("tests/integrations/test_lightning.py::"
+                         "test_strategies_refuse_restarts_their_checkpoints_cannot_carry")
 RESTARTER = CLIP + "test_restarter_sets_the_exact_mean_resets_the_optimizer_and_grows_the_period"
 DEEPSPEED = "tests/integrations/test_deepspeed.py::test_zero_partitions_are_masked_as_one_process_masks"
 
@@ -135,8 +137,8 @@ SUPPORT: dict[str, dict[str, tuple[str, dict[str, list[str]]]]] = {
         "FSDP2+TP": ("Y", {"Y": [TP]}),
         "Accelerate": ("Y", {"Y": [ACCELERATE_CHAIN, LAUNCH_RESUME]}),
         "Trainer": ("Y", {"Y": [TRAINER]}),
-        "Lightning DDP": ("?", {"?": []}),
-        "Lightning FSDP2": ("?", {"?": []}),
+        "Lightning DDP": ("b", {"b": [LIGHTNING_NO_RESTARTS]}),
+        "Lightning FSDP2": ("b", {"b": [LIGHTNING_NO_RESTARTS]}),
         "DeepSpeed": ("Y", {"Y": [DEEPSPEED]}),
     },
     "GNP/SAM/ASAM": {
@@ -277,7 +279,7 @@ def test_the_check_fails_on_a_flipped_cell_a_deleted_test_and_a_missing_refusal_
     table, notes = readme_table((ROOT / "README.md").read_text())
     flipped = {row: dict(cells) for row, cells in table.items()}
     flipped["restarts"]["Lightning DDP"] = "Y"
-    assert check(flipped, notes) == ["restarts | Lightning DDP: README says 'Y', the mapping '?'"]
+    assert check(flipped, notes) == ["restarts | Lightning DDP: README says 'Y', the mapping 'b'"]
 
     support = {row: dict(cells) for row, cells in SUPPORT.items()}
     support["AutoClip"]["FSDP1"] = ("Y", {"Y": ["tests/clipping/test_clip_dist.py::test_gone"]})

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
-from ..core.collectives import without_backward_context
+from ..core.collectives import then, without_backward_context
 from .hook import DropGradHookState, Hook, _refuse_per_parameter_call
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def dropgrad_wrapper(hook: Hook, state: Any = None) -> Hook:
                 # 3. the wrapped hook averages (and compresses); 4. dropped coordinates zero again after it
                 future = hook(state.process_group if inner_state is None else inner_state, bucket)
                 if keep is not None:
-                    future = future.then(_times_keep(keep))
+                    future = then(future, _times_keep(keep))
             except BaseException:
                 state.abort_round()
                 raise

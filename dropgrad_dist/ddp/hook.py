@@ -75,7 +75,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import mask as _mask
 from ..core.checks import check_seed
-from ..core.collectives import without_backward_context
+from ..core.collectives import then, without_backward_context
 from ..core.ownership import claim_for_hook
 from ..dropgrad.plan import DropPlan, PlannedRates, RateSpec
 from ..dropgrad.schedules import DropRateScheduler
@@ -346,7 +346,7 @@ def _dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.f
 
 def _all_reduce(buffer: torch.Tensor, group: dist.ProcessGroup | None) -> torch.futures.Future[torch.Tensor]:
     work = dist.all_reduce(buffer, group=group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
+    return then(work.get_future(), lambda fut: fut.value()[0])
 
 
 def _kept_indices(keep: torch.Tensor) -> torch.Tensor:
@@ -379,7 +379,7 @@ def _compact_all_reduce(state: DropGradHookState, bucket: dist.GradBucket,
         return engine.unpack_(buffer, fut.value()[0], seed=state.seed, step=step)
 
     work = dist.all_reduce(send, group=state.process_group, async_op=True)
-    return work.get_future().then(unpack), send.numel() * send.element_size()
+    return then(work.get_future(), unpack), send.numel() * send.element_size()
 
 
 def _compact_all_reduce_indexed(state: DropGradHookState, bucket: dist.GradBucket,
@@ -406,4 +406,4 @@ def _compact_all_reduce_indexed(state: DropGradHookState, bucket: dist.GradBucke
         return buffer
 
     work = dist.all_reduce(send, group=state.process_group, async_op=True)
-    return work.get_future().then(unpack), send.numel() * send.element_size()
+    return then(work.get_future(), unpack), send.numel() * send.element_size()

@@ -3,6 +3,7 @@ the interpreter finalizes, and never waits for a future that did not complete.""
 
 import torch
 
+
 def test_then_waits_at_exit_for_callbacks_whose_future_completed():
     # A completed future's callback runs inline; one whose future never completes is not waited for.
     from dropgrad_dist.core.collectives import _Chains

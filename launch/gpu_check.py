@@ -3,7 +3,7 @@
     python launch/gpu_check.py                 # one CUDA GPU, at most ~8 minutes
     python launch/gpu_check.py --device cpu    # smoke run of the same path on the CPU (tiny sizes, no figures)
 
-Steps (each a subprocess with a time limit): ``pytest -m cuda tests/test_cuda.py``; ``python -m
+Steps (each a subprocess with a time limit): ``pytest -m cuda tests/mask/test_cuda.py``; ``python -m
 dropgrad_dist bench mask --cases throughput``; ``examples/vit/train.py`` for ``--steps`` steps with fp16
 and bf16, each with and without DropGrad (images/s from the median logged step time after the first
 10%, loss over the first vs the last 10% of steps). Writes OUTPUT_DIR/summary.md (and the steps'
@@ -53,7 +53,7 @@ def _command(args: argparse.Namespace, out: Path) -> dict[str, tuple[list[str], 
     python = sys.executable
     smoke = args.device == "cpu"
     steps = {
-        "tests": ([python, "-m", "pytest", str(ROOT / "tests" / "test_cuda.py"), "-m", "cuda", "-q", "-p", "no:xdist",
+        "tests": ([python, "-m", "pytest", str(ROOT / "tests" / "mask" / "test_cuda.py"), "-m", "cuda", "-q", "-p", "no:xdist",
                    "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}"], 300),
         "bench": ([python, "-m", "dropgrad_dist", "bench", "mask", "--device", args.device, "--cases", "throughput",
                    "--json", *(SMOKE_BENCH if smoke else [])], 180),

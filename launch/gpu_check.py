@@ -53,8 +53,8 @@ def _command(args: argparse.Namespace, out: Path) -> dict[str, tuple[list[str], 
     python = sys.executable
     smoke = args.device == "cpu"
     steps = {
-        "tests": ([python, "-m", "pytest", str(ROOT / "tests" / "mask" / "test_cuda.py"), "-m", "cuda", "-q", "-p", "no:xdist",
-                   "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}"], 300),
+        "tests": ([python, "-m", "pytest", str(ROOT / "tests" / "mask" / "test_cuda.py"), "-m", "cuda", "-q",
+                   "-p", "no:xdist", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}"], 300),
         "bench": ([python, "-m", "dropgrad_dist", "bench", "mask", "--device", args.device, "--cases", "throughput",
                    "--json", *(SMOKE_BENCH if smoke else [])], 180),
     }

@@ -25,7 +25,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DDPCommunicationHookType,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 from torchvision.models import VisionTransformer
 from tqdm.auto import tqdm
@@ -51,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drop_rate", type=float, default=0.1, help="DropGrad rate p in [0, 1]; 0 disables DropGrad")
     parser.add_argument("--communication", choices=["dense", "compact"], default="dense",
                         help="DDP hook all-reduce: whole buckets or only kept coordinates")
+    parser.add_argument("--comm_hook", choices=["none", "fp16", "bf16", "powersgd"], default="none",
+                        help="torch's DDP compression hook (Accelerate's comm_hook); with --drop_rate > 0 DropGrad's "
+                             "mask is composed with it (dense communication)")
+    parser.add_argument("--powersgd_rank", type=int, default=4, help="PowerSGD's matrix_approximation_rank")
+    parser.add_argument("--powersgd_start", type=int, default=10,
+                        help="PowerSGD's start_powerSGD_iter: exact all-reduces before it (torch recommends ~10)")
     parser.add_argument("--dropout", type=float, default=0.0, help="classic dropout in the ViT (baseline)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
@@ -101,6 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--drop_rate must be in [0, 1], got {args.drop_rate}")
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.comm_hook != "none" and args.communication == "compact" and args.drop_rate > 0:
+        parser.error("--comm_hook composes with DropGrad's dense mask; --communication compact is its own compression")
+    if args.powersgd_rank <= 0 or args.powersgd_start < 2:
+        parser.error(f"--powersgd_rank must be positive and --powersgd_start >= 2 (PowerSGD's error feedback needs "
+                     f"it), got {args.powersgd_rank} and {args.powersgd_start}")
     if args.clipping_type is not None and args.max_grad_norm:
         parser.error("--max_grad_norm and --clipping_type both clip: give one of them")
     if args.max_grad_norm is None:
@@ -196,6 +213,22 @@ def regularizer_options(args: argparse.Namespace, total_steps: int) -> dict:
         "gnp": dict(alpha=args.gnp_alpha, r=args.gnp_r, warmup=args.gnp_warmup, perturbation=args.perturbation,
                     warmup_steps=args.warmup_steps if args.gnp_warmup != "none" else 0) if args.gnp_alpha else None,
     }
+
+
+def ddp_kwargs(args: argparse.Namespace) -> list[DistributedDataParallelKwargs]:
+    """Accelerate's DDP settings for ``--comm_hook`` (none: Accelerate's defaults)."""
+    if args.comm_hook == "none":
+        return []
+    hook = {"fp16": DDPCommunicationHookType.FP16, "bf16": DDPCommunicationHookType.BF16,
+            "powersgd": DDPCommunicationHookType.POWER_SGD}[args.comm_hook]
+    if args.comm_hook != "powersgd":
+        return [DistributedDataParallelKwargs(comm_hook=hook)]
+    # PowerSGD issues its second all-reduce from the first one's completion callback: under gloo that
+    # races the next bucket's all-reduce (ranks disagree on the order), so one bucket holds every gradient.
+    return [DistributedDataParallelKwargs(
+        comm_hook=hook, bucket_cap_mb=4096 if args.cpu else 25,
+        comm_state_option={"matrix_approximation_rank": args.powersgd_rank,
+                           "start_powerSGD_iter": args.powersgd_start})]
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, ticks_per_step: int = 1):
@@ -300,6 +333,7 @@ def training_function(args: argparse.Namespace) -> dict:
         log_with=args.report_to,
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=ddp_kwargs(args),
     )
     check_launch(accelerator)  # before anything is built or written: ranks that would train as separate runs
     if accelerator.is_local_main_process:

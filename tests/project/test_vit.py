@@ -262,3 +262,19 @@ def test_sweep_runs_the_grid_resumes_and_reports_a_failed_run(tmp_path):
     assert (out / "summary.md").is_file() and (out / "summary.csv").is_file()
     again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert "3 runs, 2 already finished, 1 to go" in again.stdout
+
+
+def test_comm_hook_flag_gives_accelerate_the_hook_and_refuses_compact():
+    from accelerate.utils import DDPCommunicationHookType
+
+    assert train.ddp_kwargs(train.parse_args([])) == []
+    (bf16,) = train.ddp_kwargs(train.parse_args(["--comm_hook", "bf16"]))
+    assert bf16.comm_hook == DDPCommunicationHookType.BF16
+    (psgd,) = train.ddp_kwargs(train.parse_args(["--comm_hook", "powersgd", "--powersgd_rank", "2", "--cpu"]))
+    assert psgd.comm_hook == DDPCommunicationHookType.POWER_SGD
+    assert psgd.comm_state_option == {"matrix_approximation_rank": 2, "start_powerSGD_iter": 10}
+    assert psgd.bucket_cap_mb > 1000  # gloo: one bucket keeps PowerSGD's collectives in order across ranks
+    with pytest.raises(SystemExit):
+        train.parse_args(["--comm_hook", "bf16", "--drop_rate", "0.5", "--communication", "compact"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--comm_hook", "powersgd", "--powersgd_start", "1"])

@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary folder)")
 
 
-class _TrainState:
-    """Model and optimizer through torch's get_state_dict/set_state_dict (a DCP ``Stateful``)."""
+class TrainState:
+    """Model and optimizer through torch's get_state_dict/set_state_dict: the DCP recipe's ``Stateful`` app state."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
@@ -71,7 +71,7 @@ def _rank(rank: int, world_size: int, width: int, layers: int, rounds: int, root
         model(x).square().mean().backward()
         chain.step()
         chain.zero_grad()
-    train = _TrainState(model, chain)
+    train = TrainState(model, chain)
     apps = {"without our state": {"train": train}, "with our state": {"train": train, "regularizers": regularizers}}
     counter = iter(range(10 ** 6))
     last: dict[str, str] = {}

@@ -14,8 +14,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.checkpoint.stateful import Stateful
 
 from dropgrad_dist import (
     ClippedOptimizer,
@@ -32,21 +30,6 @@ from dropgrad_dist.integrations.dcp import RegularizerState
 from tests.fsdp_common import GLOBAL_BATCH, batch, make_model
 
 SEED, RATE = 11, 0.4
-
-
-class TrainState(Stateful):
-    """Model and optimizer through torch's ``get_state_dict``/``set_state_dict`` (the DCP recipe's AppState)."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        model, optim = get_state_dict(self.model, self.optimizer)
-        return {"model": model, "optim": optim}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
-                       optim_state_dict=state_dict["optim"])
 
 
 def build(layout: str) -> tuple[nn.Module, Any, Any, Any]:

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from dropgrad_dist import set_mask_backend
-from tests.integrations.dcp_common import TrainState, build, full_params, train
+from dropgrad_dist.bench.checkpoint import TrainState
+from tests.integrations.dcp_common import build, full_params, train
 
 STEPS, EVERY = 8, 3
 LAYOUTS = ("ddp", "fsdp")

@@ -17,10 +17,11 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_state_dict
 
 from dropgrad_dist import ClippedOptimizer, DropGrad, GradientClipper, set_mask_backend
+from dropgrad_dist.bench.checkpoint import TrainState
 from dropgrad_dist.core import checkpoint as _checkpoint
 from dropgrad_dist.integrations.dcp import RegularizerState
 from dropgrad_dist.testing import run_on_ranks
-from tests.integrations.dcp_common import TrainState, build, check_masks, full_params, train
+from tests.integrations.dcp_common import build, check_masks, full_params, train
 
 SAVED_AT, MORE = 3, 3
 

@@ -132,3 +132,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        # Trainer leaves the process group up: join gloo's workers before the interpreter finalizes.
+        torch.distributed.destroy_process_group()

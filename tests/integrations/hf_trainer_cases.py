@@ -120,3 +120,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        # Trainer leaves the process group up; the gloo workers of its and Accelerate's own collectives
+        # must be joined before the interpreter finalizes (docs/guarantees.md, "A finished run exits 0").
+        dist.destroy_process_group()

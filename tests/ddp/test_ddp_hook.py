@@ -31,7 +31,7 @@ from dropgrad_dist import (
     mask_backend,
     set_mask_backend,
 )
-from dropgrad_dist.testing import free_port, run_on_ranks
+from dropgrad_dist.testing import run_on_ranks
 
 STEPS = 20
 SEED = 7
@@ -583,8 +583,8 @@ def test_hooks_are_valid_ddp_comm_hooks():
 def test_example_script_runs_under_torchrun():
     env = dict(os.environ, PYTHONPATH=str(ROOT), DROPGRAD_MASK_BACKEND="eager", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(free_port()), str(ROOT / "examples" / "ddp_comm_hook.py"), "--steps", "4",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "examples" / "ddp_comm_hook.py"), "--steps", "4",
          "--communication", "compact"],
         capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     causes = [line for line in result.stderr.splitlines() if any(w in line for w in ("rror", "terminate", "what()"))]

@@ -20,7 +20,7 @@ from torch import nn
 from dropgrad_dist import DropGrad, set_mask_backend
 from dropgrad_dist.layout.names import canonical_name
 from dropgrad_dist.mask.local import drop_local_
-from dropgrad_dist.testing import free_port, run_on_ranks
+from dropgrad_dist.testing import run_on_ranks
 
 from ..fsdp_common import CONFIGS, clip_dense, make_model, reference_masked_ones, reference_params, train
 
@@ -363,7 +363,7 @@ def test_fsdp_example_runs_under_torchrun(flag):
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "DROPGRAD_MASK_BACKEND": "eager"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(root / "examples" / "fsdp_step_wrapper.py"), "--steps", "3", "--width", "16", *flag],
         cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,8 +18,6 @@ import pytest
 pytest.importorskip("transformers", reason="the transformers extra is not installed (pip install .[transformers])")
 from safetensors.torch import load_file  # noqa: E402
 
-from dropgrad_dist.testing import free_port  # noqa: E402
-
 pytestmark = pytest.mark.distributed  # every test here starts several processes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +32,7 @@ def _start(command: list[str], output_dir: Path, *extra: str) -> subprocess.Pope
 
 
 def _torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def _case(output_dir: Path, case: str) -> tuple[dict, dict]:

@@ -13,7 +13,6 @@ pytest.importorskip("lightning", reason="the lightning extra is not installed (p
 from safetensors.torch import load_file  # noqa: E402
 
 from dropgrad_dist import SAM, ClippedOptimizer, DropGrad, GradientClipper  # noqa: E402
-from dropgrad_dist.testing import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -53,8 +52,8 @@ def _max_difference(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor])
 @pytest.mark.distributed
 def test_strategies_match_one_process_accumulate_sam_and_resume_from_model_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(ROOT / "examples" / "lightning_ddp.py"), "--output_dir",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "examples" / "lightning_ddp.py"), "--output_dir",
                            str(tmp_path), "--check_accumulation", "--check_sam_accumulation", "--check_resume"],
                           env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="with --link: also time the DropGrad hooks' parts per step (agreement, pack, mask, "
                              "unpack); adds a few microseconds per bucket to their steps")
+    parser.add_argument("--candidates", default=None, metavar="NAME[,NAME...]",
+                        help="time only these candidates (exact names as in the table; with --link the no-op floor "
+                             "and allreduce_hook are always timed, the other columns are relative to them)")
     parser.add_argument("--powersgd_start", type=int, default=10,
                         help="PowerSGD's start_powerSGD_iter (torch recommends about 10; --quick: 2); the steps "
                              "before it are warm-up, not timed")
@@ -141,13 +144,28 @@ def _batch(model: str, rank: int, args: dict[str, Any]) -> tuple[torch.Tensor, t
 
 
 def _candidates(args: dict[str, Any]) -> dict[str, tuple]:
-    """name -> (kind, options) of the candidates to time (see :data:`LINK_CANDIDATES`)."""
+    """name -> (kind, options) of the candidates to time (see :data:`LINK_CANDIDATES`), ``--candidates`` applied."""
     if args["link"]:
-        return dict(LINK_CANDIDATES)
-    names = {name: ("allreduce",) if spec is None else ("dropgrad", *spec) for name, spec in CANDIDATES.items()}
-    if args["index_path"]:
-        names[INDEX_PATH] = ("dropgrad", "compact", 0.5)
-    return names
+        names, always = dict(LINK_CANDIDATES), (NOOP, "allreduce_hook")
+    else:
+        names = {name: ("allreduce",) if spec is None else ("dropgrad", *spec) for name, spec in CANDIDATES.items()}
+        if args["index_path"]:
+            names[INDEX_PATH] = ("dropgrad", "compact", 0.5)
+        always = ("allreduce_hook", DENSE)  # compact's extra time is paired with dense's
+    return {name: spec for name, spec in names.items() if name in _chosen(args, names, always)}
+
+
+def _chosen(args: dict[str, Any], names: dict[str, tuple], always: tuple[str, ...]) -> set[str]:
+    """The names ``--candidates`` asks for (every name when not given) plus the reference candidates."""
+    wanted = args.get("candidates")
+    if wanted is None:
+        return set(names)
+    chosen = {name.strip() for name in wanted.split(",") if name.strip()}
+    unknown = sorted(chosen - set(names))
+    if unknown:
+        raise ValueError(f"--candidates: unknown {', '.join(map(repr, unknown))}; allowed: "
+                         f"{', '.join(map(repr, names))}")
+    return chosen | set(always)
 
 
 def _noop_hook(_, bucket):  # noqa: ANN001, ANN202 (DDP checks the annotations, which are strings here)
@@ -357,7 +375,7 @@ def _rows(model: str, results: list[dict[str, Any]], names: list[str]) -> list[d
                "x_allreduce": median_ratio(times[name], times["allreduce_hook"]), "MB_per_step": sent[name] / 1e6,
                "bytes_ratio": sent[name] / sent["allreduce_hook"], "extra_ms_vs_dense": None,
                "crossover_Gbit_s": None, "crossover_kernels_Gbit_s": None}
-        if name.startswith("dropgrad compact"):
+        if name.startswith("dropgrad compact") and DENSE in times:
             # Paired per round: the difference of two noisy medians would be noisier.
             extra = statistics.median(c - d for c, d in zip(times[name], times[DENSE]))
             row["extra_ms_vs_dense"] = extra * 1e3
@@ -377,7 +395,7 @@ def _shown(gbit_s: float) -> float | str:
 def _config(args: argparse.Namespace, models: list[str]) -> dict[str, Any]:
     config = {k: getattr(args, k) for k in ("width", "batch", "d_model", "layers", "tokens", "steps", "rounds",
                                             "index_path", "many_layers", "vits_tokens", "powersgd_start",
-                                            "profile")}
+                                            "profile", "candidates")}
     config.update(models=models, link=None, link_rate_bytes_s=None)
     return config
 

@@ -1,11 +1,12 @@
 """Where a DDP step's hook time goes: seconds inside the hook and its parts, per thread that runs them.
 
 :func:`timed_parts` wraps, for the duration of a ``with`` block, the pieces of
-:func:`~dropgrad_dist.dropgrad_hook` that are not the wire: the round's opening (the agreement
-check, waited for at the first bucket in compact mode), the pack of the kept coordinates and the
-mask, all on the backward thread, and the unpack, which runs in gloo's completion callback. A
-benchmark reads :attr:`Parts.seconds` around the steps it times; ``hook`` is the whole hook call
-on the backward thread (the parts it contains plus launching the all-reduce).
+:func:`~dropgrad_dist.dropgrad_hook` that are not the wire: the round's opening (launching the
+agreement check), the wait for that check (compact, after packing the first bucket), the pack
+of the kept coordinates and the mask, all on the backward thread, and the unpack, which runs in
+gloo's completion callback. A benchmark reads :attr:`Parts.seconds` around the steps it times;
+``hook`` is the whole hook call on the backward thread (the parts it contains plus launching the
+all-reduce).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ __all__ = ["Parts", "timed_parts"]
 
 # (owner, attribute, part name): what is timed
 _TARGETS = (
-    (ddp_hook.DropGradHookState, "begin_bucket", "open round (agreement)"),
+    (ddp_hook.DropGradHookState, "begin_bucket", "open round"),
+    (ddp_hook.DropGradHookState, "settle_round", "agreement wait (compact)"),
     (SegmentTable, "pack", "pack"),
     (SegmentTable, "drop_", "mask (dense)"),
     (SegmentTable, "unpack_", "unpack (callback)"),

@@ -22,6 +22,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -79,19 +80,25 @@ def _fold(fields: Mapping[str, object]) -> list[tuple[str, object]]:
     return [*head, (" + ".join(name for name, _ in tail), tuple(value for _, value in tail))]
 
 
+def _names(value: object) -> bool:
+    """A string or a tuple of strings and tuples of them: equal values have equal reprs."""
+    return type(value) is str or (type(value) is tuple and all(map(_names, value)))
+
+
 class PendingCheck:
     """An agreement all-reduce in flight; :meth:`wait` raises if the ranks disagree."""
 
-    def __init__(self, check: AgreementCheck, items: list[tuple[str, object]], local: torch.Tensor,
+    def __init__(self, check: AgreementCheck, items: list[tuple[str, object]], prints: list[int],
                  vector: torch.Tensor, work: Any) -> None:
-        self._check, self._items, self._local, self._vector, self._work = check, items, local, vector, work
+        self._check, self._items, self._prints, self._vector, self._work = check, items, prints, vector, work
 
     def wait(self) -> None:
         self._work.wait()
         reduced = self._vector.tolist()
         split = [i for i in range(FIELDS) if reduced[i] != -reduced[FIELDS + i]]
         if split:
-            self._check._explain(self._items, self._local, split[0])
+            mine = torch.tensor(self._prints, dtype=torch.int64, device=self._vector.device)
+            self._check._explain(self._items, mine, split[0])
 
 
 class AgreementCheck:
@@ -120,18 +127,20 @@ class AgreementCheck:
         items = _fold({"checked by": (self.owner, tuple(fields)), **fields})
         prints = [self._fingerprint(name, value) for name, value in items]
         prints += [0] * (FIELDS - len(prints))
+        # Built through numpy: a round's fixed cost counts at a thousand small tensors per step.
+        vector = torch.from_numpy(np.array(prints + [-f for f in prints], dtype=np.int64))
         device = device if device is not None else collective_device(self.group)
-        local = torch.tensor(prints, dtype=torch.int64).to(device)
-        vector = torch.cat([local, -local])
+        if device.type != "cpu":
+            vector = vector.to(device)
         self._sent.release()  # an owner waits for one check before it starts the next
         self._sent.hold(vector)
         work = dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        return PendingCheck(self, items, local, vector, work)
+        return PendingCheck(self, items, prints, vector, work)
 
     def _fingerprint(self, name: str, value: object) -> int:
-        # Owners pass the same config object every step; hashing its repr once is enough.
+        # Owners pass the same config object every step (or an equal tuple of names): hash its repr once.
         cached = self._prints.get(name)
-        if cached is not None and cached[0] is value:
+        if cached is not None and (cached[0] is value or (_names(value) and cached[0] == value)):
             return cached[1]
         digest = fingerprint(value)
         self._prints[name] = (value, digest)

@@ -59,7 +59,7 @@ def dropgrad_wrapper(hook: Hook, state: Any = None) -> Hook:
             raise ValueError("dropgrad_wrapper masks densely and lets the wrapped hook communicate: "
                              "build the state with communication='dense' (compact is dropgrad_hook's own)")
         with without_backward_context():
-            state.begin_bucket(bucket, name, wait_now=False)  # 1. open the round at the first bucket
+            state.begin_bucket(bucket, name)  # 1. open the round at the first bucket
             try:
                 keep = None
                 if not state.is_suspended:  # 2. mask (keeping the mask when the hook is not elementwise)

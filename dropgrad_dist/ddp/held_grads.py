@@ -4,7 +4,7 @@ A round masks the synchronized gradient ``m*s*g``. Another synchronizing backwar
 optimizer step consumed it would mask the sum again (``m*s*(m*s*g1 + g2) != m*s*(g1 + g2)``). A
 gradient pre-hook on every masked parameter raises when a backward starts while a closed round
 is unconsumed and the parameter still holds a non-zero gradient. The common case (no unconsumed
-round) costs one attribute test per parameter; the non-zero test (a device sync) runs only in the
+round) costs one attribute test per parameter (``rounds.held``); the non-zero test (a device sync) runs only in the
 rare case, e.g. right after a GradScaler skip.
 """
 
@@ -35,7 +35,7 @@ def guard_held_gradients(owner: object, rounds: Rounds, params: Iterable[torch.T
 
 def _check(rounds: Rounds, param_ref: weakref.ref) -> Callable[[torch.Tensor], None]:
     def check(grad: torch.Tensor) -> None:
-        if rounds.pending and rounds.unconsumed() > 0:  # pending == 0 after every optimizer step
+        if rounds.held:  # a closed round no optimizer step consumed yet
             param = param_ref()
             if param is not None and param.grad is not None and bool(param.grad.detach().ne(0).any()):
                 raise RuntimeError(_HELD)

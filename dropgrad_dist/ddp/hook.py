@@ -192,11 +192,12 @@ class DropGradHookState(PlannedRates):
         """Whether backward passes now average without masking (inside :meth:`suspended`)."""
         return self._suspended
 
-    def begin_bucket(self, bucket: dist.GradBucket, hook_name: str, wait_now: bool) -> None:
+    def begin_bucket(self, bucket: dist.GradBucket, hook_name: str) -> None:
         """Every bucket; the first of a backward pass opens a round and starts the agreement check.
 
-        ``wait_now`` waits for the check here (compact: what is sent depends on ``t``), else the last
-        bucket waits. A suspended round (see :meth:`suspended`) averages without masking.
+        The check is waited for by :meth:`settle_round` (compact, before its first all-reduce: what
+        is sent depends on ``t``) or at the last bucket. A suspended round (see :meth:`suspended`)
+        averages without masking.
         """
         if self.plan is None:
             raise RuntimeError("this DropGradHookState was unpickled and is not bound to a model: "
@@ -206,8 +207,11 @@ class DropGradHookState(PlannedRates):
             self._hook_ran = bucket.is_last()
         if not self.rounds.in_round:
             name = f"{hook_name} (suspended)" if self._suspended else hook_name
-            self.rounds.open(self.agreement_fields(name), bucket.buffer().device, masking=not self._suspended,
-                             wait_now=wait_now)
+            self.rounds.open(self.agreement_fields(name), bucket.buffer().device, masking=not self._suspended)
+
+    def settle_round(self) -> None:
+        """Wait for the round's agreement check now (a disagreement raises on every rank); later calls return."""
+        self.rounds.settle()
 
     def end_bucket(self, bucket: dist.GradBucket) -> None:
         """After every bucket: the last one closes the round (DDP reduces buckets in index order)."""
@@ -308,10 +312,11 @@ def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.fu
     coordinates of that (plus one non-finite flag element) and scatter them back; dropped
     coordinates become zero. Per bucket:
 
-    1. The first bucket of a backward pass opens a round: the agreement check starts (compact
-       waits for it now, since what it sends depends on ``t``).
+    1. The first bucket of a backward pass opens a round: the agreement check starts.
     2. Dense (or suspended): mask and scale the bucket in place (suspended: only ``/ n``) and
-       all-reduce it whole. Compact: pack the kept coordinates, all-reduce them, unpack when done.
+       all-reduce it whole. Compact: pack the kept coordinates, wait for the agreement check
+       (what is sent depends on ``t``; the pack overlaps the check's round trip), all-reduce
+       them, unpack when done.
     3. Count the bytes sent and the dense equivalent.
     4. The last bucket closes the round: the agreement check is waited for, so a disagreement
        raises on every rank before any optimizer step.
@@ -324,7 +329,7 @@ def dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.fu
 def _dropgrad_hook(state: DropGradHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     masking = not state.is_suspended
     compact = state.communication == "compact" and masking
-    state.begin_bucket(bucket, "dropgrad_hook", wait_now=compact)  # 1.
+    state.begin_bucket(bucket, "dropgrad_hook")  # 1.
     try:
         world_size = _group_size(state)
         buffer = bucket.buffer()
@@ -372,6 +377,7 @@ def _compact_all_reduce(state: DropGradHookState, bucket: dist.GradBucket,
     step = state.step_index  # the unpack must recompute the very masks the pack used
     # The kept count (so the send size) depends on no rank data: every rank sends the same size.
     send = engine.pack(buffer, seed=state.seed, step=step, extra_scale=1.0 / world_size)
+    state.settle_round()  # the kept count depends on t: every rank agrees on it before any is sent
     state.rounds.sent.hold(send)
 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:
@@ -397,6 +403,7 @@ def _compact_all_reduce_indexed(state: DropGradHookState, bucket: dist.GradBucke
     # unlike a sum it cannot overflow, and it stays in the bucket's dtype.
     low, high = torch.aminmax(buffer)
     send[kept:].copy_((low * 0 + high * 0).reshape(1))
+    state.settle_round()
     state.rounds.sent.hold(send)
 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:

@@ -290,8 +290,8 @@ def _accumulate_with_sync(rank: int) -> str:
     return "no error"
 
 
-def _disagree(rank: int) -> str:
-    _, ddp, state = _fresh(seed=SEED + rank)
+def _disagree(rank: int, comm: str = "dense") -> str:
+    _, ddp, state = _fresh(comm, seed=SEED + rank)
     state.register()
     x, y = _micro_batch(0, 0, rank, torch.float32)
     try:
@@ -396,6 +396,8 @@ def _behaviours(rank: int, world_size: int) -> dict:
         scaler_compact_native=_scaler_skip(rank, "compact", set_to_none=True, backend="compiled"),
         accumulate=_accumulate_with_sync(rank),
         disagree=_disagree(rank),
+        # compact: the kept counts differ with the seed, so the check must settle before anything is sent
+        disagree_compact=_disagree(rank, "compact"),
         register=_register_twice(rank),
         resume=_resume(rank),
         ratios={rate: _bytes_ratio(rank, rate) for rate in (0.5, 0.9)},
@@ -443,9 +445,10 @@ def test_accumulating_across_synchronized_micro_batches_raises(behaviours):
 @pytest.mark.distributed
 def test_ranks_disagreeing_on_the_seed_raise_naming_field_and_ranks(behaviours):
     for rank in (0, 1):
-        message = behaviours[rank]["disagree"]
-        assert "ranks disagree on 'seed' (ranks [0] vs [1])" in message
-        assert f"seed={SEED + rank}" in message
+        for which in ("disagree", "disagree_compact"):
+            message = behaviours[rank][which]
+            assert "ranks disagree on 'seed' (ranks [0] vs [1])" in message, which
+            assert f"seed={SEED + rank}" in message
 
 
 @pytest.mark.distributed

@@ -47,8 +47,12 @@ MODELS = ("mlp", "transformer", "many", "vits")
 # --link: the compression hooks users pick for slow links, side by side; name -> (kind, options).
 # "no-op" returns the bucket unaveraged without communicating: the compute floor of a step.
 NOOP = "no-op (no communication)"
+# One 4-byte all-reduce per bucket and nothing else: what synchronizing the ranks every bucket costs
+# (the slower rank's lateness, gloo's per-collective latency) without the bytes.
+SYNC = "sync only (4 bytes per bucket)"
 LINK_CANDIDATES: dict[str, tuple] = {
     NOOP: ("noop",),
+    SYNC: ("sync",),
     "allreduce_hook": ("allreduce",),
     "bf16_compress_hook": ("bf16",),
     "PowerSGD rank 1": ("powersgd", 1),
@@ -146,7 +150,7 @@ def _batch(model: str, rank: int, args: dict[str, Any]) -> tuple[torch.Tensor, t
 def _candidates(args: dict[str, Any]) -> dict[str, tuple]:
     """name -> (kind, options) of the candidates to time (see :data:`LINK_CANDIDATES`), ``--candidates`` applied."""
     if args["link"]:
-        names, always = dict(LINK_CANDIDATES), (NOOP, "allreduce_hook")
+        names, always = dict(LINK_CANDIDATES), (NOOP, SYNC, "allreduce_hook")
     else:
         names = {name: ("allreduce",) if spec is None else ("dropgrad", *spec) for name, spec in CANDIDATES.items()}
         if args["index_path"]:
@@ -175,6 +179,13 @@ def _noop_hook(_, bucket):  # noqa: ANN001, ANN202 (DDP checks the annotations, 
     return future
 
 
+def _sync_hook(_, bucket):  # noqa: ANN001, ANN202 (see _noop_hook)
+    """The bucket as it is, once a 4-byte all-reduce has completed on every rank (the synchronization floor)."""
+    buffer = bucket.buffer()
+    work = dist.all_reduce(torch.zeros(1, dtype=torch.int32), async_op=True)
+    return work.get_future().then(lambda _: buffer)
+
+
 def _powersgd_state(rank: int, args: dict[str, Any]) -> PowerSGDState:
     """PowerSGD with torch's recommended settings: error feedback, warm start, a delayed start."""
     return PowerSGDState(process_group=None, matrix_approximation_rank=rank,
@@ -192,6 +203,8 @@ def _register(name: str, spec: tuple, ddp: DDP, args: dict[str, Any],
     kind, state, warmup = spec[0], None, 3
     if kind == "noop":
         ddp.register_comm_hook(None, _noop_hook)
+    elif kind == "sync":
+        ddp.register_comm_hook(None, _sync_hook)
     elif kind == "allreduce":
         ddp.register_comm_hook(None, allreduce_hook)
     elif kind == "bf16":
@@ -446,6 +459,8 @@ def _run_link(args: argparse.Namespace) -> dict[str, Any]:
             f"comm_ms: median per-round step time minus the '{NOOP}' floor (gradients not averaged: no traffic)",
             "limit_ms: floor + wire bytes of all ranks / link rate (one loopback carries every rank's traffic); "
             "x_limit: median per-round step / limit. Unshaped: limit = floor",
+            f"x_sync_limit: the same with the '{SYNC}' step as the floor: ranks synchronized every bucket, as "
+            "any all-reduce synchronizes them, but no bytes moved",
             f"PowerSGD: error feedback, warm start, start_powerSGD_iter={config['powersgd_start']} (steps before it "
             "are warm-up, untimed); dropgrad + hooks: dropgrad_dist.compressed_hook (mask, then compress)",
         ],
@@ -486,11 +501,12 @@ def _link_rows(model: str, results: list[dict[str, Any]], names: list[str], rate
     times = {name: [max(ts) for ts in zip(*(m["times"][name] for m in per_rank))] for name in names}
     wire = per_rank[0]["wire_bytes_per_step"]  # all ranks' bytes per step, or None
     ranks = len(results)
-    floor = times[NOOP]
+    floor, synced = times[NOOP], times[SYNC]
     rows = []
     for name in names:
         on_wire = 0.0 if wire is None or rate is None else wire[name] / rate
         limits = [f + on_wire for f in floor]
+        sync_limits = [f + on_wire for f in synced]
         hook = per_rank[0]["hook_bytes_per_step"][name]
         rows.append({
             "model": model, "candidate": name, "median_ms": statistics.median(times[name]) * 1e3,
@@ -500,7 +516,8 @@ def _link_rows(model: str, results: list[dict[str, Any]], names: list[str], rate
             "hook_MB_per_rank": None if hook is None else hook / 1e6,
             "comm_ms": statistics.median(t - f for t, f in zip(times[name], floor)) * 1e3,
             "limit_ms": statistics.median(limits) * 1e3,
-            "x_limit": median_ratio(times[name], limits)})
+            "x_limit": median_ratio(times[name], limits),
+            "x_sync_limit": median_ratio(times[name], sync_limits)})
     return rows
 
 

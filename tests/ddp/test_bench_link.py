@@ -63,6 +63,7 @@ def test_quick_bench_meets_the_set_rate_and_compact_sends_less():
     assert wire["dropgrad compact p=0.9"] < 0.2 * wire["allreduce_hook"]
     assert wire["dropgrad compact p=0.5"] < 0.6 * wire["allreduce_hook"]
     assert wire["no-op (no communication)"] < 0.01 * wire["allreduce_hook"]
+    assert wire["sync only (4 bytes per bucket)"] < 0.01 * wire["allreduce_hook"]
     assert wire["PowerSGD rank 1"] < 0.1 * wire["allreduce_hook"]
 
 
@@ -70,11 +71,10 @@ def test_candidates_option_keeps_the_references_and_names_what_is_allowed():
     from dropgrad_dist.bench.ddp import _candidates
 
     base = {"link": "1gbit", "index_path": False}
-    assert list(_candidates({**base, "candidates": None}))[:3] == ["no-op (no communication)", "allreduce_hook",
-                                                                  "bf16_compress_hook"]
+    floors = ["no-op (no communication)", "sync only (4 bytes per bucket)", "allreduce_hook"]
+    assert list(_candidates({**base, "candidates": None}))[:4] == [*floors, "bf16_compress_hook"]
     chosen = _candidates({**base, "candidates": "dropgrad compact p=0.9, PowerSGD rank 4"})
-    assert list(chosen) == ["no-op (no communication)", "allreduce_hook", "PowerSGD rank 4",
-                            "dropgrad compact p=0.9"]  # the table's order, the floor and the baseline kept
+    assert list(chosen) == [*floors, "PowerSGD rank 4", "dropgrad compact p=0.9"]  # the table's order, floors kept
     plain = _candidates({"link": None, "index_path": False, "candidates": "dropgrad compact p=0.9"})
     assert list(plain) == ["allreduce_hook", "dropgrad dense p=0.1", "dropgrad compact p=0.9"]
     with pytest.raises(ValueError, match=r"--candidates: unknown 'compact'; allowed: 'no-op"):

@@ -26,8 +26,9 @@ does): the hook then runs once per optimizer step, on the accumulated gradient. 
 every micro-batch without zeroing would mask the already-masked part again
 (``m*s*(m*s*g1 + g2) != m*s*(g1 + g2)``). A per-parameter gradient pre-hook detects it: when a
 backward starts after a round that no optimizer step consumed and a masked parameter still
-holds a non-zero gradient, it raises instead of compounding masks. (That check costs a device
-sync per parameter, and only in that rare situation, e.g. right after a GradScaler skip.)
+holds a non-zero gradient, it raises instead of compounding masks. Those pre-hooks are installed
+by the model's next forward only after such a round, e.g. right after a GradScaler skip (see
+:mod:`.held_grads`); a step that follows every synchronized backward pays nothing per parameter.
 
 The optimizer must be a ``torch.optim.Optimizer`` whose ``step()`` runs the global step hooks
 (every subclass calling ``Optimizer.__init__`` does). Non-finite gradients on any rank make
@@ -82,7 +83,7 @@ from ..dropgrad.schedules import DropRateScheduler
 from ..layout.names import named_parameters
 from .buckets import BucketTable, BucketTables, mask_table_
 from .checkpoint import hook_state_dict, plan_spec, prepare_hook_state
-from .held_grads import guard_held_gradients
+from .held_grads import HeldGradientGuard
 from .registration import check_registrable
 from .registration import refuse_per_parameter_call as _refuse_per_parameter_call
 from .rounds import Rounds
@@ -117,7 +118,7 @@ class DropGradHookState(PlannedRates):
     # Pickling goes through __getstate__/__setstate__ (no process group, no model), as PowerSGDState's.
     __slots__ = ("seed", "communication", "process_group", "plan", "step_index", "bytes_communicated",
                  "bytes_dense_equivalent", "rounds", "_compact_via_index", "_model", "_known", "_tables", "_spec",
-                 "_unbound_state", "_registered_on", "_hook_ran", "_suspended", "__weakref__")
+                 "_unbound_state", "_registered_on", "_hook_ran", "_suspended", "_guard", "__weakref__")
 
     def __init__(self, model: nn.Module, drop_rate: float | RateSpec | None = None, params: RateSpec | None = None,
                  *, drop_rate_scheduler: DropRateScheduler | None = None, seed: int = 0,
@@ -137,6 +138,7 @@ class DropGradHookState(PlannedRates):
         self.plan: DropPlan | None = None
         self._spec = self._unbound_state = None  # the plan's arguments and state to load once bound (unpickled)
         self._model, self._known, self._tables = None, set(), BucketTables()
+        self._guard: HeldGradientGuard | None = None
         self._registered_on: weakref.ref | None = None
         self._hook_ran = False  # a hook of this state has masked a whole round (claimed its parameters)
         self._suspended = False
@@ -152,7 +154,8 @@ class DropGradHookState(PlannedRates):
         self.plan = DropPlan(named, drop_rate, params, drop_rate_scheduler, names_allowed=True)
         self._model, self._known, self._tables = model, {item.param for item in named}, BucketTables()
         self.rounds.watch(self._known, self.optimizer_stepped)
-        guard_held_gradients(self, self.rounds, (entry.param for entry in self.plan.entries))
+        self._guard = HeldGradientGuard(self, self.rounds, (entry.param for entry in self.plan.entries))
+        self._guard.watch(model.module if isinstance(model, DistributedDataParallel) else model)
 
     def register(self, ddp_model: DistributedDataParallel | None = None, hook: Hook | None = None) -> None:
         """Register ``hook`` (default :func:`dropgrad_hook`) with this state on ``ddp_model``.
@@ -168,6 +171,7 @@ class DropGradHookState(PlannedRates):
             self._spec = self._unbound_state = None
             self.load_state_dict(state)
         claim_for_hook((entry.param for entry in self.plan.entries), self)  # before DDP holds the hook
+        self._guard.watch(target.module)  # what DDP's forward runs, if the state was built from another module
         target.register_comm_hook(self, hook if hook is not None else dropgrad_hook)
         self._registered_on = weakref.ref(target)
 

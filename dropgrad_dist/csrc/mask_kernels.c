@@ -282,62 +282,6 @@ static uint32_t unpack8_f32(float* x, uint32_t first, uint32_t len, int32_t t, c
 }
 #endif
 
-#if defined(__AVX2__) && defined(__AVX512F__)
-/* The fused float32 loops 16 lanes at a time (AVX-512F): the keep decisions are a mask register and
-   the kept lanes move through one register compress (pack) or expand (unpack), no permute tables.
-   The same multiplies and flags as pack8_f32/unpack8_f32, so the same bits; those finish the tail. */
-static inline __m512i hash16(__m512i x) {
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, HASH_S1));
-    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int32_t)HASH_C1));
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, HASH_S2));
-    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int32_t)HASH_C2));
-    return _mm512_xor_si512(x, _mm512_srli_epi32(x, HASH_S3));
-}
-
-static inline __mmask16 keep16(uint32_t first, int32_t t) {
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int32_t)first), lane);
-    return _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(t), hash16(index));
-}
-
-static uint32_t pack16_f32(const float* x, uint32_t first, uint32_t len, int32_t t, float s, float* out, int64_t* kp,
-                           int64_t k_end, uint32_t* nan_acc, uint32_t* neg_acc) {
-    const __m512 scale = _mm512_set1_ps(s);
-    const __m512i exponent = _mm512_set1_epi32(0x7F800000);
-    __mmask16 nan = 0;
-    __m512i neg = _mm512_set1_epi32(-1);
-    int64_t k = *kp;
-    uint32_t j = 0;
-    for (; j + 16 <= len && k + 16 <= k_end; j += 16) {
-        const __mmask16 keep = keep16(first + j, t);
-        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + j), _mm512_maskz_mov_ps(keep, scale));  /* x * s or x * 0 */
-        const __m512i bits = _mm512_castps_si512(v);
-        nan |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(bits, exponent), exponent);
-        neg = _mm512_and_si512(neg, bits);
-        _mm512_storeu_ps(out + k, _mm512_maskz_compress_ps(keep, v));
-        k += __builtin_popcount((unsigned)keep);
-    }
-    *kp = k;
-    if (nan) *nan_acc |= 1u;
-    if (_mm512_cmplt_epi32_mask(neg, _mm512_setzero_si512()) != 0xFFFF) *neg_acc = 0;
-    return j;
-}
-
-static uint32_t unpack16_f32(float* x, uint32_t first, uint32_t len, int32_t t, const float* in, int64_t* kp,
-                             int64_t in_len) {
-    int64_t k = *kp;
-    uint32_t j = 0;
-    for (; j + 16 <= len && k + 16 <= in_len; j += 16) {
-        const __mmask16 keep = keep16(first + j, t);
-        const __m512 zero = _mm512_mul_ps(_mm512_loadu_ps(x + j), _mm512_setzero_ps());  /* x * 0 */
-        _mm512_storeu_ps(x + j, _mm512_mask_expand_ps(zero, keep, _mm512_loadu_ps(in + k)));
-        k += __builtin_popcount((unsigned)keep);
-    }
-    *kp = k;
-    return j;
-}
-#endif
-
 /* Kept coordinates [a, b) of a piece: the hash only (the counting pass of parallel scans). */
 static void count_piece(const int64_t* row, int64_t a, int64_t b, scan_ctx* c) {
     if (row[4] >= KEEP_ALL) { c->k += b - a; return; }

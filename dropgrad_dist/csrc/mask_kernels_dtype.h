@@ -5,8 +5,7 @@
      LOAD(x), STORE(x)  storage -> compute (exact) and compute -> storage (round to nearest even)
      BITS, TOP, NAN_BITS   the compute type's bits as an unsigned type, its sign bit, a quiet NaN
      UBITS, EXP, SIGN, WIDTH   the stored bits' unsigned type, exponent mask, sign bit and width
-     FUSED_AVX2_F32     1 where the fused float32 loops (AVX-512F 16 lanes, then AVX2 8 lanes) start pack and
-                        unpack (the staged loops finish)
+     FUSED_AVX2_F32     1 where the fused float32 AVX2 loops start pack and unpack (the staged loops finish)
 
    All of them are undefined at the end, ready for the next dtype. */
 
@@ -46,12 +45,8 @@ static void CAT(pack_, NAME)(const int64_t* row, int64_t a, int64_t b, scan_ctx*
         uint8_t keep[SUB];
         STORAGE val[SUB];
         int64_t start = a;
-#if FUSED_AVX2_F32 && defined(__AVX2__) && defined(__AVX512F__)
-        start += pack16_f32(p + a, base + (uint32_t)a, (uint32_t)(b - a), t, s, out, &k, c->k_end, &nan_acc, &neg_acc);
-#endif
 #if FUSED_AVX2_F32 && defined(__AVX2__)
-        start += pack8_f32(p + start, base + (uint32_t)start, (uint32_t)(b - start), t, s, out, &k, c->k_end,
-                           &nan_acc, &neg_acc);
+        start += pack8_f32(p + a, base + (uint32_t)a, (uint32_t)(b - a), t, s, out, &k, c->k_end, &nan_acc, &neg_acc);
 #endif
         for (int64_t lo = start; lo < b; lo += SUB) {
             const uint32_t len = (uint32_t)(b - lo < SUB ? b - lo : SUB), first = base + (uint32_t)lo;
@@ -91,11 +86,8 @@ static void CAT(unpack_, NAME)(const int64_t* row, int64_t a, int64_t b, scan_ct
     uint8_t keep[SUB];
     STORAGE got[SUB];
     int64_t start = a;
-#if FUSED_AVX2_F32 && defined(__AVX2__) && defined(__AVX512F__)
-    start += unpack16_f32(p + a, base + (uint32_t)a, (uint32_t)(b - a), t, in, &k, c->k_end);
-#endif
 #if FUSED_AVX2_F32 && defined(__AVX2__)
-    start += unpack8_f32(p + start, base + (uint32_t)start, (uint32_t)(b - start), t, in, &k, c->k_end);
+    start += unpack8_f32(p + a, base + (uint32_t)a, (uint32_t)(b - a), t, in, &k, c->k_end);
 #endif
     for (int64_t lo = start; lo < b; lo += SUB) {
         const uint32_t len = (uint32_t)(b - lo < SUB ? b - lo : SUB), first = base + (uint32_t)lo;

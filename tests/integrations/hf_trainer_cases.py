@@ -126,3 +126,8 @@ if __name__ == "__main__":
         # Trainer leaves the process group up; the gloo workers of its and Accelerate's own collectives
         # must be joined before the interpreter finalizes (docs/guarantees.md, "A finished run exits 0").
         dist.destroy_process_group()
+    # Even so this launch aborted at exit in about 1 of 50 runs (guarantees §8: a gloo worker taking the
+    # GIL during finalization); everything is written, so skip finalization: this test checks results.
+    from dropgrad_dist.core.collectives import exit_skipping_finalization
+
+    exit_skipping_finalization(0)

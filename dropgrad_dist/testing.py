@@ -40,6 +40,10 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, threads: int
     try:
         timeout = None if pg_timeout is None else datetime.timedelta(seconds=pg_timeout)
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        if backend == "gloo":
+            # gloo's mesh is complete on one rank before the others: a rank whose fn returns at once
+            # would close its sockets under a peer still connecting ("Connection closed by peer").
+            dist.barrier()
         try:
             results.put((rank, True, fn(rank, world_size, *args)))
         finally:
